@@ -1,0 +1,52 @@
+# medi: on a fresh clone, `make repro` (the whole pipeline) and `make test` are all a user types.
+# Every target depends on `setup`, which creates .venv and installs the pinned lock once (idempotent).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
+
+# Offline and quiet: no hub downloads, no telemetry (the code that loads real weights reads local files).
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PATH := $(BIN):$(PATH)
+
+CLASSES ?= LUAD LUSC KIRC KIRP KICH UCEC UCS
+
+.PHONY: setup repro test ui tcga-ut lock clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+repro: setup  ## the whole pipeline on params.yaml (default: the embedded synthetic dataset)
+	medi check
+	dvc repro
+
+test: setup  ## the test suite (CI runs this)
+	python -m pytest -q
+
+ui: setup  ## the MLflow UI on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+tcga-ut: setup  ## download TCGA-UT classes from Zenodo into data/ and version them with DVC
+	medi fetch-tcga-ut --classes $(CLASSES)
+	dvc add data
+
+lock: setup  ## refresh requirements.lock after changing the pins in pyproject.toml
+	python -m pip install -q -e . && python -m pip freeze --exclude-editable | grep -v '^medi' > requirements.lock.new
+	( sed -n '1,2p' requirements.lock; cat requirements.lock.new ) > requirements.lock.tmp && rm requirements.lock.new
+	mv requirements.lock.tmp requirements.lock
+
+clean:  ## remove pipeline outputs (keeps .venv, data/ and the MLflow store)
+	rm -rf artifacts models samples metrics reports/*.png reports/*.md

@@ -1,0 +1,182 @@
+"""`medi <command>`: one thin entry point per pipeline stage (each DVC stage calls one of these).
+
+Every command reads `params.yaml` once into typed config, runs its stage inside an MLflow run, and turns
+bad input (`MediError`) into a one-line message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from medi import config as config_mod
+from medi.config import Config
+from medi.errors import MediError
+
+log = logging.getLogger("medi")
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+}
+
+
+def cmd_synthesize(cfg: Config, args: argparse.Namespace) -> None:
+    import mlflow
+
+    from medi import figures, synthetic, tracking
+
+    with tracking.stage_run(cfg, "synthesize", ("synthetic",)):
+        t0 = time.perf_counter()
+        summary = synthetic.synthesize(cfg, workers=args.workers)
+        seconds = time.perf_counter() - t0
+        log.info("synthesized %d tiles of %d slides at %d sites in %.1fs", summary["tiles"], summary["slides"],
+                 summary["sites"], seconds)
+        mlflow.log_metrics({"tiles": summary["tiles"], "slides": summary["slides"], "sites": summary["sites"],
+                            "seconds": seconds, "tiles_per_second": summary["tiles"] / seconds})
+        grid, rows, cols = synthetic.dataset_grid(cfg.synthetic)
+        fig_path = Path(cfg.synthetic.figure)
+        figures.save(figures.tile_grid(grid, rows, cols, "Synthetic TCGA-UT: tiles per class (rows) at that "
+                                       "class's largest sites (columns)", scale=1.2), fig_path)
+        grid, rows, cols = synthetic.counterfactual_grid(cfg.synthetic)
+        cf_path = fig_path.with_name(fig_path.stem + "_counterfactual" + fig_path.suffix)
+        figures.save(figures.tile_grid(grid, rows, cols, "Every class under the stains of sites of other classes "
+                                       "(ground-truth renderer; pairs the dataset never has)", scale=1.2), cf_path)
+        mlflow.log_artifact(str(fig_path), "figures")
+        mlflow.log_artifact(str(cf_path), "figures")
+        mlflow.log_dict(summary, "synthetic_summary.json")
+
+
+def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
+    import mlflow
+
+    from medi import data, tracking
+
+    with tracking.stage_run(cfg, "prepare", ("data",) + (("synthetic",) if cfg.data.source == "synthetic" else ())):
+        t0 = time.perf_counter()
+        report = data.prepare(cfg)
+        seconds = time.perf_counter() - t0
+        sk = report["skipped"]
+        log.info("prepared %d tiles from %d slides (%d TSS) in %.1fs", report["tiles"], report["slides"],
+                 report["tss"], seconds)
+        for name in ("tiles_without_metadata", "metadata_rows_without_tiles", "bad_tiles"):
+            if sk[name]:
+                log.warning("skipped: %s = %d (listed in %s/prepare_report.json)", name, sk[name], cfg.data.output)
+        for name in ("empty_slide_folders", "ignored_files", "slides_without_metadata"):
+            if sk[name]:
+                log.warning("skipped: %d %s (listed in %s/prepare_report.json)", len(sk[name]), name.replace("_", " "),
+                            cfg.data.output)
+        mlflow.log_metrics({"tiles": report["tiles"], "slides": report["slides"], "tss": report["tss"],
+                            "seconds": seconds, "tiles_per_second": report["tiles"] / max(seconds, 1e-9),
+                            **{f"skipped_{k}": (v if isinstance(v, int) else len(v)) for k, v in sk.items()
+                               if k != "bad_tile_list"}})
+        mlflow.log_dict(report, "prepare_report.json")
+
+
+def cmd_split(cfg: Config, args: argparse.Namespace) -> None:
+    import mlflow
+
+    from medi import data, figures, splits, tracking
+    from medi.io import write_json, write_parquet
+
+    with tracking.stage_run(cfg, "split", ("split",)):
+        index = data.load_index(cfg.data.output)
+        slides = data.load_slides(cfg.data.output)
+        result = splits.split_slides(slides, cfg.split)
+        split_of = dict(zip(result.slides.slide, result.slides.split))
+        out = Path(cfg.split.output)
+        index = index.assign(split=index.slide.map(split_of))
+        write_parquet(out / "train.parquet", index[index.split == "train"].drop(columns="split"))
+        write_parquet(out / "holdout.parquet", index[index.split == "holdout"].drop(columns="split"))
+        write_parquet(out / "slides.parquet", result.slides)
+        metrics = splits.split_metrics(result.slides, index)
+        metrics_out = {**metrics, "moved_tss": len(result.moved_tss)}
+        write_json(cfg.split.metrics, metrics)
+        log.info("split: %s", metrics_out)
+        mlflow.log_metrics({k: v for k, v in metrics_out.items() if isinstance(v, int)})
+        mlflow.log_dict({**metrics, "moved_tss": result.moved_tss}, "split.json")
+        mlflow.log_artifact(str(out / "slides.parquet"), "split")
+        fig = figures.dataset_figure(index, result.slides)
+        mlflow.log_artifact(str(figures.save(fig, cfg.split.figure)), "figures")
+
+
+def cmd_check(cfg: Config, args: argparse.Namespace) -> None:
+    """Validate params and, for real data, that the input exists (run by `make repro` before `dvc repro`)."""
+    from medi import data
+
+    if cfg.data.source == "tcga_ut":
+        tiles, meta = data.dataset_paths(cfg)
+        log.info("real data found: %s and %s", tiles, meta)
+    log.info("params OK (%s, data.source=%s, classes=%s)", cfg.source_path, cfg.data.source, ",".join(cfg.classes))
+
+
+def cmd_fetch_tcga_ut(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import download
+
+    classes = args.classes or cfg.data.classes
+    counts = download.fetch_classes(classes, cfg.class_folders, Path(args.data_dir), keep_zips=args.keep_zips)
+    log.info("fetched %d tiles: %s; now run `dvc add %s` (make tcga-ut does)", sum(counts.values()), counts,
+             args.data_dir)
+
+
+COMMANDS = {
+    "synthesize": (cmd_synthesize, "render the synthetic TCGA-UT world (the embedded default dataset)"),
+    "prepare": (cmd_prepare, "read TCGA-UT tiles + GDC metadata, pack tiles at training resolution"),
+    "split": (cmd_split, "the train / holdout split by (TSS, demographics) groups"),
+    "check": (cmd_check, "validate params.yaml and the presence of the input data"),
+    "fetch-tcga-ut": (cmd_fetch_tcga_ut, "download, verify and unpack TCGA-UT classes from Zenodo into data/"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medi", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set data.resolution=64 (value parsed as YAML); repeatable")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == "synthesize":
+            p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+        if name == "fetch-tcga-ut":
+            p.add_argument("--classes", nargs="*", help="project codes (default: params data.classes)")
+            p.add_argument("--data-dir", default="data", help="folder versioned by data.dvc (default: data)")
+            p.add_argument("--keep-zips", action="store_true", help="keep the verified zips in <data-dir>/.downloads")
+    return parser
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MediError(f"--set expects KEY=VALUE, got '{pair}'")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = config_mod.load(args.params, parse_overrides(args.set))
+        COMMANDS[args.command][0](cfg, args)
+    except MediError as exc:
+        print(f"medi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed configuration: `params.yaml` is read once, validated, and turned into frozen dataclasses.
+
+Every key is required and checked against its declared type, so a missing, misspelt or malformed key
+stops the run with a message naming the key and what was expected. Stages receive these objects; no
+code below the CLI reads `params.yaml` again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from medi.errors import MediError
+
+# The TCGA projects the pipeline knows, with their TCGA-UT folder (zip) names. The seven of the paper's
+# three probe tasks come first; any other class can be added in params (`data.class_folders`).
+TCGA_UT_FOLDERS: dict[str, str] = {
+    "LUAD": "Lung_adenocarcinoma",
+    "LUSC": "Lung_squamous_cell_carcinoma",
+    "KIRC": "Kidney_renal_clear_cell_carcinoma",
+    "KIRP": "Kidney_renal_papillary_cell_carcinoma",
+    "KICH": "Kidney_Chromophobe",
+    "UCEC": "Uterine_Corpus_Endometrial_Carcinoma",
+    "UCS": "Uterine_Carcinosarcoma",
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "tcga_ut"]
+    root: str                    # holds tcga-ut/<Class>/<level>/<slide_barcode>/<tile>.jpg and gdc_metadata.csv
+    level: str                   # level folder inside each class ("0" = 0.5 um/px)
+    classes: list[str]           # classes to prepare from TCGA-UT (project codes, e.g. LUAD)
+    class_folders: dict[str, str]  # extra project code -> TCGA-UT folder names beyond the built-in ones
+    resolution: int              # training resolution of the packed tiles (px)
+    on_bad_tile: Literal["error", "skip"]  # a corrupt / non-RGB tile stops the run, or is skipped and counted
+    workers: int                 # decoding processes (0 = all cores)
+    output: str                  # artifacts/dataset
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int
+    classes: list[str]
+    slide_scale: float           # fraction of the real per-class slide counts
+    tiles_per_slide: int
+    tile_size: int               # px of the rendered JPEG tiles
+    mpp: float                   # micrometres per pixel of the rendered tiles
+    stain_strength: float        # how different the sites' stains are (0 = one standard stain)
+    slide_jitter: float          # stain variation between slides of one site
+    output: str
+    figure: str                  # reports/synthetic_tiles.png (a second, counterfactual grid is written beside it)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    mode: Literal["paper", "random"]
+    holdout_fraction: float
+    key_columns: list[str]       # slide columns joined into the holdout key (paper: tss, gender, race)
+    seed: int
+    output: str                  # artifacts/splits
+    metrics: str                 # metrics/split.json
+    figure: str                  # reports/dataset.png
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str                     # overridden by MLFLOW_TRACKING_URI when set
+    experiment: str
+    artifact_location: str       # where a new experiment stores artifacts (local store)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    synthetic: SyntheticConfig
+    split: SplitConfig
+    tracking: TrackingConfig
+    source_path: str = dataclasses.field(default="params.yaml", compare=False)
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(self, name))
+
+    def params_hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (all when none are named)."""
+        names = sections or tuple(f.name for f in dataclasses.fields(self) if f.name != "source_path")
+        blob = json.dumps({n: self.section_dict(n) for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def class_folders(self) -> dict[str, str]:
+        return {**TCGA_UT_FOLDERS, **self.data.class_folders}
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes of the active data source."""
+        return self.synthetic.classes if self.data.source == "synthetic" else self.data.classes
+
+
+def _check(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Validate `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = get_origin(tp)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise MediError(f"{where}: key '{key}': expected {expected}, got {value!r}")
+
+    if origin is Literal:
+        if value not in get_args(tp):
+            fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _check(value, next(a for a in args if a is not type(None)), key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            fail("a list")
+        (item,) = get_args(tp)
+        return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            fail("a mapping")
+        k_tp, v_tp = get_args(tp)
+        return {_check(k, k_tp, f"{key} (a key)", where): _check(v, v_tp, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            fail("a string")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, where)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not bad input
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise MediError(f"{where}: section '{prefix}': expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.name != "source_path"]
+    known = {f.name for f in fields}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise MediError(f"{where}: unknown key(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; "
+                        f"'{prefix}' takes: {', '.join(sorted(known))}")
+    values = {}
+    for f in fields:
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in raw:
+            raise MediError(f"{where}: missing key '{key}' ({_describe(hints[f.name])})")
+        values[f.name] = _check(raw[f.name], hints[f.name], key, where)
+    return cls(**values)
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _validate(cfg: Config, where: str) -> None:
+    folders = cfg.class_folders
+    for section, classes in (("data.classes", cfg.data.classes), ("synthetic.classes", cfg.synthetic.classes)):
+        if not classes:
+            raise MediError(f"{where}: '{section}' is empty; name at least two classes")
+        unknown = [c for c in classes if c not in folders]
+        if unknown:
+            raise MediError(f"{where}: '{section}': unknown class(es) {unknown}; known: {sorted(folders)} "
+                            "(add others with their TCGA-UT folder name under data.class_folders)")
+        if len(set(classes)) != len(classes):
+            raise MediError(f"{where}: '{section}' lists a class twice: {classes}")
+    if not 0.0 < cfg.split.holdout_fraction < 1.0:
+        raise MediError(f"{where}: 'split.holdout_fraction' must lie in (0, 1), got {cfg.split.holdout_fraction}")
+    if cfg.data.source == "synthetic" and Path(cfg.data.root) != Path(cfg.synthetic.output):
+        raise MediError(f"{where}: data.source is 'synthetic' but data.root ({cfg.data.root}) is not "
+                        f"synthetic.output ({cfg.synthetic.output}); point data.root at the synthetic world")
+    if cfg.data.resolution < 8 or cfg.data.resolution % 8:
+        raise MediError(f"{where}: 'data.resolution' must be a multiple of 8 and >= 8, got {cfg.data.resolution}")
+    for name, value in (("synthetic.slide_scale", cfg.synthetic.slide_scale), ("synthetic.mpp", cfg.synthetic.mpp)):
+        if value <= 0:
+            raise MediError(f"{where}: '{name}' must be positive, got {value}")
+    if cfg.synthetic.tiles_per_slide < 1 or cfg.synthetic.tile_size < 16:
+        raise MediError(f"{where}: 'synthetic.tiles_per_slide' must be >= 1 and 'synthetic.tile_size' >= 16")
+    if not cfg.split.key_columns:
+        raise MediError(f"{where}: 'split.key_columns' is empty")
+
+
+def from_dict(raw: Any, where: str = "params") -> Config:
+    cfg = _build(Config, raw, "", where)
+    cfg = dataclasses.replace(cfg, source_path=where)
+    _validate(cfg, where)
+    return cfg
+
+
+def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a params file; `overrides` ({"section.key": value}) win over the file."""
+    path = Path(path)
+    if not path.exists():
+        raise MediError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MediError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(raw, str(path))

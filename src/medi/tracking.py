@@ -1,0 +1,86 @@
+"""MLflow in one place: the store, the experiment, and the tags every run of the pipeline carries.
+
+Default store: `sqlite:///mlflow.db` with artifacts under `mlruns/`; `MLFLOW_TRACKING_URI` points the
+pipeline at any tracking server instead. Each run is tagged with the git commit, the DVC stage, a hash of
+the params it used, and a pipeline id (commit + full params hash) shared by all stages of one `dvc repro`,
+so a whole pipeline run can be filtered in the UI with `tags.medi.pipeline = '<id>'`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from medi.config import Config, TrackingConfig
+
+for _var, _val in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.items():
+    os.environ.setdefault(_var, _val)
+
+import mlflow  # noqa: E402  (after the telemetry switches)
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+
+
+def configure(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store and make sure the experiment exists; return its id."""
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        location = cfg.artifact_location
+        if "://" not in location:  # a local folder: MLflow wants an absolute URI
+            location = Path(location).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty and commit != "unknown" else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def run_tags(cfg: Config, stage: str, sections: tuple[str, ...]) -> dict[str, str]:
+    commit = git_commit()
+    return {
+        "medi.stage": stage,
+        "medi.git_commit": commit,
+        "medi.params_hash": cfg.params_hash(*sections),
+        "medi.pipeline": f"{commit[:12]}-{cfg.params_hash()}",
+        "medi.data_source": cfg.data.source,
+    }
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str, sections: tuple[str, ...], run_name: str | None = None) -> Iterator[Any]:
+    """An MLflow run for one pipeline stage, with the params of `sections` logged and the standard tags.
+
+    An exception inside the block marks the run FAILED (MLflow's context manager does this).
+    """
+    configure(cfg.tracking)
+    params: dict[str, Any] = {}
+    for name in sections:
+        _flatten(name, cfg.section_dict(name), params)
+    with mlflow.start_run(run_name=run_name or stage, tags=run_tags(cfg, stage, sections)) as run:
+        # MLflow caps a param value at 6000 characters; ours are short, but lists can be long.
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        yield run
