@@ -28,6 +28,8 @@ def params_dict(tmp_path: Path) -> dict:
     raw["split"]["output"] = str(tmp_path / "artifacts/splits")
     raw["split"]["metrics"] = str(tmp_path / "metrics/split.json")
     raw["split"]["figure"] = str(tmp_path / "reports/dataset.png")
+    raw["model"]["output"] = str(tmp_path / "models")
+    raw["train"]["figure"] = str(tmp_path / "reports/samples_{model}.png")
     raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     raw["tracking"]["artifact_location"] = str(tmp_path / "mlruns")
     return raw
@@ -52,3 +54,33 @@ def make_cfg(params_dict: dict):
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+TINY = {
+    "synthetic__slide_scale": 0.03, "synthetic__site_scale": 0.2, "synthetic__tiles_per_slide": 3,
+    "synthetic__tile_size": 32, "data__resolution": 16, "data__workers": 1,
+    "train__max_steps": 8, "train__batch_size": 8, "train__checkpoint_every": 2, "train__keep_checkpoints": 2,
+    "train__log_every": 2, "train__grid_every": 0, "train__grid_steps": 2, "train__grid_seeds": 1,
+    "train__warmup_steps": 2, "train__precision": "no",
+}
+
+
+@pytest.fixture
+def tiny_world(make_cfg, tmp_path):
+    """A tiny synthetic world, prepared and split (about 2 s): returns a config builder over it."""
+    from medi import data, splits, synthetic
+    from medi.io import write_parquet
+
+    def build(**overrides):
+        return make_cfg(**{**TINY, **overrides})
+
+    cfg = build()
+    synthetic.synthesize(cfg, workers=1)
+    data.prepare(cfg)
+    index, slides = data.load_index(cfg.data.output), data.load_slides(cfg.data.output)
+    result = splits.split_slides(slides, cfg.split)
+    split_of = dict(zip(result.slides.slide, result.slides.split))
+    out = tmp_path / "artifacts/splits"
+    write_parquet(out / "train.parquet", index[index.slide.map(split_of) == "train"])
+    write_parquet(out / "holdout.parquet", index[index.slide.map(split_of) == "holdout"])
+    return build

@@ -122,10 +122,17 @@ def cmd_fetch_tcga_ut(cfg: Config, args: argparse.Namespace) -> None:
              args.data_dir)
 
 
+def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import train
+
+    train.run_stage(cfg, args.model)
+
+
 COMMANDS = {
     "synthesize": (cmd_synthesize, "render the synthetic TCGA-UT world (the embedded default dataset)"),
     "prepare": (cmd_prepare, "read TCGA-UT tiles + GDC metadata, pack tiles at training resolution"),
     "split": (cmd_split, "the train / holdout split by (TSS, demographics) groups"),
+    "train": (cmd_train, "train a diffusion model (cls or medi), resuming from its last checkpoint"),
     "check": (cmd_check, "validate params.yaml and the presence of the input data"),
     "fetch-tcga-ut": (cmd_fetch_tcga_ut, "download, verify and unpack TCGA-UT classes from Zenodo into data/"),
 }
@@ -142,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name == "synthesize":
             p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+        if name == "train":
+            p.add_argument("--model", required=True, help="a model of params model.variants, e.g. cls or medi")
         if name == "fetch-tcga-ut":
             p.add_argument("--classes", nargs="*", help="project codes (default: params data.classes)")
             p.add_argument("--data-dir", default="data", help="folder versioned by data.dvc (default: data)")

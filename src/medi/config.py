@@ -50,6 +50,7 @@ class SyntheticConfig:
     seed: int
     classes: list[str]
     slide_scale: float           # fraction of the real per-class slide counts
+    site_scale: float            # fraction of the real per-class TSS counts (the largest sites are kept)
     tiles_per_slide: int
     tile_size: int               # px of the rendered JPEG tiles
     mpp: float                   # micrometres per pixel of the rendered tiles
@@ -71,6 +72,47 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    preset: Literal["tiny-cpu", "paper-128", "custom"]
+    custom: dict[str, Any]       # UNet spec when preset is custom: block_out_channels, layers_per_block, attention, norm_num_groups
+    variants: dict[str, list[str]]  # model name -> conditioning metadata attributes (cls: none; medi: [tss])
+    continuous: list[str]        # attributes encoded sinusoidally (e.g. age); the others are categorical
+    d_e: int                     # embedding size per metadata attribute; d_class = d_t - k * d_e
+    class_dropout: float         # condition dropout (trains the null tokens for classifier-free guidance)
+    attribute_dropout: float
+    prediction_type: Literal["epsilon", "v_prediction", "sample"]
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+    rescale_zero_snr: bool       # rescale betas to zero terminal SNR (Lin et al. 2024)
+    timesteps: int
+    output: str                  # models/<name>/
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    max_steps: int
+    batch_size: int              # per optimizer step, summed over processes and accumulation
+    grad_accumulation: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    ema_decay: float
+    precision: Literal["no", "fp16", "bf16"]
+    balanced: bool               # class-balanced sampling, weight 1 / count(class) as in the paper
+    augment: bool                # random flips and 90-degree rotations (histology has no orientation)
+    workers: int                 # data-loading processes
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    grid_every: int              # steps between sample grids logged to MLflow (0 = only at the end)
+    grid_steps: int              # DDIM steps for those grids
+    grid_seeds: int              # images (seeds) per (class, site) cell of those grids
+    eval_every: int              # steps between evaluation hooks (FID curve); 0 = off
+    figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str                     # overridden by MLFLOW_TRACKING_URI when set
     experiment: str
@@ -82,6 +124,8 @@ class Config:
     data: DataConfig
     synthetic: SyntheticConfig
     split: SplitConfig
+    model: ModelConfig
+    train: TrainConfig
     tracking: TrackingConfig
     source_path: str = dataclasses.field(default="params.yaml", compare=False)
 
@@ -98,6 +142,12 @@ class Config:
     def class_folders(self) -> dict[str, str]:
         return {**TCGA_UT_FOLDERS, **self.data.class_folders}
 
+    def variant(self, name: str) -> list[str]:
+        """The conditioning attributes of model `name` (a key of model.variants)."""
+        if name not in self.model.variants:
+            raise MediError(f"unknown model '{name}'; params model.variants defines {sorted(self.model.variants)}")
+        return self.model.variants[name]
+
     @property
     def classes(self) -> list[str]:
         """The classes of the active data source."""
@@ -107,6 +157,8 @@ class Config:
 def _check(value: Any, tp: Any, key: str, where: str) -> Any:
     """Validate `value` against the annotation `tp`; return it (ints are accepted for floats)."""
     origin = get_origin(tp)
+    if tp is Any:  # free-form (validated by the code that uses it, e.g. a custom UNet spec)
+        return value
 
     def fail(expected: str) -> typing.NoReturn:
         raise MediError(f"{where}: key '{key}': expected {expected}, got {value!r}")
@@ -196,11 +248,24 @@ def _validate(cfg: Config, where: str) -> None:
                         f"synthetic.output ({cfg.synthetic.output}); point data.root at the synthetic world")
     if cfg.data.resolution < 8 or cfg.data.resolution % 8:
         raise MediError(f"{where}: 'data.resolution' must be a multiple of 8 and >= 8, got {cfg.data.resolution}")
-    for name, value in (("synthetic.slide_scale", cfg.synthetic.slide_scale), ("synthetic.mpp", cfg.synthetic.mpp)):
+    for name, value in (("synthetic.slide_scale", cfg.synthetic.slide_scale),
+                        ("synthetic.site_scale", cfg.synthetic.site_scale), ("synthetic.mpp", cfg.synthetic.mpp)):
         if value <= 0:
             raise MediError(f"{where}: '{name}' must be positive, got {value}")
     if cfg.synthetic.tiles_per_slide < 1 or cfg.synthetic.tile_size < 16:
         raise MediError(f"{where}: 'synthetic.tiles_per_slide' must be >= 1 and 'synthetic.tile_size' >= 16")
+    for name in ("class_dropout", "attribute_dropout"):
+        if not 0.0 <= getattr(cfg.model, name) < 1.0:
+            raise MediError(f"{where}: 'model.{name}' must lie in [0, 1), got {getattr(cfg.model, name)}")
+    if not cfg.model.variants:
+        raise MediError(f"{where}: 'model.variants' is empty; name at least one model, e.g. cls: [] and medi: [tss]")
+    t = cfg.train
+    if t.batch_size % t.grad_accumulation:
+        raise MediError(f"{where}: 'train.batch_size' ({t.batch_size}) must be divisible by 'train.grad_accumulation' "
+                        f"({t.grad_accumulation})")
+    if min(t.max_steps, t.batch_size, t.checkpoint_every, t.keep_checkpoints, t.log_every, t.grid_steps, t.grid_seeds) < 1:
+        raise MediError(f"{where}: train.max_steps, batch_size, checkpoint_every, keep_checkpoints, log_every, "
+                        "grid_steps and grid_seeds must be >= 1")
     if not cfg.split.key_columns:
         raise MediError(f"{where}: 'split.key_columns' is empty")
 

@@ -47,7 +47,7 @@ def dataset_figure(index: pd.DataFrame, slides: pd.DataFrame, cap: int = 1600) -
     cax = fig.add_subplot(gs[1, 0])
     fig.colorbar(im, cax=cax, orientation="horizontal", label="patches")
 
-    sub = gs[0, 1].subgridspec(2, 1, hspace=0.5)
+    sub = gs[0, 1].subgridspec(2, 1, hspace=0.9)
     for k, col in enumerate(["race", "gender"]):
         axb = fig.add_subplot(sub[k])
         share = pd.crosstab(index["class"], index[col], normalize="index").loc[classes[::-1]]

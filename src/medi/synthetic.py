@@ -93,7 +93,14 @@ def allocate(total: int, shares: np.ndarray, min_sites: int = 3) -> np.ndarray:
     return counts[counts > 0]
 
 
-def tss_codes(rng: np.random.Generator, classes: list[str]) -> dict[str, list[str]]:
+def class_site_shares(facts: ClassFacts, site_scale: float) -> np.ndarray:
+    """Slide shares over the scaled-down number of sites (the largest real sites kept, renormalised)."""
+    shares = site_shares(facts)
+    n = min(len(shares), max(3, round(facts.tss * site_scale)))
+    return shares[:n] / shares[:n].sum()
+
+
+def tss_codes(rng: np.random.Generator, classes: list[str], site_scale: float) -> dict[str, list[str]]:
     """Two-character TSS codes, each exclusive to one class. UCS gets `NA`, a real code that naive parsers lose."""
     alphabet = string.digits + string.ascii_uppercase
     pool = [a + b for a in alphabet for b in alphabet if a + b != "NA"]
@@ -101,7 +108,7 @@ def tss_codes(rng: np.random.Generator, classes: list[str]) -> dict[str, list[st
     out: dict[str, list[str]] = {}
     it = iter(pool)
     for c in classes:
-        n = len(site_shares(FACTS.get(c, GENERIC_FACTS)))
+        n = len(class_site_shares(FACTS.get(c, GENERIC_FACTS), site_scale))
         codes = [next(it) for _ in range(n)]
         if c == "UCS":
             codes[-1] = "NA"
@@ -131,7 +138,7 @@ def _participant(rng: np.random.Generator, used: set[str]) -> str:
 def plan_world(cfg: SyntheticConfig, folders: dict[str, str]) -> tuple[list[Slide], dict[str, histology.Stain], dict[str, str]]:
     """Decide every slide, its site and its demographics (no pixels yet)."""
     rng = np.random.default_rng(cfg.seed)
-    codes = tss_codes(rng, cfg.classes)
+    codes = tss_codes(rng, cfg.classes, cfg.site_scale)
     stains: dict[str, histology.Stain] = {}
     site_class: dict[str, str] = {}
     slides: list[Slide] = []
@@ -139,7 +146,7 @@ def plan_world(cfg: SyntheticConfig, folders: dict[str, str]) -> tuple[list[Slid
     for c in cfg.classes:
         facts = FACTS.get(c, GENERIC_FACTS)
         n_slides = max(8, round(facts.slides * cfg.slide_scale))
-        counts = allocate(n_slides, site_shares(facts))
+        counts = allocate(n_slides, class_site_shares(facts, cfg.site_scale))
         race_p = np.array([*facts.race_counts, max(facts.slides - sum(facts.race_counts), 0)], dtype=float) + 0.5
         race_p /= race_p.sum()
         class_slides = []
@@ -172,8 +179,8 @@ def plan_world(cfg: SyntheticConfig, folders: dict[str, str]) -> tuple[list[Slid
                     "site_of_resection_or_biopsy": facts.organ_site,
                 }
                 class_slides.append(Slide(c, folders[c], row["slide_submitter_id"], tss, row, int(rng.integers(2**31))))
-        # GDC exports are not sorted by site: shuffle within the project, keep projects in config order.
-        slides.extend(class_slides[i] for i in rng.permutation(len(class_slides)))
+        # Like a GDC export: projects in turn, cases sorted by barcode (so a site's slides are contiguous).
+        slides.extend(sorted(class_slides, key=lambda sl: sl.barcode))
     return slides, stains, site_class
 
 

@@ -1,0 +1,238 @@
+"""The metadata-conditioned diffusion UNet (the paper's Section 3.1) on the stock diffusers `UNet2DModel`.
+
+Conditioning: a class embedding (d_class) and one embedding (d_e) per metadata attribute, concatenated to a
+vector of the timestep-embedding size d_t = d_class + k * d_e and *added* to the timestep embedding. The
+UNet is built with `class_embed_type="identity"`, so diffusers adds whatever vector we pass as
+`class_labels`; the embeddings live in `ConditionEncoder` and train jointly with the UNet. CLS is the same
+code with k = 0 (d_class = d_t), so both models have the same UNet.
+
+Categorical attributes (tss, race, gender) use a learnable table; continuous ones (age) a sinusoidal
+encoding of the value to d_e followed by a linear map. Index 0 of every table, and a learned vector for
+continuous attributes, is the null token used by condition dropout and classifier-free guidance.
+
+The `Vocabulary` (value -> index, per attribute) is saved beside the weights and looked up by value at
+sampling time, never rebuilt: an unknown value is an error that lists the known ones.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medi.errors import MediError
+from medi.io import atomic_path, write_json
+
+NULL = "<null>"
+ATTRIBUTE_ALIASES = {"tissue_source_site": "tss", "TSS": "tss", "age_at_index": "age"}
+
+# UNet presets. paper-128 is the public MeDi code's model: six levels, 128-256-512-512-1024-1024 channels,
+# two layers per block, no attention. tiny-cpu (~1M parameters) is what the default pipeline trains on a CPU.
+PRESETS: dict[str, dict] = {
+    "tiny-cpu": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention": False, "norm_num_groups": 8},
+    "paper-128": {"block_out_channels": [128, 256, 512, 512, 1024, 1024], "layers_per_block": 2, "attention": False,
+                  "norm_num_groups": 32},
+}
+
+
+def canonical(name: str) -> str:
+    return ATTRIBUTE_ALIASES.get(name, name)
+
+
+# --------------------------------------------------------------------------------------------- vocabulary
+@dataclass
+class Vocabulary:
+    """Class and categorical-attribute values -> embedding indices (0 is the null token of each)."""
+    classes: list[str]
+    categorical: dict[str, list[str]]      # attribute -> values, index = position + 1
+    continuous: list[str]                   # attribute names encoded sinusoidally
+
+    @classmethod
+    def from_frame(cls, frame, class_column: str, attributes: Sequence[str], continuous: Sequence[str]) -> "Vocabulary":
+        attributes = [canonical(a) for a in attributes]
+        missing = [a for a in [class_column, *attributes] if a not in frame.columns]
+        if missing:
+            raise MediError(f"conditioning attribute(s) {missing} are not columns of the index; it has {list(frame.columns)}")
+        cont = [a for a in attributes if a in {canonical(c) for c in continuous}]
+        cat = {a: sorted(map(str, frame[a].unique())) for a in attributes if a not in cont}
+        return cls(sorted(map(str, frame[class_column].unique())), cat, cont)
+
+    @property
+    def attributes(self) -> list[str]:
+        return [*self.categorical, *self.continuous]
+
+    def _lookup(self, values: Sequence, known: list[str], what: str) -> torch.Tensor:
+        table = {v: i + 1 for i, v in enumerate(known)}
+        out = []
+        for v in values:
+            if v is None or v == NULL:
+                out.append(0)
+                continue
+            if str(v) not in table:
+                raise MediError(f"unknown {what} {v!r} for this model; known values: {known}")
+            out.append(table[str(v)])
+        return torch.tensor(out, dtype=torch.long)
+
+    def encode(self, classes: Sequence, attributes: Mapping[str, Sequence] | None = None) -> dict[str, torch.Tensor]:
+        """Look conditions up by value. None / '<null>' (or NaN for continuous) means 'not conditioned'."""
+        attributes = {canonical(k): v for k, v in (attributes or {}).items()}
+        extra = sorted(set(attributes) - set(self.attributes))
+        if extra:
+            raise MediError(f"this model is not conditioned on {extra}; its attributes are {self.attributes}")
+        n = len(classes)
+        cond = {"class": self._lookup(classes, self.classes, "class")}
+        for a, known in self.categorical.items():
+            cond[a] = self._lookup(attributes.get(a, [None] * n), known, f"value of '{a}'")
+        for a in self.continuous:
+            vals = attributes.get(a, [None] * n)
+            cond[a] = torch.tensor([np.nan if v is None else float(v) for v in vals], dtype=torch.float32)
+        return cond
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Vocabulary":
+        return cls(d["classes"], d["categorical"], d["continuous"])
+
+
+def null_condition(cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unconditional version of a condition batch (for classifier-free guidance)."""
+    return {k: torch.full_like(v, float("nan")) if v.is_floating_point() else torch.zeros_like(v) for k, v in cond.items()}
+
+
+def drop_conditions(cond: Mapping[str, torch.Tensor], p_class: float, p_attribute: float,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Condition dropout: each entry independently replaced by its null token (class and each attribute)."""
+    out = {}
+    for k, v in cond.items():
+        p = p_class if k == "class" else p_attribute
+        drop = torch.rand(v.shape, generator=generator, device=v.device if generator is None else "cpu").to(v.device) < p
+        null = torch.full_like(v, float("nan")) if v.is_floating_point() else torch.zeros_like(v)
+        out[k] = torch.where(drop, null, v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- modules
+def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal features of a scalar per row (as for diffusion timesteps), (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim - 2 * half))
+
+
+class ContinuousEmbedding(nn.Module):
+    """A continuous attribute (e.g. age in years) -> d_e: sinusoidal features, a linear map; NaN -> learned null."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(dim, dim)
+        self.null = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        missing = torch.isnan(x)
+        emb = self.proj(sinusoidal(torch.nan_to_num(x), self.dim))
+        return torch.where(missing[:, None], self.null.to(emb.dtype).expand_as(emb), emb)
+
+
+class ConditionEncoder(nn.Module):
+    """z_cond = concat(z_class, z_meta_1, ..., z_meta_k) in R^{d_t}, d_t = d_class + k * d_e."""
+
+    def __init__(self, vocab: Vocabulary, d_t: int, d_e: int):
+        super().__init__()
+        k = len(vocab.attributes)
+        d_class = d_t - k * d_e
+        if d_class < 8:
+            raise MediError(f"model.d_e = {d_e} with {k} attribute(s) leaves d_class = {d_class} of d_t = {d_t}; "
+                            f"use d_e <= {(d_t - 8) // max(k, 1)}")
+        self.d_t, self.d_e, self.d_class = d_t, d_e, d_class
+        self.class_embedding = nn.Embedding(len(vocab.classes) + 1, d_class)
+        self.categorical = nn.ModuleDict({a: nn.Embedding(len(v) + 1, d_e) for a, v in vocab.categorical.items()})
+        self.continuous = nn.ModuleDict({a: ContinuousEmbedding(d_e) for a in vocab.continuous})
+
+    def forward(self, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        parts = [self.class_embedding(cond["class"])]
+        parts += [emb(cond[a]) for a, emb in self.categorical.items()]
+        parts += [emb(cond[a]) for a, emb in self.continuous.items()]
+        return torch.cat(parts, dim=-1)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild the network (saved as config.json beside the weights)."""
+    sample_size: int
+    block_out_channels: list[int]
+    layers_per_block: int
+    attention: bool
+    norm_num_groups: int
+    d_e: int
+
+    @property
+    def d_t(self) -> int:
+        return 4 * self.block_out_channels[0]  # diffusers' positional time embedding size
+
+    def unet(self) -> UNet2DModel:
+        n = len(self.block_out_channels)
+        down = ["AttnDownBlock2D" if self.attention and i >= n - 2 else "DownBlock2D" for i in range(n)]
+        up = ["AttnUpBlock2D" if self.attention and i < 2 else "UpBlock2D" for i in range(n)]
+        return UNet2DModel(sample_size=self.sample_size, in_channels=3, out_channels=3,
+                           block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
+                           down_block_types=tuple(down), up_block_types=tuple(up), add_attention=self.attention,
+                           norm_num_groups=self.norm_num_groups, class_embed_type="identity")
+
+
+class MediDiffusion(nn.Module):
+    """UNet2DModel + ConditionEncoder. forward(x_t, t, cond) -> the UNet's prediction (epsilon, v or x0)."""
+
+    def __init__(self, arch: Architecture, vocab: Vocabulary):
+        super().__init__()
+        self.arch, self.vocab = arch, vocab
+        self.unet = arch.unet()
+        self.encoder = ConditionEncoder(vocab, arch.d_t, arch.d_e)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.unet(x, t, class_labels=self.encoder(cond)).sample
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        """Weights (safetensors), architecture and vocabulary; each file written atomically."""
+        folder = Path(folder)
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        write_json(folder / "config.json", {"architecture": asdict(self.arch), **(extra or {})})
+        write_json(folder / "vocab.json", self.vocab.to_json())
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str = "cpu") -> "MediDiffusion":
+        """Rebuild from `save` output. safetensors only: loading never unpickles objects."""
+        folder = Path(folder)
+        for name in ("model.safetensors", "config.json", "vocab.json"):
+            if not (folder / name).exists():
+                raise MediError(f"{folder}: missing {name}; train the model first (medi train)")
+        config = json.loads((folder / "config.json").read_text())
+        model = cls(Architecture(**config["architecture"]), Vocabulary.from_json(json.loads((folder / "vocab.json").read_text())))
+        model.load_state_dict(load_file(str(folder / "model.safetensors"), device=map_location))
+        return model
+
+
+def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None = None) -> Architecture:
+    if preset == "custom":
+        spec = dict(custom or {})
+    elif preset in PRESETS:
+        spec = PRESETS[preset]
+    else:
+        raise MediError(f"model.preset: unknown preset '{preset}'; known: {sorted(PRESETS)} or 'custom'")
+    need = len(spec["block_out_channels"]) - 1
+    if sample_size % (2 ** need):
+        raise MediError(f"model: {len(spec['block_out_channels'])} UNet levels need a resolution divisible by "
+                        f"{2 ** need}; data.resolution is {sample_size}")
+    return Architecture(sample_size=sample_size, d_e=d_e, **spec)

@@ -1,0 +1,93 @@
+"""The conditioned UNet: conditioning arithmetic, null tokens, and the vocabulary saved with the weights."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medi.errors import MediError
+from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions, null_condition
+
+FRAME = pd.DataFrame({"class": ["LUAD", "LUSC", "LUAD", "KIRC"], "tss": ["05", "18", "44", "NA"],
+                      "race": ["white", "asian", "white", "Unknown"], "age": [61.0, np.nan, 70.0, 55.0]})
+
+
+def test_conditioning_is_concatenated_to_the_timestep_size_and_added():
+    vocab = Vocabulary.from_frame(FRAME, "class", ["tissue_source_site", "race", "age"], ["age"])
+    model = MediDiffusion(architecture("tiny-cpu", 16, d_e=16), vocab)
+    enc = model.encoder
+    assert enc.d_t == 128 and enc.d_class == 128 - 3 * 16
+    cond = vocab.encode(["LUAD", "KIRC"], {"tss": ["05", "NA"], "race": ["white", None], "age": [61, None]})
+    z = enc(cond)
+    assert z.shape == (2, 128)
+    assert torch.equal(z[0, :enc.d_class], enc.class_embedding.weight[vocab.classes.index("LUAD") + 1])
+    assert torch.equal(z[1, 80:96], enc.categorical["tss"].weight[vocab.categorical["tss"].index("NA") + 1])
+    assert torch.equal(z[1, 96:112], enc.categorical["race"].weight[0])         # race unknown -> null token
+    assert torch.equal(z[1, 112:], enc.continuous["age"].null)                 # missing age -> learned null
+    # CLS: same UNet, no attributes, the whole d_t is the class embedding.
+    cls = MediDiffusion(architecture("tiny-cpu", 16, d_e=16), Vocabulary.from_frame(FRAME, "class", [], []))
+    assert cls.encoder.d_class == 128
+    assert sum(p.numel() for p in cls.unet.parameters()) == sum(p.numel() for p in model.unet.parameters())
+    # The vector reaches the UNet: a different site changes the output.
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
+    other = {**cond, "tss": torch.tensor([2, 2])}
+    assert not torch.allclose(model(x, t, cond), model(x, t, other))
+
+
+def test_presets():
+    assert architecture("paper-128", 128, 32).block_out_channels == [128, 256, 512, 512, 1024, 1024]
+    with pytest.raises(MediError, match="resolution divisible by 32"):
+        architecture("paper-128", 48, 32)
+    with pytest.raises(MediError, match="unknown preset"):
+        architecture("huge", 32, 32)
+    with pytest.raises(MediError, match="leaves d_class"):
+        MediDiffusion(architecture("tiny-cpu", 16, d_e=64), Vocabulary.from_frame(FRAME, "class", ["tss", "race"], []))
+
+
+def test_unknown_value_lists_the_known_ones():
+    vocab = Vocabulary.from_frame(FRAME, "class", ["tss"], [])
+    with pytest.raises(MediError, match=r"unknown value of 'tss' '99' for this model; known values: \['05', '18', '44', 'NA'\]"):
+        vocab.encode(["LUAD"], {"tss": ["99"]})
+    with pytest.raises(MediError, match=r"unknown class 'BRCA'"):
+        vocab.encode(["BRCA"])
+    with pytest.raises(MediError, match=r"not conditioned on \['race'\]"):
+        vocab.encode(["LUAD"], {"race": ["white"]})
+
+
+def test_saved_vocabulary_is_looked_up_by_value_never_rebuilt(tmp_path):
+    """The paper's code rebuilt the site mapping in another order at sampling time. Here the trained row of
+    each site is found by the site's value after a save/load, whatever order a new frame would give."""
+    vocab = Vocabulary.from_frame(FRAME, "class", ["tss"], [])
+    model = MediDiffusion(architecture("tiny-cpu", 16, d_e=16), vocab)
+    table = model.encoder.categorical["tss"].weight
+    with torch.no_grad():   # a recognisable vector per site: row of site s is filled with float(index of s)
+        for i, site in enumerate(vocab.categorical["tss"]):
+            table[i + 1] = float(int(site) if site.isdigit() else 77)
+    model.save(tmp_path / "m")
+    # A frame with the sites in another order and one site missing would build another mapping...
+    rebuilt = Vocabulary.from_frame(FRAME.iloc[[3, 1]], "class", ["tss"], [])
+    assert rebuilt.encode(["KIRC"], {"tss": ["NA"]})["tss"].item() != vocab.encode(["KIRC"], {"tss": ["NA"]})["tss"].item()
+    # ...but the loaded model carries its own vocabulary, so every site gets its own trained row.
+    loaded = MediDiffusion.load(tmp_path / "m")
+    for site, expected in [("05", 5.0), ("18", 18.0), ("44", 44.0), ("NA", 77.0)]:
+        idx = loaded.vocab.encode(["LUAD"], {"tss": [site]})["tss"]
+        assert torch.all(loaded.encoder.categorical["tss"](idx) == expected)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_condition_dropout_and_null_condition():
+    vocab = Vocabulary.from_frame(FRAME, "class", ["tss", "age"], ["age"])
+    cond = vocab.encode(["LUAD"] * 2000, {"tss": ["05"] * 2000, "age": [60] * 2000})
+    g = torch.Generator().manual_seed(0)
+    dropped = drop_conditions(cond, 0.1, 0.5, generator=g)
+    assert abs((dropped["class"] == 0).float().mean() - 0.1) < 0.03
+    assert abs((dropped["tss"] == 0).float().mean() - 0.5) < 0.05 and abs(dropped["age"].isnan().float().mean() - 0.5) < 0.05
+    null = null_condition(cond)
+    assert (null["class"] == 0).all() and (null["tss"] == 0).all() and null["age"].isnan().all()
+
+
+def test_load_refuses_incomplete_folder(tmp_path):
+    with pytest.raises(MediError, match="missing model.safetensors"):
+        MediDiffusion.load(tmp_path)
