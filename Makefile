@@ -17,7 +17,7 @@ export PATH := $(BIN):$(PATH)
 
 CLASSES ?= LUAD LUSC KIRC KIRP KICH UCEC UCS
 
-.PHONY: setup repro test ui tcga-ut lock clean
+.PHONY: setup repro train test bench ui tcga-ut lock clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,15 @@ repro: setup  ## the whole pipeline on params.yaml (default: the embedded synthe
 	medi check
 	dvc repro
 
+train: setup  ## the training stages only (both diffusion models, and what they need upstream)
+	medi check
+	dvc repro train
+
 test: setup  ## the test suite (CI runs this)
 	python -m pytest -q
+
+bench: setup  ## benchmarks (speed targets live here, not in tests); results go to docs/benchmarks.md
+	cd bench && python train_speed.py
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
@@ -50,3 +57,4 @@ lock: setup  ## refresh requirements.lock after changing the pins in pyproject.t
 
 clean:  ## remove pipeline outputs (keeps .venv, data/ and the MLflow store)
 	rm -rf artifacts models samples metrics reports/*.png reports/*.md
+	@echo "checkpoints/ kept (resumable training state); remove it by hand to start training from scratch"

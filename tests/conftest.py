@@ -30,6 +30,7 @@ def params_dict(tmp_path: Path) -> dict:
     raw["split"]["figure"] = str(tmp_path / "reports/dataset.png")
     raw["model"]["output"] = str(tmp_path / "models")
     raw["train"]["figure"] = str(tmp_path / "reports/samples_{model}.png")
+    raw["train"]["metrics"] = str(tmp_path / "metrics/train_{model}.json")
     raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     raw["tracking"]["artifact_location"] = str(tmp_path / "mlruns")
     return raw
@@ -61,7 +62,7 @@ TINY = {
     "synthetic__tile_size": 32, "data__resolution": 16, "data__workers": 1,
     "train__max_steps": 8, "train__batch_size": 8, "train__checkpoint_every": 2, "train__keep_checkpoints": 2,
     "train__log_every": 2, "train__grid_every": 0, "train__grid_steps": 2, "train__grid_seeds": 1,
-    "train__warmup_steps": 2, "train__precision": "no",
+    "train__warmup_steps": 2, "train__precision": "no", "train__stain_check_seeds": 2,
 }
 
 

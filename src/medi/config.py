@@ -108,8 +108,11 @@ class TrainConfig:
     grid_every: int              # steps between sample grids logged to MLflow (0 = only at the end)
     grid_steps: int              # DDIM steps for those grids
     grid_seeds: int              # images (seeds) per (class, site) cell of those grids
+    grid_guidance: float         # classifier-free guidance scale for the grids and the stain check (1 = none)
     eval_every: int              # steps between evaluation hooks (FID curve); 0 = off
+    stain_check_seeds: int       # synthetic data: images per (class, site) for the ground-truth stain check
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
+    metrics: str                 # e.g. metrics/train_{model}.json
 
 
 @dataclass(frozen=True)

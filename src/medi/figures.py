@@ -71,7 +71,9 @@ def tile_grid(tiles: np.ndarray, row_labels: list[str], col_labels: list[str] | 
     """
     per_cell = bool(col_labels) and isinstance(col_labels[0], list)
     rows, cols = tiles.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(scale * 1.1 * cols + 1, scale * 1.1 * rows + 0.6), squeeze=False)
+    aspect = tiles.shape[3] / tiles.shape[2]       # cell height / width (cells may hold several tiles side by side)
+    width = scale * 1.1 * cols + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(width, scale * 1.1 * aspect * rows + 0.8), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]

@@ -204,7 +204,6 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
                        micro, t.seed, state.step, t.max_steps, t.grad_accumulation, accelerator.process_index, t.augment)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=t.workers, prefetch_factor=4 if t.workers else None,
                                          generator=torch.Generator().manual_seed(t.seed))  # leaves the global RNG alone
-    alphas = noise.alphas_cumprod.to(accelerator.device)
 
     def with_ema(fn):
         ema.store(core.parameters())
@@ -230,10 +229,9 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         timesteps = torch.randint(0, noise.config.num_train_timesteps, (len(x0),), generator=g).to(accelerator.device)
         cond = {k: v[batch["pos"]].to(accelerator.device) for k, v in conditions.items()}
         cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=g)
-        a = alphas[timesteps].sqrt().view(-1, 1, 1, 1)
-        s = (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1)
-        x_t = a * x0 + s * eps
-        target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[m.prediction_type]
+        x_t = noise.add_noise(x0, eps, timesteps)
+        target = {"epsilon": eps, "sample": x0}.get(m.prediction_type) if m.prediction_type != "v_prediction" \
+            else noise.get_velocity(x0, eps, timesteps)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 pred = model(x_t, timesteps, cond)
@@ -305,15 +303,17 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
 
     def hook(step: int, model: MediDiffusion) -> dict[str, float]:
         images = generate(model, make_sampler("ddim", cfg.model), cond, seeds, cfg.train.grid_steps,
-                          precision=cfg.train.precision)
+                          guidance=cfg.train.grid_guidance, precision=cfg.train.precision)
         n, k = len(classes), cfg.train.grid_seeds
         cells = images.reshape(n, len(sites), k, *images.shape[1:])
         cells = np.concatenate(list(cells.transpose(2, 0, 1, 3, 4, 5)), axis=3)   # seeds side by side in a cell
         title = (f"{name} at step {step}: rows = conditioned class, columns = conditioned site "
-                 f"(diagonal = pairs seen in training, the rest never seen), DDIM {cfg.train.grid_steps}, EMA")
+                 f"(diagonal = pairs seen in training, the rest never seen), DDIM {cfg.train.grid_steps}, "
+                 f"guidance {cfg.train.grid_guidance}, EMA")
         if sites[0] is None:
-            title = f"{name} at step {step}: rows = conditioned class, DDIM {cfg.train.grid_steps}, EMA"
-        fig = figures.tile_grid(cells, classes, labels, title, scale=1.0 + 0.4 * k)
+            title = (f"{name} at step {step}: rows = conditioned class, DDIM {cfg.train.grid_steps}, "
+                     f"guidance {cfg.train.grid_guidance}, EMA")
+        fig = figures.tile_grid(cells, classes, labels, title, scale=0.9 * k)
         mlflow.log_figure(fig, f"grids/{name}_step_{step:07d}.png")
         if "figure" in sink:
             plt.close(sink["figure"])
@@ -321,6 +321,36 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
         return {}
 
     return hook
+
+
+def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, tiles: np.ndarray) -> dict | None:
+    """On the synthetic world: generate every (class, largest training site of each class) pair and compare the
+    tiles' stain with the conditioned site's true stain; real tiles of each site give the estimator's floor.
+
+    A model not conditioned on the site (CLS) is scored against the same sites, which shows how far class
+    conditioning alone reproduces a site's stain (its dominant site) or cannot (the others)."""
+    from medi.groundtruth import GroundTruth, stain_report
+    from medi.sample import generate, make_sampler
+
+    truth = GroundTruth.load(cfg.data.root)
+    if truth is None:
+        return None
+    n = cfg.train.stain_check_seeds
+    classes = list(model.vocab.classes)
+    sites = [train_index[train_index["class"] == c].tss.value_counts().index[0] for c in classes]
+    conditioned = "tss" in model.vocab.categorical
+    pairs = [(c, s) for c in classes for s in (sites if conditioned else sites[:1])]
+    cond = model.vocab.encode([c for c, _ in pairs for _ in range(n)],
+                              {"tss": [s for _, s in pairs for _ in range(n)]} if conditioned else {})
+    images = generate(model, make_sampler("ddim", cfg.model), cond, list(range(n)) * len(pairs), cfg.train.grid_steps,
+                      guidance=cfg.train.grid_guidance, precision=cfg.train.precision).reshape(len(pairs), n, *tiles.shape[1:])
+    by_class = {c: images[i] for i, (c, _) in enumerate(pairs)} if not conditioned else None
+    cells = [(c, s, images[i]) for i, (c, s) in enumerate(pairs)] if conditioned else \
+        [(c, s, by_class[c]) for c in classes for s in sites]
+    report = stain_report(cells, truth)
+    real = [(c, s, tiles[train_index[train_index.tss == s]["idx"].to_numpy()[:n]]) for c, s in zip(classes, sites)]
+    report["real"] = stain_report(real, truth)["summary"]["seen"]
+    return report
 
 
 def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = ()) -> TrainResult:
@@ -346,9 +376,20 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
         result = train(cfg, name, train_index, tiles_file, hooks,
                        on_log=lambda step, metrics: mlflow.log_metrics(dict(metrics), step=step),
                        mlflow_run_id=run.info.run_id)
-        mlflow.log_metrics({"final_loss": result.final_loss, "train_images_per_second": result.images_per_second})
         for f in ("config.json", "vocab.json"):
             mlflow.log_artifact(str(result.model_dir / f), "model")
+        metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second}
+        stains = stain_check(cfg, result.model, train_index, np.load(tiles_file, mmap_mode="r"))
+        if stains is not None:
+            for kind in ("seen", "unseen"):
+                for key, value in stains["summary"].get(kind, {}).items():
+                    metrics[f"stain_{kind}_{key}"] = value
+            metrics.update({f"stain_real_{k}": v for k, v in stains["real"].items()})
+            mlflow.log_dict(stains, "stain_check.json")
+            log.info("stain check of %s (angle to the conditioned site's true stain; rank 0 = the nearest of all "
+                     "sites, 0.5 = chance): %s; real tiles: %s", name, stains["summary"], stains["real"])
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        write_json(cfg.train.metrics.format(model=name), metrics)
         if last_grid:
             path = figures.save(last_grid["figure"], cfg.train.figure.format(model=name))
             log.info("sample grid of %s at step %d: %s", name, last_grid["step"], path)

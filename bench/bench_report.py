@@ -1,0 +1,20 @@
+"""docs/benchmarks.md: one section per benchmark, replaced in place when a benchmark is re-run."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = "# Benchmarks\n\nMeasured by the scripts in `bench/` (`make bench`); each section is rewritten when its script runs.\n"
+
+
+def write_section(name: str, caption: str, columns: list[str], rows: list[list]) -> None:
+    text = DOC.read_text() if DOC.exists() else HEADER
+    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    table += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
+    block = f"<!-- {name} -->\n## {name}\n\n{caption}. Measured {dt.date.today().isoformat()}.\n\n{table}<!-- /{name} -->\n"
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->\n", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
