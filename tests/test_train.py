@@ -100,7 +100,8 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_fails_the_run(tiny_world,
     monkeypatch.setattr(MediDiffusion, "forward", poisoned)
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 4; the last good checkpoint is kept"):
         train.run_stage(cfg, "medi")
-    assert train.latest_checkpoint(train.checkpoint_root(cfg, "medi")).name == "checkpoint-0000004"
+    train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+    assert train.latest_checkpoint(train.checkpoint_root(cfg, "medi", train_index)).name == "checkpoint-0000004"
     runs = mlflow.search_runs(experiment_names=["medi"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
 

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -87,13 +88,17 @@ def sampling_weights(classes: pd.Series, balanced: bool) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_root(cfg: Config, name: str) -> Path:
-    return Path(cfg.model.output).parent / "checkpoints" / f"{name}-{run_hash(cfg, name)}"
+def checkpoint_root(cfg: Config, name: str, train_index: pd.DataFrame) -> Path:
+    return Path(cfg.model.output).parent / "checkpoints" / f"{name}-{run_hash(cfg, name, train_index)}"
 
 
-def run_hash(cfg: Config, name: str) -> str:
-    """What a checkpoint must match to be resumed: the data, model, training params and the variant."""
-    return cfg.params_hash("data", "model", "train") + "-" + "_".join(cfg.variant(name) or ["none"])
+def run_hash(cfg: Config, name: str, train_index: pd.DataFrame) -> str:
+    """What a checkpoint must match to be resumed: the params that shape training, the variant, and the
+    training tiles themselves (a new split or new data starts a new run, never resumes an old one)."""
+    data_hash = hashlib.sha256(pd.util.hash_pandas_object(train_index[["idx", "slide", "class", "tss"]],
+                                                          index=False).values.tobytes()).hexdigest()[:8]
+    variant = "_".join(cfg.variant(name)) or "none"
+    return f"{cfg.params_hash('data', 'model', 'train')}-{data_hash}-{variant}"
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -101,9 +106,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resumable_run_id(cfg: Config, name: str) -> str | None:
+def resumable_run_id(cfg: Config, name: str, train_index: pd.DataFrame) -> str | None:
     """The MLflow run of an interrupted training with the same params, so a resumed run continues it."""
-    ckpt = latest_checkpoint(checkpoint_root(cfg, name))
+    ckpt = latest_checkpoint(checkpoint_root(cfg, name, train_index))
     if ckpt is None:
         return None
     return json.loads((ckpt / "state.json").read_text())["train"].get("mlflow_run_id")
@@ -187,7 +192,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     noise = training_scheduler(m)
 
-    root = checkpoint_root(cfg, name)
+    root = checkpoint_root(cfg, name, train_index)
     state = TrainState(mlflow_run_id=mlflow_run_id)
     ckpt = latest_checkpoint(root)
     if ckpt is not None:
@@ -282,7 +287,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     seconds = time.perf_counter() - run_t0 - hook_seconds
     if accelerator.is_main_process:
         core.save(model_dir, extra={"name": name, "attributes": attributes, "model_params": asdict(m),
-                                    "steps": state.step, "run_hash": run_hash(cfg, name)})
+                                    "steps": state.step, "run_hash": run_hash(cfg, name, train_index)})
     ips = (state.images / seconds) if seconds > 0 else math.nan
     return TrainResult(model_dir, state.step, last_loss, ips, resumed_from, core, vocab)
 
@@ -366,7 +371,7 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
     tiles_file = Path(cfg.data.output) / "tiles.npy"
     attributes = cfg.variant(name)
     vocab = Vocabulary.from_frame(train_index, "class", attributes, cfg.model.continuous)
-    run_id = resumable_run_id(cfg, name)
+    run_id = resumable_run_id(cfg, name, train_index)
     with tracking.stage_run(cfg, f"train@{name}", ("data", "model", "train"), run_name=f"train-{name}",
                             run_id=run_id) as run:
         mlflow.log_params({"model_name": name, "attributes": ",".join(attributes) or "none",
