@@ -71,7 +71,7 @@ def tile_grid(tiles: np.ndarray, row_labels: list[str], col_labels: list[str] | 
     """
     per_cell = bool(col_labels) and isinstance(col_labels[0], list)
     rows, cols = tiles.shape[:2]
-    aspect = tiles.shape[3] / tiles.shape[2]       # cell height / width (cells may hold several tiles side by side)
+    aspect = tiles.shape[2] / tiles.shape[3]       # cell height / width (cells may hold several tiles side by side)
     width = scale * 1.1 * cols + 1
     fig, axes = plt.subplots(rows, cols, figsize=(width, scale * 1.1 * aspect * rows + 0.8), squeeze=False)
     for r in range(rows):
