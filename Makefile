@@ -41,7 +41,7 @@ test: setup  ## the test suite (CI runs this)
 	python -m pytest -q
 
 bench: setup  ## benchmarks (speed targets live here, not in tests); results go to docs/benchmarks.md
-	cd bench && python train_speed.py
+	cd bench && python train_speed.py --steps 8
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -165,7 +165,6 @@ class TrainResult:
     images_per_second: float
     resumed_from: int
     model: MediDiffusion            # with EMA weights
-    vocab: Vocabulary
 
 
 def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | Path,
@@ -235,8 +234,10 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         cond = {k: v[batch["pos"]].to(accelerator.device) for k, v in conditions.items()}
         cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=g)
         x_t = noise.add_noise(x0, eps, timesteps)
-        target = {"epsilon": eps, "sample": x0}.get(m.prediction_type) if m.prediction_type != "v_prediction" \
-            else noise.get_velocity(x0, eps, timesteps)
+        if m.prediction_type == "v_prediction":
+            target = noise.get_velocity(x0, eps, timesteps)
+        else:
+            target = eps if m.prediction_type == "epsilon" else x0
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 pred = model(x_t, timesteps, cond)
@@ -289,7 +290,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         core.save(model_dir, extra={"name": name, "attributes": attributes, "model_params": asdict(m),
                                     "steps": state.step, "run_hash": run_hash(cfg, name, train_index)})
     ips = (state.images / seconds) if seconds > 0 else math.nan
-    return TrainResult(model_dir, state.step, last_loss, ips, resumed_from, core, vocab)
+    return TrainResult(model_dir, state.step, last_loss, ips, resumed_from, core)
 
 
 # ----------------------------------------------------------------------------------------------- the stage
