@@ -49,6 +49,16 @@ def images_per_second(preset: str, precision: str, batch: int, micro: int, steps
     return batch * steps / elapsed
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
@@ -73,9 +83,9 @@ def main() -> None:
                                     1 if preset == "paper-128" else args.warmup, args.device)
             base = base or ips
             shape = f"{args.batch}" if micro == args.batch else f"{args.batch} ({args.batch // micro} x {micro})"
-            rows.append([preset, RESOLUTION[preset], precision, shape, f"{ips:.1f}", f"{ips / base:.2f}x"])
+            rows.append([preset, RESOLUTION[preset], precision, shape, f"{ips:.1f}" if ips >= 10 else f"{ips:.2f}", f"{ips / base:.2f}x"])
             print(f"{preset:10s} {precision:5s} batch {shape}: {ips:8.2f} images/s", flush=True)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     write_section(args.section or f"training-{args.device}",
                   f"Training throughput on {where} (torch {torch.__version__}); `python bench/train_speed.py "
                   f"--batch {args.batch} --device {args.device}`",
