@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -371,6 +371,8 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
     train_index = pd.read_parquet(split_dir / "train.parquet")
     tiles_file = Path(cfg.data.output) / "tiles.npy"
     attributes = cfg.variant(name)
+    if not PartialState().is_main_process:   # other processes of a distributed run: train, nothing else
+        return train(cfg, name, train_index, tiles_file)
     vocab = Vocabulary.from_frame(train_index, "class", attributes, cfg.model.continuous)
     run_id = resumable_run_id(cfg, name, train_index)
     with tracking.stage_run(cfg, f"train@{name}", ("data", "model", "train"), run_name=f"train-{name}",
