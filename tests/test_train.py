@@ -83,7 +83,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tiny_world, tmp_path
     b_runs = [r for r in runs if r.data.params.get("model.output") == str(b / "models")]
     assert len(b_runs) == 1 and b_runs[0].info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(b_runs[0].info.run_id, "loss")]
-    assert steps == [2, 4, 6, 8, 10, 12] or set(steps) >= {2, 12}
+    assert set(steps) == {2, 4, 6, 8, 10, 12}   # steps after the last checkpoint are logged again on resume
     assert len(list(ckpt_dir.glob("checkpoint-*"))) == cfg.train.keep_checkpoints
 
 

@@ -114,7 +114,7 @@ def drop_conditions(cond: Mapping[str, torch.Tensor], p_class: float, p_attribut
     out = {}
     for k, v in cond.items():
         p = p_class if k == "class" else p_attribute
-        drop = torch.rand(v.shape, generator=generator, device=v.device if generator is None else "cpu").to(v.device) < p
+        drop = torch.rand(v.shape, generator=generator).to(v.device) < p   # drawn on the CPU: same on any device
         null = torch.full_like(v, float("nan")) if v.is_floating_point() else torch.zeros_like(v)
         out[k] = torch.where(drop, null, v)
     return out

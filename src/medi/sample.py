@@ -92,8 +92,13 @@ def grid_layout(vocab, train_index) -> tuple[list[str], list[str | None]]:
     classes = list(vocab.classes)
     if "tss" not in vocab.categorical:
         return classes, [None] * len(classes)
+    return classes, largest_sites(train_index, classes)
+
+
+def largest_sites(train_index, classes: Sequence[str]) -> list[str]:
+    """The training site with the most tiles of each class."""
     largest = train_index.groupby("class").tss.agg(lambda s: s.value_counts().index[0])
-    return classes, [largest[c] for c in classes]
+    return [largest[c] for c in classes]
 
 
 def grid_conditions(vocab, classes: Sequence[str], sites: Sequence[str | None], seeds: int):

@@ -163,7 +163,6 @@ class TrainResult:
     steps: int
     final_loss: float
     images_per_second: float
-    resumed_from: int
     model: MediDiffusion            # with EMA weights
 
 
@@ -198,7 +197,6 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         state = load_checkpoint(ckpt, model, ema, optimizer, lr_scheduler)
         state.mlflow_run_id = mlflow_run_id or state.mlflow_run_id
         log.info("resuming %s from %s (step %d of %d)", name, ckpt, state.step, t.max_steps)
-    resumed_from = state.step
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema.to(accelerator.device)
     core: MediDiffusion = accelerator.unwrap_model(model)
@@ -290,7 +288,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         core.save(model_dir, extra={"name": name, "attributes": attributes, "model_params": asdict(m),
                                     "steps": state.step, "run_hash": run_hash(cfg, name, train_index)})
     ips = (state.images / seconds) if seconds > 0 else math.nan
-    return TrainResult(model_dir, state.step, last_loss, ips, resumed_from, core)
+    return TrainResult(model_dir, state.step, last_loss, ips, core)
 
 
 # ----------------------------------------------------------------------------------------------- the stage
@@ -336,23 +334,24 @@ def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, ti
     A model not conditioned on the site (CLS) is scored against the same sites, which shows how far class
     conditioning alone reproduces a site's stain (its dominant site) or cannot (the others)."""
     from medi.groundtruth import GroundTruth, stain_report
-    from medi.sample import generate, make_sampler
+    from medi.sample import generate, largest_sites, make_sampler
 
     truth = GroundTruth.load(cfg.data.root)
     if truth is None:
         return None
     n = cfg.train.stain_check_seeds
     classes = list(model.vocab.classes)
-    sites = [train_index[train_index["class"] == c].tss.value_counts().index[0] for c in classes]
+    sites = largest_sites(train_index, classes)
     conditioned = "tss" in model.vocab.categorical
-    pairs = [(c, s) for c in classes for s in (sites if conditioned else sites[:1])]
+    # A site-conditioned model is sampled for every (class, site) pair; any other model once per class, and
+    # those class samples are then scored against every site.
+    pairs = [(c, s if conditioned else None) for c in classes for s in (sites if conditioned else [None])]
     cond = model.vocab.encode([c for c, _ in pairs for _ in range(n)],
                               {"tss": [s for _, s in pairs for _ in range(n)]} if conditioned else {})
     images = generate(model, make_sampler("ddim", cfg.model), cond, list(range(n)) * len(pairs), cfg.train.grid_steps,
                       guidance=cfg.train.grid_guidance, precision=cfg.train.precision).reshape(len(pairs), n, *tiles.shape[1:])
-    by_class = {c: images[i] for i, (c, _) in enumerate(pairs)} if not conditioned else None
-    cells = [(c, s, images[i]) for i, (c, s) in enumerate(pairs)] if conditioned else \
-        [(c, s, by_class[c]) for c in classes for s in sites]
+    sampled = dict(zip(pairs, images))
+    cells = [(c, s, sampled[(c, s if conditioned else None)]) for c in classes for s in sites]
     report = stain_report(cells, truth)
     real = [(c, s, tiles[train_index[train_index.tss == s]["idx"].to_numpy()[:n]]) for c, s in zip(classes, sites)]
     report["real"] = stain_report(real, truth)["summary"]["seen"]
