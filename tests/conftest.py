@@ -31,6 +31,10 @@ def params_dict(tmp_path: Path) -> dict:
     raw["model"]["output"] = str(tmp_path / "models")
     raw["train"]["figure"] = str(tmp_path / "reports/samples_{model}.png")
     raw["train"]["metrics"] = str(tmp_path / "metrics/train_{model}.json")
+    raw["sample"]["output"] = str(tmp_path / "samples/{model}")
+    raw["fid"]["metrics"] = str(tmp_path / "metrics/fid_{model}.json")
+    raw["report"]["fid_figure"] = str(tmp_path / "reports/fid_per_class.png")
+    raw["report"]["sites_figure"] = str(tmp_path / "reports/sites_real_cls_medi.png")
     raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     raw["tracking"]["artifact_location"] = str(tmp_path / "mlruns")
     return raw
@@ -63,6 +67,8 @@ TINY = {
     "train__max_steps": 8, "train__batch_size": 8, "train__checkpoint_every": 2, "train__keep_checkpoints": 2,
     "train__log_every": 2, "train__grid_every": 0, "train__grid_steps": 2, "train__grid_seeds": 1,
     "train__warmup_steps": 2, "train__precision": "no", "train__stain_check_seeds": 2,
+    "sample__count": 42, "sample__steps": 2, "sample__batch_size": 16, "fid__input_size": 32, "fid__min_count": 4,
+    "fid__curve_count": 16, "fid__stain_tiles": 4, "report__sites_per_class": 2, "report__tiles_per_row": 3,
 }
 
 

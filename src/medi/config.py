@@ -106,13 +106,56 @@ class TrainConfig:
     checkpoint_every: int
     keep_checkpoints: int
     grid_every: int              # steps between sample grids logged to MLflow (0 = only at the end)
-    grid_steps: int              # DDIM steps for those grids
+    grid_scheduler: Literal["ddim", "dpmsolver++"]   # sampler of those grids and of the stain check
+    grid_steps: int              # its steps
     grid_seeds: int              # images (seeds) per (class, site) cell of those grids
     grid_guidance: float         # classifier-free guidance scale for the grids and the stain check (1 = none)
     eval_every: int              # steps between evaluation hooks (FID curve); 0 = off
     stain_check_seeds: int       # synthetic data: images per (class, site) for the ground-truth stain check
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
     metrics: str                 # e.g. metrics/train_{model}.json
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    scheduler: Literal["ddim", "dpmsolver++"]
+    steps: int
+    guidance: float              # classifier-free guidance scale (1 = plain conditional sampling, the paper's)
+    strategy: Literal["match", "uniform", "grid", "explicit"]
+    count: int                   # match / uniform: images in all (0 = as many as training tiles, the paper's FID setting)
+    per_pair: int                # grid / explicit: images per (class, site) pair
+    grid_classes: list[str]      # grid: classes ([] = every class)
+    grid_sites: list[str]        # grid: training sites ([] = every training site)
+    pairs: list[dict[str, str]]  # explicit: [{class: LUAD, tss: "05"}, ...] (any attribute of the model may be given)
+    seed: int
+    batch_size: int
+    precision: Literal["no", "fp16", "bf16"]
+    output: str                  # samples/{model}
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    extractor: str               # random:<timm name> (offline default) | inception-v3-compat | timm:<name> | an encoder preset
+    weights: str                 # local weights file ("" = inception: the torch hub cache; timm: required)
+    input_size: int              # timm extractors: input px (0 = the encoder's own)
+    seed: int                    # random:<name>: initialisation seed
+    batch_size: int
+    min_count: int               # groups with fewer real or generated images are flagged, not reported as figures
+    kid_subset_size: int
+    kid_subsets: int
+    curve_count: int             # images generated per point of the training FID curve (train.eval_every)
+    stain_tiles: int             # synthetic data: generated tiles per (class, site) cell for the ground-truth stain check
+    metrics: str                 # metrics/fid_{model}.json
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    models: list[str]            # models compared in the figures (the paper: cls and medi)
+    site_classes: list[str]      # the real / CLS / MeDi site rows figure shows these classes (the paper: LUSC, LUAD)
+    sites_per_class: int
+    tiles_per_row: int
+    fid_figure: str              # reports/fid_per_class.png (the paper's Figure 3)
+    sites_figure: str            # reports/sites_real_cls_medi.png (the paper's Figure 4)
 
 
 @dataclass(frozen=True)
@@ -129,6 +172,9 @@ class Config:
     split: SplitConfig
     model: ModelConfig
     train: TrainConfig
+    sample: SampleConfig
+    fid: FidConfig
+    report: ReportConfig
     tracking: TrackingConfig
     source_path: str = dataclasses.field(default="params.yaml", compare=False)
 
@@ -271,6 +317,24 @@ def _validate(cfg: Config, where: str) -> None:
                         "grid_steps and grid_seeds must be >= 1")
     if not cfg.split.key_columns:
         raise MediError(f"{where}: 'split.key_columns' is empty")
+    smp = cfg.sample
+    if min(smp.steps, smp.per_pair, smp.batch_size) < 1 or smp.count < 0:
+        raise MediError(f"{where}: sample.steps, per_pair and batch_size must be >= 1 and sample.count >= 0")
+    if smp.guidance < 1.0:
+        raise MediError(f"{where}: 'sample.guidance' must be >= 1 (1 = no classifier-free guidance), got {smp.guidance}")
+    if smp.strategy == "explicit" and not smp.pairs:
+        raise MediError(f"{where}: sample.strategy is 'explicit' but 'sample.pairs' is empty")
+    for i, pair in enumerate(smp.pairs):
+        if "class" not in pair:
+            raise MediError(f"{where}: 'sample.pairs[{i}]' has no 'class': {pair}")
+    f = cfg.fid
+    if min(f.batch_size, f.min_count, f.kid_subset_size, f.kid_subsets, f.curve_count, f.stain_tiles) < 1 or f.input_size < 0:
+        raise MediError(f"{where}: fid.batch_size, min_count, kid_subset_size, kid_subsets, curve_count and stain_tiles "
+                        "must be >= 1 and fid.input_size >= 0")
+    unknown = [m for m in cfg.report.models if m not in cfg.model.variants]
+    if unknown:
+        raise MediError(f"{where}: 'report.models' names {unknown}, which are not in model.variants "
+                        f"({sorted(cfg.model.variants)})")
 
 
 def from_dict(raw: Any, where: str = "params") -> Config:

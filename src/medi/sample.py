@@ -1,21 +1,48 @@
-"""Sampling from a trained model: schedulers, classifier-free guidance, per-image seeds.
+"""Sampling from a trained model (`medi sample --model NAME`): schedulers, classifier-free guidance,
+sampling strategies, and sample sets on disk that can be regenerated bit for bit.
 
-Every image is generated from its own seed (its initial noise comes from a generator seeded with it), so
-any image can be regenerated alone, bit for bit on the same machine, from (model, conditions, seed,
-scheduler, steps, guidance).
+Every image is generated from its own seed (its initial noise comes from a generator seeded with it).
+A sample set is lossless PNGs plus `manifest.csv`, one row per image: path, class, the metadata of the
+row (tss, race, gender, age), which of them the model was conditioned on, seed, generation batch,
+model, scheduler, steps, guidance, precision and strategy. Replaying the manifest's batches through
+`regenerate` gives the same pixels on the same machine (`medi sample --from-manifest`).
+
+Strategies (params `sample.strategy`) say which conditions to sample:
+- `match`: the training split's rows (class with its metadata), so class and (class, site) frequencies are
+  those of the training data: the paper's FID setting. Every model gets the same rows and seeds, so CLS
+  and MeDi sets are paired; a model not conditioned on the site ignores the row's site.
+- `uniform`: equal counts per class, metadata drawn from training rows of the class (the CLS augmentation).
+- `grid`: every (class, site) of `grid_classes` x `grid_sites`, `per_pair` each, including pairs never seen
+  in training (the MeDi augmentation that fills missing pairs).
+- `explicit`: the (class, attribute) pairs listed in `sample.pairs`, `per_pair` each.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from PIL import Image
 
-from medi.config import ModelConfig
+from medi.config import Config, ModelConfig, SampleConfig
 from medi.errors import MediError
+from medi.io import atomic_path, read_json, write_json, write_text
 from medi.model import MediDiffusion, null_condition
+
+log = logging.getLogger(__name__)
+
+MANIFEST, INFO = "manifest.csv", "sample_info.json"
+METADATA = ("tss", "race", "gender", "age")            # metadata columns a plan row carries
+TEXT_COLUMNS = ("path", "class", "tss", "race", "gender", "conditioned_on", "model", "scheduler", "precision",
+                "strategy")
 
 SAMPLERS = ("ddim", "dpmsolver++")  # both deterministic given the initial noise
 
@@ -109,3 +136,238 @@ def grid_conditions(vocab, classes: Sequence[str], sites: Sequence[str | None], 
             for c in classes for j, s in enumerate(sites) for k in range(seeds)]
     attrs = {"tss": [s for _, s, _ in rows]} if "tss" in vocab.categorical else {}
     return vocab.encode([c for c, _, _ in rows], attrs), [seed for _, _, seed in rows]
+
+
+# ----------------------------------------------------------------------------------------------- plans
+def plan(cfg: SampleConfig, train_index: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """The conditions of a sample set: one row per image (class, metadata, seed, batch, path), per strategy."""
+    rng = np.random.default_rng([cfg.seed, 20250])
+    meta = [c for c in METADATA if c in train_index.columns]
+    rows_of = train_index.reset_index(drop=True)
+    if cfg.strategy in ("match", "uniform"):
+        n = cfg.count or len(rows_of)
+        if cfg.strategy == "match":       # every training row once per full pass, the remainder at random
+            reps, rest = divmod(n, len(rows_of))
+            pick = np.concatenate([np.tile(np.arange(len(rows_of)), reps), np.sort(rng.permutation(len(rows_of))[:rest])])
+        else:                             # equal counts per class, each with the metadata of a random row of it
+            pick = []
+            for i, c in enumerate(classes):
+                own = np.flatnonzero(rows_of["class"].to_numpy(str) == c)
+                pick.append(own[rng.integers(0, len(own), n // len(classes) + (i < n % len(classes)))])
+            pick = np.concatenate(pick)
+        rows = rows_of.iloc[pick][["class", *meta]].reset_index(drop=True)
+    else:
+        rows = pd.DataFrame([dict(pair) for pair in _pairs(cfg, rows_of, classes) for _ in range(cfg.per_pair)])
+        rows = _fill_metadata(rows, rows_of, meta, rng)
+    rows["class"] = rows["class"].astype(str)
+    for c in ("tss", "race", "gender"):
+        if c in rows:
+            rows[c] = rows[c].astype(str)
+    n = len(rows)
+    rows["seed"] = cfg.seed * 1_000_000 + np.arange(n)
+    rows["batch"] = np.arange(n) // cfg.batch_size
+    rows.insert(0, "path", [f"images/{c}/{i:06d}.png" for i, c in enumerate(rows["class"])])
+    return rows
+
+
+def _pairs(cfg: SampleConfig, train_index: pd.DataFrame, classes: Sequence[str]) -> list[dict]:
+    if cfg.strategy == "explicit":
+        pairs = [dict(p) for p in cfg.pairs]
+        for i, p in enumerate(pairs):
+            if p["class"] not in classes:
+                raise MediError(f"sample.pairs[{i}]: unknown class '{p['class']}'; known: {list(classes)}")
+        return pairs
+    sites = sorted(train_index["tss"].astype(str).unique())
+    grid_classes, grid_sites = cfg.grid_classes or list(classes), cfg.grid_sites or sites
+    for what, chosen, known in (("grid_classes", grid_classes, list(classes)), ("grid_sites", grid_sites, sites)):
+        unknown = [v for v in chosen if v not in known]
+        if unknown:
+            raise MediError(f"sample.{what}: {unknown} not in the training split; known: {known}")
+    return [{"class": c, "tss": s} for c in grid_classes for s in grid_sites]
+
+
+def _fill_metadata(rows: pd.DataFrame, train_index: pd.DataFrame, meta: list[str], rng) -> pd.DataFrame:
+    """Metadata a pair does not give comes from a random training row of its site (or, without one, its class)."""
+    out = rows.copy()
+    for col in meta:
+        if col not in out:
+            out[col] = None
+    for i, row in out.iterrows():
+        key = ("tss", row["tss"]) if row.get("tss") is not None else ("class", row["class"])
+        pool = train_index[train_index[key[0]].astype(str) == str(key[1])]
+        if pool.empty:
+            pool = train_index[train_index["class"] == row["class"]]
+        donor = pool.iloc[int(rng.integers(0, len(pool)))]
+        for col in meta:
+            if row[col] is None or (isinstance(row[col], float) and np.isnan(row[col])):
+                out.at[i, col] = donor[col]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- sample sets
+def conditions_of(rows: pd.DataFrame, model: MediDiffusion) -> dict[str, torch.Tensor]:
+    """Encode plan rows with the model's saved vocabulary (looked up by value; unknown values are an error)."""
+    attrs = {a: [None if pd.isna(v) else v for v in rows[a]] for a in model.vocab.attributes}
+    return model.vocab.encode(rows["class"].tolist(), attrs)
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode != "RGB":
+            raise MediError(f"{path}: expected an RGB PNG, got mode {im.mode}")
+        return np.asarray(im, dtype=np.uint8)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """A manifest with its text columns kept as text (site code 'NA' is a site, not a missing value)."""
+    path = Path(path)
+    if not path.exists():
+        raise MediError(f"{path} not found; run `medi sample` first")
+    return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values={"age": [""]})
+
+
+def load_images(sample_dir: str | Path, manifest: pd.DataFrame) -> np.ndarray:
+    """The manifest's images as uint8 (N, H, W, 3), in manifest order."""
+    sample_dir = Path(sample_dir)
+    missing = [p for p in manifest["path"] if not (sample_dir / p).exists()]
+    if missing:
+        raise MediError(f"{sample_dir}: {len(missing)} image(s) of the manifest are missing, e.g. {missing[0]}")
+    return np.stack([read_png(sample_dir / p) for p in manifest["path"]])
+
+
+def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, scheduler: str, steps: int, guidance: float,
+                 precision: str, model_cfg: ModelConfig) -> float:
+    """Generate the plan's images batch by batch as PNGs under `out_dir`; batches whose images all exist
+    already (an interrupted run of the same plan) are skipped. Returns images per second of this run."""
+    from tqdm import tqdm
+
+    todo = [b for b, g in rows.groupby("batch", sort=True) if not all((out_dir / p).exists() for p in g["path"])]
+    if len(todo) < rows["batch"].nunique():
+        log.info("resuming: %d of %d batches already on disk", rows["batch"].nunique() - len(todo), rows["batch"].nunique())
+    made, t0 = 0, time.perf_counter()
+    with tqdm(total=int(rows["batch"].isin(todo).sum()), unit="img", desc=f"sampling ({scheduler} {steps})") as bar:
+        for b in todo:
+            g = rows[rows["batch"] == b]
+            images = generate(model, make_sampler(scheduler, model_cfg), conditions_of(g, model), g["seed"].tolist(),
+                              steps, guidance, precision, batch_size=len(g))
+            for p, img in zip(g["path"], images):
+                write_png(out_dir / p, img)
+            made += len(g)
+            bar.update(len(g))
+            bar.set_postfix(img_s=f"{made / (time.perf_counter() - t0):.1f}")
+    return made / max(time.perf_counter() - t0, 1e-9)
+
+
+def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelConfig) -> np.ndarray:
+    """Replay a manifest's batches: the images, in manifest order, bit for bit as first generated."""
+    out = np.zeros((len(manifest), model.arch.sample_size, model.arch.sample_size, 3), np.uint8)
+    for _, g in manifest.groupby("batch", sort=True):
+        settings = g[["scheduler", "steps", "guidance", "precision"]].drop_duplicates()
+        if len(settings) != 1:
+            raise MediError(f"manifest batch {g['batch'].iloc[0]} mixes sampler settings: {settings.to_dict('records')}")
+        s = settings.iloc[0]
+        attrs = [a for a in str(g["conditioned_on"].iloc[0]).split(",") if a and a != "class"]
+        if sorted(attrs) != sorted(model.vocab.attributes):
+            raise MediError(f"the manifest was conditioned on {attrs or 'the class only'}, this model on "
+                            f"{model.vocab.attributes or 'the class only'}")
+        out[np.flatnonzero(manifest.index.isin(g.index))] = generate(
+            model, make_sampler(s["scheduler"], model_cfg), conditions_of(g, model), g["seed"].tolist(), int(s["steps"]),
+            float(s["guidance"]), s["precision"], batch_size=len(g))
+    return out
+
+
+def run_stage(cfg: Config, name: str) -> dict:
+    """`medi sample --model NAME`: the sample set of params `sample` for model NAME, logged to MLflow."""
+    import mlflow
+    from accelerate import PartialState
+
+    from medi import figures, tracking
+
+    cfg.variant(name)
+    model_dir = Path(cfg.model.output) / name
+    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
+    split = Path(cfg.split.output) / "train.parquet"
+    if not split.exists():
+        raise MediError(f"{split} not found; run `medi split` first")
+    train_index = pd.read_parquet(split)
+    s = cfg.sample
+    rows = plan(s, train_index, model.vocab.classes)
+    conditioned = ",".join(["class", *model.vocab.attributes])
+    rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
+                       precision=s.precision, strategy=s.strategy)
+    out = Path(s.output.format(model=name))
+    info = {"model": name, "model_dir": str(model_dir), "weights_sha256_16": weights_digest(model_dir),
+            "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),
+            "plan_sha256_16": hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]}
+    previous = read_json(out / INFO) if (out / INFO).exists() else None
+    if previous is not None and {k: previous.get(k) for k in info} != info:
+        log.info("%s holds another sample set; starting afresh", out)
+        for f in (out / MANIFEST, out / INFO):
+            f.unlink(missing_ok=True)
+        import shutil
+        shutil.rmtree(out / "images", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / INFO, {**info, "complete": False})
+    with tracking.stage_run(cfg, f"sample@{name}", ("sample",), run_name=f"sample-{name}"):
+        mlflow.log_params({"model_name": name, "conditioned_on": conditioned, "weights_sha256_16": info["weights_sha256_16"]})
+        t0 = time.perf_counter()
+        ips = generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model)
+        seconds = time.perf_counter() - t0
+        with atomic_path(out / MANIFEST) as tmp:
+            rows.to_csv(tmp, index=False)
+        write_json(out / INFO, {**info, "complete": True, "seconds": seconds})
+        mlflow.log_metrics({"images": len(rows), "seconds": seconds, "images_per_second": ips})
+        mlflow.log_artifact(str(out / MANIFEST), "samples")
+        mlflow.log_figure(preview(out, rows, f"{name}: {s.strategy} samples, {s.scheduler} {s.steps} steps, "
+                                             f"guidance {s.guidance}"), f"samples/preview_{name}.png")
+        log.info("sampled %d images of %s in %.1fs (%.1f images/s) -> %s", len(rows), name, seconds, ips, out)
+    return {"images": len(rows), "seconds": seconds, "images_per_second": ips, "output": str(out)}
+
+
+def preview(sample_dir: Path, rows: pd.DataFrame, title: str, per_class: int = 8):
+    """A figure of the first `per_class` images of each class."""
+    from medi import figures
+
+    classes = sorted(rows["class"].unique())
+    tiles = [[read_png(sample_dir / p) for p in rows[rows["class"] == c]["path"][:per_class]] for c in classes]
+    size = tiles[0][0].shape
+    grid = np.zeros((len(classes), per_class, *size), np.uint8)
+    for r, row in enumerate(tiles):
+        grid[r, :len(row)] = row
+    return figures.tile_grid(grid, classes, [""] * per_class, title, scale=0.8)
+
+
+def regenerate_stage(cfg: Config, name: str, manifest_path: str, output: str | None) -> dict:
+    """`medi sample --model NAME --from-manifest PATH`: regenerate a set and compare it with the files on disk."""
+    from accelerate import PartialState
+
+    manifest_path = Path(manifest_path)
+    manifest = read_manifest(manifest_path)
+    model_dir = Path(cfg.model.output) / name
+    info_path = manifest_path.parent / INFO
+    if info_path.exists() and read_json(info_path)["weights_sha256_16"] != weights_digest(model_dir):
+        raise MediError(f"{model_dir} is not the model that generated {manifest_path} (weights differ); "
+                        "regenerating would not reproduce the set")
+    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
+    images = regenerate(manifest, model, cfg.model)
+    out = Path(output) if output else manifest_path.parent.with_name(manifest_path.parent.name + "_regenerated")
+    for p, img in zip(manifest["path"], images):
+        write_png(out / p, img)
+    with atomic_path(out / MANIFEST) as tmp:
+        manifest.to_csv(tmp, index=False)
+    originals = [manifest_path.parent / p for p in manifest["path"]]
+    present = [i for i, f in enumerate(originals) if f.exists()]
+    same = sum(np.array_equal(read_png(originals[i]), images[i]) for i in present)
+    log.info("regenerated %d images into %s; %d of %d originals on disk are identical bit for bit",
+             len(images), out, same, len(present))
+    return {"images": len(images), "compared": len(present), "identical": same, "output": str(out)}

@@ -304,18 +304,19 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
     cond, seeds = grid_conditions(vocab, classes, sites, cfg.train.grid_seeds)
     site_class = train_index.drop_duplicates("tss").set_index("tss")["class"].to_dict()
     labels = [f"TSS {s} ({site_class[s]})" if s else "class only" for s in sites]
+    sampler = f"{cfg.train.grid_scheduler} {cfg.train.grid_steps} steps"
 
     def hook(step: int, model: MediDiffusion) -> dict[str, float]:
-        images = generate(model, make_sampler("ddim", cfg.model), cond, seeds, cfg.train.grid_steps,
+        images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, seeds, cfg.train.grid_steps,
                           guidance=cfg.train.grid_guidance, precision=cfg.train.precision)
         n, k = len(classes), cfg.train.grid_seeds
         cells = images.reshape(n, len(sites), k, *images.shape[1:])
         cells = np.concatenate(list(cells.transpose(2, 0, 1, 3, 4, 5)), axis=3)   # seeds side by side in a cell
         title = (f"{name} at step {step}: rows = conditioned class, columns = conditioned site "
-                 f"(diagonal = pairs seen in training, the rest never seen), DDIM {cfg.train.grid_steps}, "
+                 f"(diagonal = pairs seen in training, the rest never seen), {sampler}, "
                  f"guidance {cfg.train.grid_guidance}, EMA")
         if sites[0] is None:
-            title = (f"{name} at step {step}: rows = conditioned class, DDIM {cfg.train.grid_steps}, "
+            title = (f"{name} at step {step}: rows = conditioned class, {sampler}, "
                      f"guidance {cfg.train.grid_guidance}, EMA")
         fig = figures.tile_grid(cells, classes, labels, title, scale=0.9 * k)
         mlflow.log_figure(fig, f"grids/{name}_step_{step:07d}.png")
@@ -348,7 +349,8 @@ def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, ti
     pairs = [(c, s if conditioned else None) for c in classes for s in (sites if conditioned else [None])]
     cond = model.vocab.encode([c for c, _ in pairs for _ in range(n)],
                               {"tss": [s for _, s in pairs for _ in range(n)]} if conditioned else {})
-    images = generate(model, make_sampler("ddim", cfg.model), cond, list(range(n)) * len(pairs), cfg.train.grid_steps,
+    images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, list(range(n)) * len(pairs),
+                      cfg.train.grid_steps,
                       guidance=cfg.train.grid_guidance, precision=cfg.train.precision).reshape(len(pairs), n, *tiles.shape[1:])
     sampled = dict(zip(pairs, images))
     cells = [(c, s, sampled[(c, s if conditioned else None)]) for c in classes for s in sites]

@@ -1,0 +1,135 @@
+"""Sampling: strategies, the sample set on disk (PNG + manifest), bit-for-bit regeneration, resume."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medi import cli, sample
+from medi.errors import MediError
+from medi.model import MediDiffusion, Vocabulary, architecture
+
+
+def train_index(cfg) -> pd.DataFrame:
+    return pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+
+
+def save_untrained(cfg, name: str, seed: int = 0) -> MediDiffusion:
+    """A randomly initialised model saved like a trained one (sampling does not care how good it is)."""
+    torch.manual_seed(seed)
+    vocab = Vocabulary.from_frame(train_index(cfg), "class", cfg.variant(name), cfg.model.continuous)
+    model = MediDiffusion(architecture(cfg.model.preset, cfg.data.resolution, cfg.model.d_e), vocab)
+    model.save(Path(cfg.model.output) / name, {"name": name})
+    return model
+
+
+def test_match_reproduces_the_training_frequencies(tiny_world):
+    cfg = tiny_world()
+    idx = train_index(cfg)
+    rows = sample.plan(dataclasses.replace(cfg.sample, strategy="match", count=0), idx, sorted(idx["class"].unique()))
+    assert len(rows) == len(idx)
+    pd.testing.assert_series_equal(rows.groupby(["class", "tss"]).size(), idx.groupby(["class", "tss"]).size())
+    twice = sample.plan(dataclasses.replace(cfg.sample, strategy="match", count=2 * len(idx) + 5), idx,
+                        sorted(idx["class"].unique()))
+    assert (twice.groupby(["class", "tss"]).size() >= 2 * idx.groupby(["class", "tss"]).size()).all()
+    assert twice["seed"].is_unique and twice["path"].is_unique
+    assert (twice["batch"] == np.arange(len(twice)) // cfg.sample.batch_size).all()
+
+
+def test_uniform_grid_and_explicit_strategies(tiny_world):
+    cfg = tiny_world()
+    idx = train_index(cfg)
+    classes = sorted(idx["class"].unique())
+    uni = sample.plan(dataclasses.replace(cfg.sample, strategy="uniform", count=7 * len(classes) + 3), idx, classes)
+    counts = uni["class"].value_counts()
+    assert set(counts) <= {7, 8} and counts.sum() == len(uni)
+    assert all(idx[(idx["class"] == r["class"]) & (idx["tss"] == r["tss"])].shape[0] for _, r in uni.iterrows())
+
+    sites = sorted(idx["tss"].unique())[:3]
+    grid = sample.plan(dataclasses.replace(cfg.sample, strategy="grid", per_pair=2, grid_classes=classes[:2],
+                                           grid_sites=sites), idx, classes)
+    assert len(grid) == 2 * 2 * 3
+    assert set(zip(grid["class"], grid["tss"])) == {(c, s) for c in classes[:2] for s in sites}
+    site_rows = idx.set_index("tss")
+    for _, r in grid.iterrows():            # demographics come from a real row of the site
+        donors = site_rows.loc[[r["tss"]]]
+        assert ((donors["race"] == r["race"]) & (donors["gender"] == r["gender"])).any()
+
+    pairs = [{"class": classes[0], "tss": sites[-1]}, {"class": classes[1], "tss": sites[0]}]
+    exp = sample.plan(dataclasses.replace(cfg.sample, strategy="explicit", per_pair=3, pairs=pairs), idx, classes)
+    assert list(zip(exp["class"], exp["tss"])) == [(p["class"], p["tss"]) for p in pairs for _ in range(3)]
+
+    with pytest.raises(MediError, match="grid_sites.*not in the training split"):
+        sample.plan(dataclasses.replace(cfg.sample, strategy="grid", grid_sites=["ZZ"]), idx, classes)
+    with pytest.raises(MediError, match="unknown class 'BRCA'"):
+        sample.plan(dataclasses.replace(cfg.sample, strategy="explicit", pairs=[{"class": "BRCA"}]), idx, classes)
+
+
+def test_manifest_keeps_site_code_NA_as_text(tmp_path):
+    rows = pd.DataFrame({"path": ["images/UCS/000000.png"], "class": ["UCS"], "tss": ["NA"], "race": ["white"],
+                         "gender": ["female"], "age": [float("nan")], "seed": [0], "batch": [0]})
+    rows.to_csv(tmp_path / "manifest.csv", index=False)
+    back = sample.read_manifest(tmp_path / "manifest.csv")
+    assert back["tss"].tolist() == ["NA"] and np.isnan(back["age"].iloc[0])
+
+
+def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(tiny_world, caplog):
+    cfg = tiny_world(sample__count=40, sample__batch_size=16, sample__guidance=2.0)
+    save_untrained(cfg, "medi")
+    result = sample.run_stage(cfg, "medi")
+    out = Path(cfg.sample.output.format(model="medi"))
+    manifest = sample.read_manifest(out / sample.MANIFEST)
+    assert result["images"] == len(manifest) == 40
+    assert {"path", "class", "tss", "race", "gender", "age", "seed", "batch", "model", "scheduler", "steps",
+            "guidance", "conditioned_on", "precision", "strategy"} <= set(manifest.columns)
+    assert (manifest["conditioned_on"] == "class,tss").all() and (manifest["guidance"] == 2.0).all()
+    images = sample.load_images(out, manifest)
+    assert images.shape == (40, cfg.data.resolution, cfg.data.resolution, 3) and images.dtype == np.uint8
+    assert len({im.tobytes() for im in images}) == 40            # one seed per image: all different
+
+    model = MediDiffusion.load(Path(cfg.model.output) / "medi")
+    assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
+    assert np.array_equal(sample.regenerate(manifest.iloc[16:32], model, cfg.model), images[16:32])
+
+    # an interrupted run: the missing batch is made again, identically, and the rest is kept
+    (out / manifest["path"].iloc[20]).unlink()
+    (out / sample.MANIFEST).unlink()
+    before = (out / manifest["path"].iloc[0]).stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        sample.run_stage(cfg, "medi")
+    assert "resuming: 2 of 3 batches already on disk" in caplog.text
+    assert (out / manifest["path"].iloc[0]).stat().st_mtime_ns == before
+    assert np.array_equal(sample.load_images(out, manifest), images)
+
+    # the CLI checks a regeneration against the files on disk
+    params = Path("params.yaml")
+    from test_train import write_params
+    write_params(params, cfg)
+    assert cli.main(["--params", str(params), "sample", "--model", "medi", "--from-manifest",
+                     str(out / sample.MANIFEST), "--output", "regen"]) == 0
+    assert np.array_equal(sample.load_images("regen", manifest), images)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    assert any(r.data.tags["medi.stage"] == "sample@medi" and r.data.metrics["images"] == 40 for r in runs)
+
+
+def test_other_weights_cannot_regenerate_a_set(tiny_world, capsys):
+    cfg = tiny_world(sample__count=8)
+    save_untrained(cfg, "cls")
+    sample.run_stage(cfg, "cls")
+    manifest = Path(cfg.sample.output.format(model="cls")) / sample.MANIFEST
+    assert (sample.read_manifest(manifest)["conditioned_on"] == "class").all()
+    save_untrained(cfg, "cls", seed=1)
+    with pytest.raises(MediError, match="not the model that generated"):
+        sample.regenerate_stage(cfg, "cls", str(manifest), None)
+
+
+def test_unknown_site_in_explicit_pairs_names_the_known_ones(tiny_world):
+    cfg = tiny_world(sample__strategy="explicit", sample__pairs=[{"class": "LUAD", "tss": "ZZ"}])
+    save_untrained(cfg, "medi")
+    with pytest.raises(MediError, match="unknown value of 'tss' 'ZZ'.*known values"):
+        sample.run_stage(cfg, "medi")
