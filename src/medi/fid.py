@@ -1,0 +1,375 @@
+"""Fidelity of a sample set (`medi fid --model NAME`): FID and KID overall, per class and per site, and
+conditioning accuracy, against the real training tiles.
+
+- **One preprocessing path.** Real and generated images reach the feature extractor the same way: uint8
+  RGB at the training resolution (real: the training split's tiles as `prepare` packed them, i.e. the
+  JPEG decoded and Lanczos-resized; generated: the lossless PNGs of `medi sample`); the extractor then
+  resizes them itself (Inception: torch-fidelity's TensorFlow-compatible bilinear resize to 299 px;
+  timm encoders: `medi.embed.preprocess`).
+- **Extractors** (params `fid.extractor`): `inception-v3-compat` (torch-fidelity's Inception, the
+  published-FID feature space, from a local weights file), any timm encoder of `medi.embed` registered
+  with torch-fidelity (a Frechet distance in a pathology encoder's space), and the offline default
+  `random:resnet18`, an untrained seeded network, named as such in every output.
+- **Statistics from torch-fidelity.** Features are extracted once per image set; FID and KID of every
+  group come from torch-fidelity's own functions on those features. Every group reports its n; groups
+  with fewer than `fid.min_count` real or generated images are listed apart (`below_min_count`) rather
+  than mixed with the reliable figures.
+- **Conditioning accuracy.** Logistic regressions fitted on the real training tiles' features predict
+  class and site; applied to generated tiles, they say how often a tile shows the class (and site) it was
+  conditioned on. Their cross-validated accuracy on real tiles (folds by slide) is the ceiling to read it
+  against. On the synthetic world, the stain of each (class, site) group is also compared with the site's
+  true stain (`medi.groundtruth`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+from medi import embed
+from medi.config import Config, FidConfig
+from medi.errors import MediError
+
+log = logging.getLogger(__name__)
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+TIMM_EXTRACTOR = "medi-timm"
+PREPROCESSING = ("real: training-split tiles as packed by prepare (JPEG decoded, Lanczos to data.resolution); generated: "
+                 "lossless PNG at the same resolution; both uint8 RGB into the extractor, which resizes them itself")
+
+
+class TimmFeatureExtractor(FeatureExtractorBase):
+    """A `medi.embed` encoder as a torch-fidelity feature extractor (feature 'pooled': the encoder's output)."""
+
+    def __init__(self, name, features_list, encoder_spec: embed.EncoderSpec | None = None, **kwargs):
+        super().__init__(name, features_list)
+        if encoder_spec is None:
+            raise MediError("the medi-timm feature extractor needs an encoder_spec")
+        self.spec = encoder_spec
+        self.encoder = embed.build(encoder_spec)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("pooled",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "pooled"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
+
+    def forward(self, x):
+        return (self.encoder(embed.preprocess(x, self.spec)).float(),)
+
+
+def _register() -> None:
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if TIMM_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(TIMM_EXTRACTOR, TimmFeatureExtractor)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------------------------- features
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)   # a copy: the tiles may be a read-only memmap
+
+
+def inception_weights(path: str) -> str:
+    """The Inception weights file: `fid.weights`, else torch hub's cache; offline without it, an error
+    saying where to put it (torch-fidelity would otherwise try GitHub)."""
+    if path:
+        if not Path(path).is_file():
+            raise MediError(f"fid.weights: {path} not found; put torch-fidelity's Inception weights ({INCEPTION_URL}) there")
+        return path
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if cached.is_file():
+        return str(cached)
+    raise MediError(f"fid.extractor is {INCEPTION} but its weights are not here and cannot be downloaded offline: "
+                    f"put {INCEPTION_FILE} (from {INCEPTION_URL}) at {cached}, or set fid.weights to its path")
+
+
+@dataclass
+class Extractor:
+    """A torch-fidelity feature extractor with the feature it reports and the name every output uses."""
+    module: FeatureExtractorBase
+    feature: str
+    name: str
+    description: str
+    cuda: bool
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: FidConfig) -> "Extractor":
+        from accelerate import PartialState
+        from torch_fidelity.utils import create_feature_extractor
+
+        cuda = PartialState().device.type == "cuda"
+        if cfg.extractor == INCEPTION:
+            weights = inception_weights(cfg.weights)
+            try:
+                module = create_feature_extractor(INCEPTION, ["2048"], cuda=cuda, feature_extractor_weights_path=weights,
+                                                  verbose=False)
+            except Exception as exc:  # noqa: BLE001  (a corrupt or foreign file: name it)
+                raise MediError(f"cannot load Inception weights {weights}: {exc}") from None
+            return cls(module, "2048", INCEPTION, f"{INCEPTION} (torch-fidelity Inception-v3, 2048-d pool features, "
+                       f"299 px, weights {Path(weights).name})", cuda, cfg.batch_size)
+        spec = embed.resolve(cfg.extractor, cfg.weights, cfg.input_size, cfg.seed)
+        module = create_feature_extractor(TIMM_EXTRACTOR, ["pooled"], cuda=cuda, encoder_spec=spec, verbose=False)
+        return cls(module, "pooled", cfg.extractor, spec.describe(), cuda, cfg.batch_size)
+
+    def features(self, images: np.ndarray, verbose: bool = True) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> float64 features (N, D), batched with a progress bar."""
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        if len(images) == 0:
+            raise MediError("no images to extract features from")
+        out = get_featuresdict_from_dataset(_Images(images), self.module, self.batch_size, self.cuda, True, verbose)
+        return out[self.feature].double()
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between two feature sets (torch-fidelity's statistics and metric)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    if len(a) < 2 or len(b) < 2:
+        raise MediError(f"FID needs at least 2 images per side, got {len(a)} and {len(b)}")
+    return float(fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)[KEY_METRIC_FID])
+
+
+def kid(a: torch.Tensor, b: torch.Tensor, cfg: FidConfig) -> float:
+    """KID (polynomial-kernel MMD, torch-fidelity), subsets of min(kid_subset_size, n) images."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+
+    size = min(cfg.kid_subset_size, len(a), len(b))
+    return float(kid_features_to_metric(a, b, kid_subsets=cfg.kid_subsets, kid_subset_size=size, rng_seed=cfg.seed,
+                                        verbose=False)[KEY_METRIC_KID_MEAN])
+
+
+def group_scores(real: torch.Tensor, real_groups: np.ndarray, gen: torch.Tensor, gen_groups: np.ndarray,
+                 cfg: FidConfig) -> dict:
+    """FID and KID per group value. Groups with enough images on both sides -> `fid`/`kid`; the others are
+    listed under `below_min_count` with their n (and values where computable), never silently dropped."""
+    out = {"fid": {}, "kid": {}, "n": {}, "below_min_count": {}}
+    for value in sorted(set(real_groups) | set(gen_groups)):
+        r, g = real[real_groups == value], gen[gen_groups == value]
+        n = {"real": int(len(r)), "generated": int(len(g))}
+        out["n"][value] = n
+        scores = {"fid": frechet(r, g), "kid": kid(r, g, cfg)} if min(len(r), len(g)) >= 2 else {}
+        if min(len(r), len(g)) >= cfg.min_count:
+            out["fid"][value], out["kid"][value] = scores["fid"], scores["kid"]
+        else:
+            out["below_min_count"][value] = {**n, **scores}
+    return out
+
+
+def conditioning_accuracy(real: np.ndarray, train_index: pd.DataFrame, gen: np.ndarray, manifest: pd.DataFrame,
+                          site_conditioned: bool, seed: int, folds: int = 3) -> dict:
+    """How often generated tiles show the class (and site) they were conditioned on, by classifiers fitted on
+    real training tiles; the classifiers' cross-validated accuracy on real tiles (folds by slide) is the ceiling."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def classifier():
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, tol=1e-3, random_state=seed))
+
+    out: dict = {"classifier": "logistic regression on the extractor's features of the real training tiles",
+                 "site_conditioned": site_conditioned}
+    slides = train_index["slide"].to_numpy(str)
+    site_class = train_index.drop_duplicates("tss").set_index("tss")["class"].astype(str).to_dict()
+    for target in ("class", "tss"):
+        y = train_index[target].to_numpy(str)
+        cv = cross_val_score(classifier(), real, y, groups=slides, cv=GroupKFold(min(folds, len(set(slides)))))
+        clf = classifier().fit(real, y)
+        wanted = manifest[target].to_numpy(str)
+        known = np.isin(wanted, clf.classes_)
+        hit = clf.predict(gen[known]) == wanted[known]
+        key = "class" if target == "class" else "site"
+        out[f"{key}_accuracy"] = float(hit.mean()) if hit.size else None
+        out[f"{key}_accuracy_real_cv"] = float(cv.mean())
+        out[f"{key}_chance"] = 1.0 / len(clf.classes_)
+        groups = manifest["class"].to_numpy(str)[known]
+        out[f"{key}_accuracy_per_class"] = {c: float(hit[groups == c].mean()) for c in sorted(set(groups))}
+        if target == "tss":
+            seen = np.array([site_class.get(s) == c for s, c in zip(wanted[known], groups)])
+            for kind, sel in (("seen", seen), ("unseen", ~seen)):
+                out[f"site_accuracy_{kind}_pairs"] = float(hit[sel].mean()) if sel.any() else None
+                out[f"{kind}_pairs_images"] = int(sel.sum())
+    return out
+
+
+def stain_vs_truth(cfg: Config, manifest: pd.DataFrame, gen: np.ndarray, train_index: pd.DataFrame,
+                   tiles: np.ndarray) -> dict | None:
+    """Synthetic world only: each (class, site) group's estimated stain against the site's true stain,
+    with real tiles of the same sites as the estimator's floor."""
+    from medi.groundtruth import GroundTruth, stain_report
+
+    truth = GroundTruth.load(cfg.data.root)
+    if truth is None:
+        return None
+    k = cfg.fid.stain_tiles
+    cells, real_cells = [], []
+    for (c, s), g in manifest.groupby(["class", "tss"], sort=True):
+        if s not in truth.stains or len(g) < min(4, k):
+            continue
+        cells.append((c, s, gen[g.index.to_numpy()[:k]]))
+        own = train_index[(train_index["class"] == c) & (train_index["tss"] == s)]
+        if len(own) >= min(4, k):
+            real_cells.append((c, s, tiles[own["idx"].to_numpy()[:k]]))
+    if not cells:
+        return None
+    report = stain_report(cells, truth)
+    report["real"] = stain_report(real_cells, truth)["summary"].get("seen") if real_cells else None
+    report["site_conditioned"] = "tss" in str(manifest["conditioned_on"].iloc[0]).split(",")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict:
+    """Every figure of `metrics/fid_NAME.json` for the sample set of model NAME."""
+    from medi import data
+    from medi.sample import load_images, read_manifest
+
+    sample_dir = Path(cfg.sample.output.format(model=name))
+    manifest = read_manifest(sample_dir / "manifest.csv")
+    train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+    tiles = data.load_tiles(cfg.data.output)
+    real_images = tiles[np.sort(train_index["idx"].to_numpy())]
+    train_index = train_index.set_index("idx").loc[np.sort(train_index["idx"].to_numpy())].reset_index()
+    gen_images = load_images(sample_dir, manifest)
+    if gen_images.shape[1:] != real_images.shape[1:]:
+        raise MediError(f"generated images are {gen_images.shape[1:3]} px but the real tiles {real_images.shape[1:3]}: "
+                        "the model was trained at another data.resolution")
+    extractor = extractor or Extractor.from_config(cfg.fid)
+    t0 = time.perf_counter()
+    real = extractor.features(real_images)
+    gen = extractor.features(gen_images)
+    feature_seconds = time.perf_counter() - t0
+    site_conditioned = "tss" in str(manifest["conditioned_on"].iloc[0]).split(",")
+    per_class = group_scores(real, train_index["class"].to_numpy(str), gen, manifest["class"].to_numpy(str), cfg.fid)
+    per_site = group_scores(real, train_index["tss"].to_numpy(str), gen, manifest["tss"].to_numpy(str), cfg.fid)
+    out = {
+        "extractor": extractor.description,
+        "overall": frechet(real, gen),
+        "per_class": per_class["fid"],
+        "per_site": per_site["fid"],
+        "kid": kid(real, gen, cfg.fid),
+        "n_real": int(len(real)),
+        "n_generated": int(len(gen)),
+        "kid_per_class": per_class["kid"],
+        "kid_per_site": per_site["kid"],
+        "mean_class_fid": float(np.mean(list(per_class["fid"].values()))) if per_class["fid"] else None,
+        "n_per_class": per_class["n"],
+        "n_per_site": per_site["n"],
+        "min_count": cfg.fid.min_count,
+        "below_min_count": {"class": per_class["below_min_count"], "site": per_site["below_min_count"]},
+        "site_groups": "generated images grouped by the site of their plan row" + (
+            "" if site_conditioned else " (this model was not conditioned on it: the per-site figures show how "
+                                        "well class conditioning alone reproduces each site)"),
+        "preprocessing": PREPROCESSING,
+        "sampling": {k: manifest[k].iloc[0] for k in ("scheduler", "strategy", "conditioned_on")}
+                    | {"steps": int(manifest["steps"].iloc[0]), "guidance": float(manifest["guidance"].iloc[0])},
+        "feature_seconds": feature_seconds,
+    }
+    out["conditioning"] = conditioning_accuracy(real.float().numpy(), train_index, gen.float().numpy(), manifest,
+                                                site_conditioned, cfg.fid.seed)
+    stain = stain_vs_truth(cfg, manifest, gen_images, train_index, tiles)
+    if stain is not None:
+        out["stain"] = {"summary": stain["summary"], "real": stain["real"], "cells": stain["cells"]}
+    return out
+
+
+def run_stage(cfg: Config, name: str) -> dict:
+    """`medi fid --model NAME`: evaluate, write metrics/fid_NAME.json, log metrics and figures to MLflow."""
+    import mlflow
+
+    from medi import report, tracking
+    from medi.io import write_json
+
+    cfg.variant(name)
+    with tracking.stage_run(cfg, f"fid@{name}", ("fid", "sample"), run_name=f"fid-{name}"):
+        t0 = time.perf_counter()
+        metrics = evaluate(cfg, name)
+        metrics["seconds"] = time.perf_counter() - t0
+        write_json(cfg.fid.metrics.format(model=name), metrics)
+        mlflow.log_params({"model_name": name, "extractor_description": metrics["extractor"][:500]})
+        flat = {"fid": metrics["overall"], "kid": metrics["kid"], "n_real": metrics["n_real"],
+                "n_generated": metrics["n_generated"], "seconds": metrics["seconds"]}
+        if metrics["mean_class_fid"] is not None:
+            flat["mean_class_fid"] = metrics["mean_class_fid"]
+        flat.update({f"fid_class_{c}": v for c, v in metrics["per_class"].items()})
+        cond = metrics["conditioning"]
+        flat.update({k: v for k, v in cond.items() if isinstance(v, float)})
+        for kind, summary in metrics.get("stain", {}).get("summary", {}).items():
+            flat.update({f"stain_{kind}_{k}": float(v) for k, v in summary.items()})
+        mlflow.log_metrics(flat)
+        mlflow.log_dict(metrics, f"fid_{name}.json")
+        mlflow.log_figure(report.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
+        log.info("FID of %s (%s): overall %.4g, KID %.4g, mean per class %s; class accuracy %.3f (real %.3f), site "
+                 "accuracy %s (real %.3f) in %.1fs", name, metrics["extractor"], metrics["overall"], metrics["kid"],
+                 metrics["mean_class_fid"], cond["class_accuracy"], cond["class_accuracy_real_cv"],
+                 cond["site_accuracy"], cond["site_accuracy_real_cv"], metrics["seconds"])
+    return metrics
+
+
+def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndarray):
+    """The training FID curve (train.eval_every): FID and KID of `fid.curve_count` images generated with the
+    sample settings (match strategy) against all real training tiles, with the EMA weights."""
+    from medi.sample import conditions_of, generate, make_sampler, plan
+
+    state: dict = {}
+    rows = plan(replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), train_index,
+                sorted(train_index["class"].astype(str).unique()))
+
+    def hook(step: int, model) -> dict[str, float]:
+        if "real" not in state:
+            state["extractor"] = Extractor.from_config(cfg.fid)
+            state["real"] = state["extractor"].features(tiles[np.sort(train_index["idx"].to_numpy())], verbose=False)
+        s = cfg.sample
+        images = generate(model, make_sampler(s.scheduler, cfg.model), conditions_of(rows, model), rows["seed"].tolist(),
+                          s.steps, s.guidance, s.precision, batch_size=s.batch_size)
+        gen = state["extractor"].features(images, verbose=False)
+        return {"fid": frechet(state["real"], gen), "kid": kid(state["real"], gen, cfg.fid)}
+
+    return hook
+
+
+def real_halves(cfg: FidConfig, images: np.ndarray, seed: int = 0, extractor: Extractor | None = None) -> dict:
+    """The sanity figures: FID between two disjoint random halves of real tiles, and between real tiles and
+    uniform noise images of the same size."""
+    extractor = extractor or Extractor.from_config(cfg)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(images))
+    a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    feats = extractor.features(images, verbose=False)
+    noise = rng.integers(0, 256, size=(len(b), *images.shape[1:]), dtype=np.uint8)
+    noise_feats = extractor.features(noise, verbose=False)
+    return {"halves": frechet(feats[a], feats[b]), "noise": frechet(feats[a], noise_feats),
+            "kid_halves": kid(feats[a], feats[b], cfg), "kid_noise": kid(feats[a], noise_feats, cfg)}
+

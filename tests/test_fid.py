@@ -1,0 +1,176 @@
+"""Fidelity: FID sanity, the feature extractors (offline default, timm weights, Inception weights), groups
+below the minimum count, conditioning accuracy, the fid and report stages, and the training FID curve."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medi import data, embed, fid, report, sample, train
+from medi.errors import MediError
+from test_sample import save_untrained, train_index
+
+
+def real_tiles(cfg) -> np.ndarray:
+    return np.asarray(data.load_tiles(cfg.data.output))
+
+
+def test_fid_sanity_real_halves_near_zero_and_noise_large(tiny_world):
+    cfg = tiny_world()
+    tiles = real_tiles(cfg)
+    scores = fid.real_halves(cfg.fid, tiles)
+    assert scores["noise"] > 0
+    assert scores["halves"] < 0.05 * scores["noise"], scores
+    assert abs(scores["kid_halves"]) < 0.05 * scores["kid_noise"], scores
+
+
+def test_timm_extractor_loads_a_local_state_dict_and_rejects_a_foreign_one(tmp_path, make_cfg):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    save_file(net.state_dict(), str(tmp_path / "r18.safetensors"))
+    cfg = make_cfg(fid__extractor="timm:resnet18", fid__weights=str(tmp_path / "r18.safetensors"), fid__input_size=32)
+    loaded = fid.Extractor.from_config(cfg.fid)
+    random5 = fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="random:resnet18", seed=5))
+    random6 = fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="random:resnet18", seed=6))
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    feats = loaded.features(images, verbose=False)
+    assert feats.shape == (6, 512)
+    assert torch.allclose(feats, random5.features(images, verbose=False))    # same weights, same features
+    assert not torch.allclose(feats, random6.features(images, verbose=False))
+    assert "offline default" in random5.description and "offline default" not in loaded.description
+
+    torch.save(timm.create_model("resnet34", num_classes=0).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(MediError, match="do not fit timm resnet18: missing"):
+        fid.Extractor.from_config(dataclasses.replace(cfg.fid, weights=str(tmp_path / "r34.pth")))
+    with pytest.raises(MediError, match="needs a local weights file"):
+        fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="uni", weights=""))
+    with pytest.raises(MediError, match="not a timm architecture"):
+        fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="random:no_such_net"))
+
+
+def test_one_preprocessing_for_hwc_and_chw_tiles():
+    spec = embed.resolve("random:resnet18", input_size=24)
+    hwc = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    a, b = embed.preprocess(hwc, spec), embed.preprocess(hwc.permute(0, 3, 1, 2).contiguous(), spec)
+    assert a.shape == (2, 3, 24, 24) and torch.equal(a, b)
+    with pytest.raises(MediError, match="uint8"):
+        embed.preprocess(hwc.float(), spec)
+
+
+def test_inception_needs_its_weights_offline_and_loads_a_local_file(tmp_path, make_cfg, monkeypatch):
+    from torch_fidelity import feature_extractor_inceptionv3 as inc
+
+    cfg = make_cfg(fid__extractor="inception-v3-compat", fid__weights="")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MediError, match=f"put {fid.INCEPTION_FILE} .* at {tmp_path / 'torch'}/hub/checkpoints"):
+        fid.Extractor.from_config(cfg.fid)
+    with pytest.raises(MediError, match="fid.weights: /nowhere.pth not found"):
+        fid.Extractor.from_config(dataclasses.replace(cfg.fid, weights="/nowhere.pth"))
+
+    # a randomly initialised network of the same architecture stands in for the real weights file
+    with monkeypatch.context() as m:
+        m.setattr(inc, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    cache = tmp_path / "torch/hub/checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(net.state_dict(), cache / fid.INCEPTION_FILE)
+    ext = fid.Extractor.from_config(cfg.fid)                       # found in the torch hub cache
+    assert ext.name == "inception-v3-compat" and fid.INCEPTION_FILE in ext.description
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    assert ext.features(images, verbose=False).shape == (3, 2048)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(MediError, match="cannot load Inception weights .*broken.pth"):
+        fid.Extractor.from_config(dataclasses.replace(cfg.fid, weights=str(tmp_path / "broken.pth")))
+
+
+def test_small_groups_are_flagged_with_their_n_not_reported(make_cfg):
+    cfg = make_cfg(fid__min_count=10)
+    g = torch.Generator().manual_seed(0)
+    real, gen = torch.randn(60, 4, generator=g, dtype=torch.float64), torch.randn(33, 4, generator=g, dtype=torch.float64)
+    real_groups = np.array(["a"] * 40 + ["b"] * 20)
+    gen_groups = np.array(["a"] * 25 + ["b"] * 5 + ["c"] * 3)
+    out = fid.group_scores(real, real_groups, gen, gen_groups, cfg.fid)
+    assert set(out["fid"]) == {"a"} and set(out["kid"]) == {"a"}
+    assert out["below_min_count"]["b"]["generated"] == 5 and "fid" in out["below_min_count"]["b"]
+    assert out["below_min_count"]["c"] == {"real": 0, "generated": 3}
+    assert out["n"]["a"] == {"real": 40, "generated": 25}
+
+
+def test_conditioning_accuracy_tells_right_from_wrong_conditions():
+    rng = np.random.default_rng(0)
+    sites = {"s1": "A", "s2": "A", "s3": "B", "s4": "B"}
+    centres = {s: rng.normal(0, 4, 8) for s in sites}
+    rows = [(f"{s}-{k // 5}", sites[s], s) for s in sites for k in range(30)]
+    index = pd.DataFrame(rows, columns=["slide", "class", "tss"])
+    real = np.stack([centres[s] + rng.normal(0, 1, 8) for s in index["tss"]])
+    gen_rows = pd.DataFrame([(sites[s], s) for s in sites for _ in range(10)], columns=["class", "tss"])
+    gen = np.stack([centres[s] + rng.normal(0, 1, 8) for s in gen_rows["tss"]])
+    good = fid.conditioning_accuracy(real, index, gen, gen_rows, True, seed=0)
+    assert good["class_accuracy"] > 0.9 and good["site_accuracy"] > 0.9 and good["site_accuracy_real_cv"] > 0.9
+    assert good["site_accuracy_unseen_pairs"] is None and good["seen_pairs_images"] == 40
+    wrong = gen_rows.assign(tss=gen_rows["tss"].map({"s1": "s3", "s2": "s4", "s3": "s1", "s4": "s2"}))
+    bad = fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0)
+    assert bad["site_accuracy"] < 0.1 and bad["unseen_pairs_images"] == 40
+
+
+def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
+    cfg = tiny_world()
+    for name in ("cls", "medi"):
+        save_untrained(cfg, name, seed=len(name))
+        sample.run_stage(cfg, name)
+        metrics = fid.run_stage(cfg, name)
+        on_disk = json.loads(Path(cfg.fid.metrics.format(model=name)).read_text())
+        assert {"extractor", "overall", "per_class", "per_site", "kid", "n_real", "n_generated"} <= set(on_disk)
+        assert on_disk["extractor"].startswith("random:resnet18") and "offline default" in on_disk["extractor"]
+        assert on_disk["n_generated"] == 42 and on_disk["n_real"] == len(train_index(cfg))
+        assert set(on_disk["n_per_class"]) == set(train_index(cfg)["class"])
+        reported = set(on_disk["per_class"]) | set(on_disk["below_min_count"]["class"])
+        assert reported == set(on_disk["n_per_class"])            # every class is either reported or flagged
+        assert all(min(on_disk["n_per_class"][c].values()) >= cfg.fid.min_count for c in on_disk["per_class"])
+        cond = on_disk["conditioning"]
+        assert 0 <= cond["class_accuracy"] <= 1 and cond["site_conditioned"] == (name == "medi")
+        assert on_disk["stain"]["summary"]["seen"]["pairs"] >= 1 and on_disk["stain"]["real"]["pairs"] >= 1
+        assert metrics["overall"] == on_disk["overall"]
+    summary = report.run_stage(cfg)
+    assert summary["classes_compared"] >= 1
+    for fig in (cfg.report.fid_figure, cfg.report.sites_figure):
+        assert Path(fig).stat().st_size > 10_000
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    stages = {r.data.tags["medi.stage"]: r for r in runs}
+    assert {"sample@cls", "sample@medi", "fid@cls", "fid@medi", "report"} <= set(stages)
+    assert "fid" in stages["fid@medi"].data.metrics and "class_accuracy" in stages["fid@medi"].data.metrics
+
+
+def test_report_refuses_metrics_from_different_feature_spaces(tiny_world):
+    cfg = tiny_world()
+    for name, extractor in (("cls", "a"), ("medi", "b")):
+        path = Path(cfg.fid.metrics.format(model=name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"extractor": extractor}))
+    with pytest.raises(MediError, match="different feature spaces"):
+        report.load_fid_metrics(cfg)
+    Path(cfg.fid.metrics.format(model="cls")).unlink()
+    with pytest.raises(MediError, match="run `medi fid --model cls`"):
+        report.load_fid_metrics(cfg)
+
+
+def test_training_logs_an_fid_curve(tiny_world):
+    cfg = tiny_world(train__max_steps=6, train__eval_every=3)
+    idx = train_index(cfg)
+    hook = fid.curve_hook(cfg, "medi", idx, real_tiles(cfg))
+    train.run_stage(cfg, "medi", extra_hooks=[(cfg.train.eval_every, hook)])
+    client = mlflow.tracking.MlflowClient()
+    run = next(r for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+               if r.data.tags["medi.stage"] == "train@medi")
+    history = client.get_metric_history(run.info.run_id, "fid")
+    assert [m.step for m in history] == [3, 6] and all(m.value > 0 for m in history)
