@@ -1,4 +1,4 @@
-"""End to end: the CLI's error handling, and the DVC pipeline at a tiny scale (synthesize -> ... -> train)."""
+"""End to end: the CLI's error handling, and the DVC pipeline at a tiny scale (synthesize -> ... -> report)."""
 from __future__ import annotations
 
 import json
@@ -57,7 +57,8 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
 
     first = run("dvc", "repro")
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("synthesize", "prepare", "split", "train@cls", "train@medi"):
+    for stage in ("synthesize", "prepare", "split", "train@cls", "train@medi", "sample@cls", "sample@medi", "fid@cls",
+                  "fid@medi", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     split = json.loads((work / "metrics/split.json").read_text())
     assert set(split) == {"train_slides", "holdout_slides", "train_tss", "holdout_tss", "tss_overlap",
@@ -66,7 +67,11 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
     for name in ("cls", "medi"):
         assert (work / f"models/{name}/model.safetensors").exists() and (work / f"reports/samples_{name}.png").exists()
         assert json.loads((work / f"metrics/train_{name}.json").read_text())["steps"] == TINY["train__max_steps"]
-    for fig in ("dataset.png", "synthetic_tiles.png", "synthetic_tiles_counterfactual.png"):
+        fid = json.loads((work / f"metrics/fid_{name}.json").read_text())
+        assert {"extractor", "overall", "per_class", "per_site", "kid", "n_real", "n_generated"} <= set(fid)
+        assert fid["n_generated"] == TINY["sample__count"] == len(list((work / f"samples/{name}/images").rglob("*.png")))
+    for fig in ("dataset.png", "synthetic_tiles.png", "synthetic_tiles_counterfactual.png", "fid_per_class.png",
+                "sites_real_cls_medi.png"):
         assert (work / "reports" / fig).stat().st_size > 10_000
     assert not (work / "data").exists()            # the default never touches the raw-data folder
 
@@ -84,5 +89,6 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["medi"], output_format="list")
     stages = sorted(r.data.tags["medi.stage"] for r in runs)
-    assert stages.count("split") == 2 and {"synthesize", "prepare", "train@cls", "train@medi"} <= set(stages)
+    assert stages.count("split") == 2 and stages.count("report") == 2
+    assert {"synthesize", "prepare", "train@cls", "train@medi", "sample@cls", "fid@medi"} <= set(stages)
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -125,7 +125,42 @@ def cmd_fetch_tcga_ut(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     from medi import train
 
-    train.run_stage(cfg, args.model)
+    hooks = []
+    if cfg.train.eval_every > 0:      # the FID curve, in the feature space of params `fid`
+        import numpy as np
+        import pandas as pd
+
+        from medi import data, fid
+
+        split = Path(cfg.split.output) / "train.parquet"
+        if split.exists():
+            hooks.append((cfg.train.eval_every, fid.curve_hook(cfg, args.model, pd.read_parquet(split),
+                                                               np.asarray(data.load_tiles(cfg.data.output)))))
+    train.run_stage(cfg, args.model, extra_hooks=hooks)
+
+
+def cmd_sample(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import sample
+
+    if args.from_manifest:
+        result = sample.regenerate_stage(cfg, args.model, args.from_manifest, args.output)
+        if result["identical"] != result["compared"]:
+            raise MediError(f"{result['compared'] - result['identical']} of {result['compared']} regenerated images "
+                            f"differ from the files beside {args.from_manifest}")
+        return
+    sample.run_stage(cfg, args.model)
+
+
+def cmd_fid(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import fid
+
+    fid.run_stage(cfg, args.model)
+
+
+def cmd_report(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import report
+
+    report.run_stage(cfg)
 
 
 COMMANDS = {
@@ -133,6 +168,9 @@ COMMANDS = {
     "prepare": (cmd_prepare, "read TCGA-UT tiles + GDC metadata, pack tiles at training resolution"),
     "split": (cmd_split, "the train / holdout split by (TSS, demographics) groups"),
     "train": (cmd_train, "train a diffusion model (cls or medi), resuming from its last checkpoint"),
+    "sample": (cmd_sample, "generate a sample set (PNGs + manifest) with a trained model, or regenerate one"),
+    "fid": (cmd_fid, "FID / KID overall, per class and per site, and conditioning accuracy of a sample set"),
+    "report": (cmd_report, "comparison figures of the models (FID per class, real vs generated tiles per site)"),
     "check": (cmd_check, "validate params.yaml and the presence of the input data"),
     "fetch-tcga-ut": (cmd_fetch_tcga_ut, "download, verify and unpack TCGA-UT classes from Zenodo into data/"),
 }
@@ -149,8 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name == "synthesize":
             p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
-        if name == "train":
+        if name in ("train", "sample", "fid"):
             p.add_argument("--model", required=True, help="a model of params model.variants, e.g. cls or medi")
+        if name == "sample":
+            p.add_argument("--from-manifest", metavar="PATH", help="regenerate the images of this manifest and check "
+                           "them against the files beside it (bit for bit)")
+            p.add_argument("--output", metavar="DIR", help="with --from-manifest: where to write (default: <set>_regenerated)")
         if name == "fetch-tcga-ut":
             p.add_argument("--classes", nargs="*", help="project codes (default: params data.classes)")
             p.add_argument("--data-dir", default="data", help="folder versioned by data.dvc (default: data)")

@@ -1,0 +1,156 @@
+"""The report (`medi report`): figures comparing the models from the stages' metrics and sample sets.
+
+- `reports/fid_per_class.png` (the paper's Figure 3): FID per class for every compared model, classes in
+  descending order of real images, dotted lines at each model's average; beside it, FID per site against
+  the site's number of real tiles.
+- `reports/sites_real_cls_medi.png` (the paper's Figure 4): for two classes and their largest training
+  sites, a row of real tiles of the site and a row of each model's tiles generated for that (class, site).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from medi.config import Config
+from medi.errors import MediError
+from medi.io import read_json
+
+log = logging.getLogger(__name__)
+
+COLOURS = {"cls": "tab:red", "medi": "tab:blue"}
+
+
+def fid_figure(metrics: Mapping[str, dict]):
+    """Per-class FID bars per model with each model's mean as a dotted line; per-site FID against n real."""
+    import matplotlib.pyplot as plt
+
+    names = list(metrics)
+    first = metrics[names[0]]
+    classes = sorted(first["n_per_class"], key=lambda c: -first["n_per_class"][c]["real"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(classes) + 5), 4.2),
+                                  gridspec_kw={"width_ratios": [max(len(classes), 3), 4]})
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        m = metrics[name]
+        colour = COLOURS.get(name, f"C{i + 2}")
+        values = [m["per_class"].get(c, m["below_min_count"]["class"].get(c, {}).get("fid", np.nan)) for c in classes]
+        flagged = [c not in m["per_class"] for c in classes]
+        x = np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width
+        bars = ax.bar(x, values, width, color=colour, label=f"{name} (mean {m['mean_class_fid']:.3g})"
+                      if m["mean_class_fid"] is not None else name)
+        for bar, flag in zip(bars, flagged):
+            if flag:                       # fewer than fid.min_count images: shown hatched, not averaged
+                bar.set_hatch("//")
+                bar.set_alpha(0.5)
+        if m["mean_class_fid"] is not None:
+            ax.axhline(m["mean_class_fid"], color=colour, linestyle=":", linewidth=1.5)
+        sites = sorted(m["per_site"])
+        ax2.scatter([m["n_per_site"][s]["real"] for s in sites], [m["per_site"][s] for s in sites], color=colour,
+                    s=18, alpha=0.8, label=name)
+    ax.set_xticks(np.arange(len(classes)))
+    ax.set_xticklabels([f"{c}\n(n={first['n_per_class'][c]['real']})" for c in classes], fontsize=8)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("FID per class; dotted: mean over classes", fontsize=9)
+    ax.legend(fontsize=8)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("real training tiles of the site")
+    ax2.set_ylabel("FID of the site's images")
+    ax2.set_title(f"FID per site (n >= {first['min_count']} both sides)", fontsize=9)
+    ax2.legend(fontsize=8)
+    s = first["sampling"]
+    fig.suptitle(f"Feature space: {first['extractor']}\n{s['strategy']} samples, {s['scheduler']} {s['steps']} steps, "
+                 f"guidance {s['guidance']}; {first['n_generated']} generated vs {first['n_real']} real", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sites_figure(cfg: Config, train_index: pd.DataFrame, tiles: np.ndarray, sets: Mapping[str, tuple[Path, pd.DataFrame]]):
+    """Rows of real tiles of a site, then each model's tiles for that (class, site) (blank: none generated)."""
+    from medi import figures
+    from medi.sample import read_png
+
+    r = cfg.report
+    classes = [c for c in r.site_classes if c in set(train_index["class"])] or \
+        train_index["class"].value_counts().index[:2].tolist()
+    k = r.tiles_per_row
+    size = tiles.shape[1:]
+    rows, labels = [], []
+    for c in classes:
+        own = train_index[train_index["class"] == c]
+        for s in own["tss"].value_counts().index[: r.sites_per_class]:
+            real = own[own["tss"] == s]["idx"].to_numpy()[:k]
+            row = np.zeros((k, *size), np.uint8)
+            row[: len(real)] = tiles[real]
+            rows.append(row)
+            labels.append(f"{c} TSS {s}: real")
+            for name, (folder, manifest) in sets.items():
+                paths = manifest[(manifest["class"] == c) & (manifest["tss"] == s)]["path"].tolist()[:k]
+                row = np.zeros((k, *size), np.uint8)
+                for j, p in enumerate(paths):
+                    row[j] = read_png(folder / p)
+                rows.append(row)
+                site_note = "" if "tss" in str(manifest["conditioned_on"].iloc[0]).split(",") else " (class only)"
+                labels.append(f"{name}{site_note}")
+    grid = np.stack(rows)
+    return figures.tile_grid(grid, labels, [""] * k, "Real tiles of a site (first row of each block) and tiles generated "
+                             "for that class and site by each model", scale=0.9)
+
+
+def load_fid_metrics(cfg: Config) -> dict[str, dict]:
+    out = {}
+    for name in cfg.report.models:
+        path = Path(cfg.fid.metrics.format(model=name))
+        if not path.exists():
+            raise MediError(f"{path} not found; run `medi fid --model {name}` (or `dvc repro fid@{name}`) first")
+        out[name] = read_json(path)
+    extractors = {m["extractor"] for m in out.values()}
+    if len(extractors) > 1:
+        raise MediError(f"the FID metrics were computed in different feature spaces and cannot be compared: {extractors}")
+    return out
+
+
+def fid_comparison(metrics: Mapping[str, dict], baseline: str = "cls", model: str = "medi") -> dict | None:
+    """Mean per-class FID of each model and the classes where `model` beats `baseline`."""
+    if baseline not in metrics or model not in metrics:
+        return None
+    a, b = metrics[baseline]["per_class"], metrics[model]["per_class"]
+    common = sorted(set(a) & set(b))
+    better = [c for c in common if b[c] < a[c]]
+    return {f"mean_class_fid_{baseline}": float(np.mean([a[c] for c in common])) if common else None,
+            f"mean_class_fid_{model}": float(np.mean([b[c] for c in common])) if common else None,
+            f"{model}_better_classes": better, "classes_compared": len(common),
+            f"overall_fid_{baseline}": metrics[baseline]["overall"], f"overall_fid_{model}": metrics[model]["overall"]}
+
+
+def run_stage(cfg: Config) -> dict:
+    """`medi report`: the comparison figures in reports/ and MLflow."""
+    import mlflow
+
+    from medi import data, figures, tracking
+    from medi.sample import read_manifest
+
+    metrics = load_fid_metrics(cfg)
+    train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+    tiles = data.load_tiles(cfg.data.output)
+    sets = {}
+    for name in cfg.report.models:
+        folder = Path(cfg.sample.output.format(model=name))
+        sets[name] = (folder, read_manifest(folder / "manifest.csv"))
+    with tracking.stage_run(cfg, "report", ("report",), run_name="report"):
+        fid_path = figures.save(fid_figure(metrics), cfg.report.fid_figure)
+        sites_path = figures.save(sites_figure(cfg, train_index, tiles, sets), cfg.report.sites_figure)
+        for p in (fid_path, sites_path):
+            mlflow.log_artifact(str(p), "figures")
+        summary = fid_comparison(metrics) or {}
+        if summary:
+            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, float)})
+            mlflow.log_metric("medi_better_classes", len(summary["medi_better_classes"]))
+            log.info("mean FID per class: CLS %.4g, MeDi %.4g; MeDi better on %d of %d classes (%s)",
+                     summary["mean_class_fid_cls"], summary["mean_class_fid_medi"], len(summary["medi_better_classes"]),
+                     summary["classes_compared"], ", ".join(summary["medi_better_classes"]))
+        log.info("report figures: %s, %s", fid_path, sites_path)
+    return summary
