@@ -42,6 +42,8 @@ test: setup  ## the test suite (CI runs this)
 
 bench: setup  ## benchmarks (speed targets live here, not in tests); results go to docs/benchmarks.md
 	cd bench && python train_speed.py --steps 8
+	medi check && dvc repro train      # the sampling benchmark samples the default trained model
+	python bench/sample_speed.py --model medi --count 1000
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import platform
 import re
 from pathlib import Path
 
@@ -18,3 +19,13 @@ def write_section(name: str, caption: str, columns: list[str], rows: list[list])
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"

@@ -1,4 +1,4 @@
-"""Sampling throughput and the FID each sampler reaches: DDIM-100 (the paper's) vs DPM-Solver++ at 10/20/25 steps.
+"""Sampling throughput and the FID each sampler reaches: DDIM-100 (the paper's) vs DPM-Solver++ at 10/15/20/25 steps.
 
 Runs in a project folder after `make train` (it needs models/, artifacts/dataset and artifacts/splits).
 Every sampler gets the same `match` plan and seeds, so the FID differences come from the sampler alone;
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,15 +24,10 @@ from medi.fid import Extractor, frechet
 from medi.model import MediDiffusion
 from medi.sample import conditions_of, generate, make_sampler, plan
 
-try:
-    from bench_report import write_section
-except ImportError:  # run from the project root
-    import sys
+sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
+from bench_report import cpu_name, write_section  # noqa: E402
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_report import write_section
-
-SAMPLERS = [("ddim", 100), ("dpmsolver++", 10), ("dpmsolver++", 20), ("dpmsolver++", 25)]
+SAMPLERS = [("ddim", 100), ("dpmsolver++", 10), ("dpmsolver++", 15), ("dpmsolver++", 20), ("dpmsolver++", 25)]
 
 
 def main() -> None:
@@ -70,7 +65,7 @@ def main() -> None:
     ref_speed, ref_fid, ref_class = results[0][2:]
     rows_out = [[k, s, f"{ips:.1f}", f"{ips / ref_speed:.1f}x", f"{fid:.4g}", f"{100 * (fid / ref_fid - 1):+.1f}%",
                  f"{cf:.4g}", f"{100 * (cf / ref_class - 1):+.1f}%"] for k, s, ips, fid, cf in results]
-    cpu = platform.processor() or platform.machine()
+    cpu = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     write_section("sampling-cpu",
                   f"Sampling throughput of model '{args.model}' ({cfg.model.preset}, {cfg.data.resolution} px) on {cpu}, "
                   f"{torch.get_num_threads()} threads, batch {args.batch}, guidance {cfg.sample.guidance}, "

@@ -7,14 +7,13 @@ Usage: python bench/train_speed.py [--batch 32] [--steps 5] [--presets tiny-cpu 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import pandas as pd
 import torch
 
 from medi.model import MediDiffusion, Vocabulary, architecture
-from bench_report import write_section
+from bench_report import cpu_name, write_section
 
 RESOLUTION = {"tiny-cpu": 32, "paper-128": 128}
 
@@ -48,15 +47,6 @@ def images_per_second(preset: str, precision: str, batch: int, micro: int, steps
             elapsed += time.perf_counter() - t0
     return batch * steps / elapsed
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def main() -> None:

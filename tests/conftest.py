@@ -33,6 +33,7 @@ def params_dict(tmp_path: Path) -> dict:
     raw["train"]["metrics"] = str(tmp_path / "metrics/train_{model}.json")
     raw["sample"]["output"] = str(tmp_path / "samples/{model}")
     raw["fid"]["metrics"] = str(tmp_path / "metrics/fid_{model}.json")
+    raw["fid"]["cache"] = str(tmp_path / "artifacts/cache/features")
     raw["report"]["fid_figure"] = str(tmp_path / "reports/fid_per_class.png")
     raw["report"]["sites_figure"] = str(tmp_path / "reports/sites_real_cls_medi.png")
     raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -93,6 +93,22 @@ def test_inception_needs_its_weights_offline_and_loads_a_local_file(tmp_path, ma
         fid.Extractor.from_config(dataclasses.replace(cfg.fid, weights=str(tmp_path / "broken.pth")))
 
 
+def test_feature_cache_is_keyed_by_extractor_and_image_bytes(tmp_path, make_cfg, caplog):
+    cfg = make_cfg(fid__input_size=32)
+    ext = fid.Extractor.from_config(cfg.fid)
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    first = ext.cached_features(images, str(tmp_path / "c"), verbose=False)
+    with caplog.at_level("INFO"):
+        again = ext.cached_features(images, str(tmp_path / "c"), verbose=False)
+    assert "from the cache" in caplog.text and torch.equal(first, again)
+    changed = images.copy()
+    changed[0, 0, 0, 0] ^= 1
+    other = fid.Extractor.from_config(dataclasses.replace(cfg.fid, seed=1))
+    ext.cached_features(changed, str(tmp_path / "c"), verbose=False)
+    other.cached_features(images, str(tmp_path / "c"), verbose=False)
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 3
+
+
 def test_small_groups_are_flagged_with_their_n_not_reported(make_cfg):
     cfg = make_cfg(fid__min_count=10)
     g = torch.Generator().manual_seed(0)
@@ -141,6 +157,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert 0 <= cond["class_accuracy"] <= 1 and cond["site_conditioned"] == (name == "medi")
         assert on_disk["stain"]["summary"]["seen"]["pairs"] >= 1 and on_disk["stain"]["real"]["pairs"] >= 1
         assert metrics["overall"] == on_disk["overall"]
+    assert len(list(Path(cfg.fid.cache).glob("*.npy"))) == 1      # the real tiles were encoded once for both
     summary = report.run_stage(cfg)
     assert summary["classes_compared"] >= 1
     for fig in (cfg.report.fid_figure, cfg.report.sites_figure):

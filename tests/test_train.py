@@ -44,7 +44,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tiny_world, tmp_path
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
     victim = medi(params, "--set", f"model.output={b / 'models'}", cwd=b)
-    ckpt_dir = next_ckpt = None
+    ckpt_dir = None
     deadline = time.time() + 240
     while time.time() < deadline and victim.poll() is None:   # kill it once a mid-run checkpoint exists
         found = sorted((b / "checkpoints").glob("medi-*/checkpoint-0000006"))

@@ -145,6 +145,7 @@ class FidConfig:
     kid_subsets: int
     curve_count: int             # images generated per point of the training FID curve (train.eval_every)
     stain_tiles: int             # synthetic data: generated tiles per (class, site) cell for the ground-truth stain check
+    cache: str                   # features of real tiles, keyed by extractor and image bytes ("" = off)
     metrics: str                 # metrics/fid_{model}.json
 
 

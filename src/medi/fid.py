@@ -22,6 +22,7 @@ conditioning accuracy, against the real training tiles.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from medi import embed
 from medi.config import Config, FidConfig
 from medi.errors import MediError
+from medi.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class Extractor:
     description: str
     cuda: bool
     batch_size: int
+    identity: str = ""                 # what makes its features what they are (cache key), beside the images
+
 
     @classmethod
     def from_config(cls, cfg: FidConfig) -> "Extractor":
@@ -136,10 +140,11 @@ class Extractor:
             except Exception as exc:  # noqa: BLE001  (a corrupt or foreign file: name it)
                 raise MediError(f"cannot load Inception weights {weights}: {exc}") from None
             return cls(module, "2048", INCEPTION, f"{INCEPTION} (torch-fidelity Inception-v3, 2048-d pool features, "
-                       f"299 px, weights {Path(weights).name})", cuda, cfg.batch_size)
+                       f"299 px, weights {Path(weights).name})", cuda, cfg.batch_size, _file_identity(weights))
         spec = embed.resolve(cfg.extractor, cfg.weights, cfg.input_size, cfg.seed)
         module = create_feature_extractor(TIMM_EXTRACTOR, ["pooled"], cuda=cuda, encoder_spec=spec, verbose=False)
-        return cls(module, "pooled", cfg.extractor, spec.describe(), cuda, cfg.batch_size)
+        identity = repr(spec) + (_file_identity(spec.weights) if spec.weights else "")
+        return cls(module, "pooled", cfg.extractor, spec.describe(), cuda, cfg.batch_size, identity)
 
     def features(self, images: np.ndarray, verbose: bool = True) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> float64 features (N, D), batched with a progress bar."""
@@ -149,6 +154,28 @@ class Extractor:
             raise MediError("no images to extract features from")
         out = get_featuresdict_from_dataset(_Images(images), self.module, self.batch_size, self.cuda, True, verbose)
         return out[self.feature].double()
+
+    def cached_features(self, images: np.ndarray, cache_dir: str, verbose: bool = True) -> torch.Tensor:
+        """`features`, kept on disk under `cache_dir` keyed by this extractor and the images' bytes, so the
+        real tiles are encoded once for every model's evaluation ("" = no cache)."""
+        if not cache_dir:
+            return self.features(images, verbose)
+        digest = hashlib.sha256(f"{self.identity}|{self.description}|{images.shape}".encode())
+        digest.update(np.ascontiguousarray(images).tobytes())
+        path = Path(cache_dir) / f"{self.name.replace(':', '-').replace('/', '-')}-{digest.hexdigest()[:20]}.npy"
+        if path.exists():
+            log.info("features of %d images from the cache %s", len(images), path)
+            return torch.from_numpy(np.load(path))
+        feats = self.features(images, verbose)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, feats.numpy())
+        return feats
+
+
+def _file_identity(path: str) -> str:
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -268,7 +295,7 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
                         "the model was trained at another data.resolution")
     extractor = extractor or Extractor.from_config(cfg.fid)
     t0 = time.perf_counter()
-    real = extractor.features(real_images)
+    real = extractor.cached_features(real_images, cfg.fid.cache)
     gen = extractor.features(gen_images)
     feature_seconds = time.perf_counter() - t0
     site_conditioned = "tss" in str(manifest["conditioned_on"].iloc[0]).split(",")
@@ -350,7 +377,8 @@ def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndar
     def hook(step: int, model) -> dict[str, float]:
         if "real" not in state:
             state["extractor"] = Extractor.from_config(cfg.fid)
-            state["real"] = state["extractor"].features(tiles[np.sort(train_index["idx"].to_numpy())], verbose=False)
+            state["real"] = state["extractor"].cached_features(tiles[np.sort(train_index["idx"].to_numpy())],
+                                                               cfg.fid.cache, verbose=False)
         s = cfg.sample
         images = generate(model, make_sampler(s.scheduler, cfg.model), conditions_of(rows, model), rows["seed"].tolist(),
                           s.steps, s.guidance, s.precision, batch_size=s.batch_size)

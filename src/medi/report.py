@@ -69,35 +69,42 @@ def fid_figure(metrics: Mapping[str, dict]):
 
 
 def sites_figure(cfg: Config, train_index: pd.DataFrame, tiles: np.ndarray, sets: Mapping[str, tuple[Path, pd.DataFrame]]):
-    """Rows of real tiles of a site, then each model's tiles for that (class, site) (blank: none generated)."""
+    """Per class, columns = its largest training sites; rows = real tiles of the site, then each model's tiles
+    generated for that (class, site), `report.tiles_per_row` side by side (blank: none generated)."""
     from medi import figures
     from medi.sample import read_png
 
     r = cfg.report
     classes = [c for c in r.site_classes if c in set(train_index["class"])] or \
         train_index["class"].value_counts().index[:2].tolist()
-    k = r.tiles_per_row
-    size = tiles.shape[1:]
-    rows, labels = [], []
-    for c in classes:
-        own = train_index[train_index["class"] == c]
-        for s in own["tss"].value_counts().index[: r.sites_per_class]:
-            real = own[own["tss"] == s]["idx"].to_numpy()[:k]
-            row = np.zeros((k, *size), np.uint8)
-            row[: len(real)] = tiles[real]
-            rows.append(row)
-            labels.append(f"{c} TSS {s}: real")
-            for name, (folder, manifest) in sets.items():
-                paths = manifest[(manifest["class"] == c) & (manifest["tss"] == s)]["path"].tolist()[:k]
-                row = np.zeros((k, *size), np.uint8)
-                for j, p in enumerate(paths):
-                    row[j] = read_png(folder / p)
-                rows.append(row)
-                site_note = "" if "tss" in str(manifest["conditioned_on"].iloc[0]).split(",") else " (class only)"
-                labels.append(f"{name}{site_note}")
-    grid = np.stack(rows)
-    return figures.tile_grid(grid, labels, [""] * k, "Real tiles of a site (first row of each block) and tiles generated "
-                             "for that class and site by each model", scale=0.9)
+    k, size = r.tiles_per_row, tiles.shape[1:]
+    blocks = {c: train_index[train_index["class"] == c]["tss"].value_counts().index[: r.sites_per_class].tolist()
+              for c in classes}
+    width = max(len(s) for s in blocks.values())
+    rows, labels, titles = [], [], []
+
+    def cell(images: list[np.ndarray]) -> np.ndarray:
+        out = np.zeros((k, *size), np.uint8)
+        if images:
+            out[: min(len(images), k)] = np.stack(images[:k])
+        return np.concatenate(list(out), axis=1)            # k tiles side by side
+
+    for c, sites in blocks.items():
+        pad = [np.zeros((size[0], size[1] * k, 3), np.uint8)] * (width - len(sites))
+        real = [cell([tiles[i] for i in train_index[(train_index["class"] == c) & (train_index["tss"] == s)]["idx"][:k]])
+                for s in sites]
+        rows.append(real + pad)
+        labels.append(f"{c}: real")
+        titles.append([f"{c}, TSS {s}" for s in sites] + [""] * len(pad))
+        for name, (folder, manifest) in sets.items():
+            conditioned = "tss" in str(manifest["conditioned_on"].iloc[0]).split(",")
+            rows.append([cell([read_png(folder / p) for p in
+                               manifest[(manifest["class"] == c) & (manifest["tss"] == s)]["path"][:k]]) for s in sites] + pad)
+            labels.append(f"{c}: {name}" + ("" if conditioned else "\n(class only)"))
+            titles.append([""] * width)
+    return figures.tile_grid(np.stack([np.stack(r) for r in rows]), labels, titles,
+                             "Real tiles of a site (top row of each class) and tiles generated for that class and site",
+                             scale=0.9 * k)
 
 
 def load_fid_metrics(cfg: Config) -> dict[str, dict]:

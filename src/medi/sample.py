@@ -19,8 +19,8 @@ Strategies (params `sample.strategy`) say which conditions to sample:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,7 +34,7 @@ from PIL import Image
 
 from medi.config import Config, ModelConfig, SampleConfig
 from medi.errors import MediError
-from medi.io import atomic_path, read_json, write_json, write_text
+from medi.io import atomic_path, read_json, write_json
 from medi.model import MediDiffusion, null_condition
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     import mlflow
     from accelerate import PartialState
 
-    from medi import figures, tracking
+    from medi import tracking
 
     cfg.variant(name)
     model_dir = Path(cfg.model.output) / name
@@ -310,11 +310,10 @@ def run_stage(cfg: Config, name: str) -> dict:
             "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),
             "plan_sha256_16": hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]}
     previous = read_json(out / INFO) if (out / INFO).exists() else None
-    if previous is not None and {k: previous.get(k) for k in info} != info:
-        log.info("%s holds another sample set; starting afresh", out)
+    if out.exists() and (previous is None or {k: previous.get(k) for k in info} != info):
+        log.info("%s holds another (or an unidentified) sample set; starting afresh", out)
         for f in (out / MANIFEST, out / INFO):
             f.unlink(missing_ok=True)
-        import shutil
         shutil.rmtree(out / "images", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / INFO, {**info, "complete": False})
