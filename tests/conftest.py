@@ -34,6 +34,11 @@ def params_dict(tmp_path: Path) -> dict:
     raw["sample"]["output"] = str(tmp_path / "samples/{model}")
     raw["fid"]["metrics"] = str(tmp_path / "metrics/fid_{model}.json")
     raw["fid"]["cache"] = str(tmp_path / "artifacts/cache/features")
+    raw["encoder"]["cache"] = str(tmp_path / "artifacts/cache/embeddings")
+    raw["probe"]["metrics"] = str(tmp_path / "metrics/probe.json")
+    raw["probe"]["table"] = str(tmp_path / "reports/probe.md")
+    raw["probe"]["figure"] = str(tmp_path / "reports/probe.png")
+    raw["report"]["index"] = str(tmp_path / "reports/index.md")
     raw["report"]["fid_figure"] = str(tmp_path / "reports/fid_per_class.png")
     raw["report"]["sites_figure"] = str(tmp_path / "reports/sites_real_cls_medi.png")
     raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -70,6 +75,8 @@ TINY = {
     "train__warmup_steps": 2, "train__precision": "no", "train__stain_check_seeds": 2,
     "sample__count": 42, "sample__steps": 2, "sample__batch_size": 16, "fid__input_size": 32, "fid__min_count": 4,
     "fid__curve_count": 16, "fid__stain_tiles": 4, "report__sites_per_class": 2, "report__tiles_per_row": 3,
+    "probe__real_per_class": 3, "probe__pool_per_pair": 2, "probe__runs": 4, "probe__workers": 1,
+    "encoder__input_size": 32,
 }
 
 

@@ -160,6 +160,9 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     assert len(list(Path(cfg.fid.cache).glob("*.npy"))) == 1      # the real tiles were encoded once for both
     summary = report.run_stage(cfg)
     assert summary["classes_compared"] >= 1
+    page = Path(cfg.report.index).read_text()
+    assert "## Fidelity" in page and "offline default" in page and "](fid_per_class.png)" in page
+    assert "Table 1" not in page                                   # no probe metrics yet: no probe section
     for fig in (cfg.report.fid_figure, cfg.report.sites_figure):
         assert Path(fig).stat().st_size > 10_000
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")

@@ -58,7 +58,7 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
     first = run("dvc", "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in ("synthesize", "prepare", "split", "train@cls", "train@medi", "sample@cls", "sample@medi", "fid@cls",
-                  "fid@medi", "report"):
+                  "fid@medi", "probe", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     split = json.loads((work / "metrics/split.json").read_text())
     assert set(split) == {"train_slides", "holdout_slides", "train_tss", "holdout_tss", "tss_overlap",
@@ -70,8 +70,11 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
         fid = json.loads((work / f"metrics/fid_{name}.json").read_text())
         assert {"extractor", "overall", "per_class", "per_site", "kid", "n_real", "n_generated"} <= set(fid)
         assert fid["n_generated"] == TINY["sample__count"] == len(list((work / f"samples/{name}/images").rglob("*.png")))
+    probe = json.loads((work / "metrics/probe.json").read_text())
+    assert set(probe["tasks"]) == {"nsclc", "rcc", "uterine"} and set(probe["tasks"]["rcc"]) == {"none", "cls", "medi"}
+    assert "Table 1" in (work / "reports/index.md").read_text()
     for fig in ("dataset.png", "synthetic_tiles.png", "synthetic_tiles_counterfactual.png", "fid_per_class.png",
-                "sites_real_cls_medi.png"):
+                "sites_real_cls_medi.png", "probe.png"):
         assert (work / "reports" / fig).stat().st_size > 10_000
     assert not (work / "data").exists()            # the default never touches the raw-data folder
 

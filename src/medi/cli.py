@@ -157,6 +157,12 @@ def cmd_fid(cfg: Config, args: argparse.Namespace) -> None:
     fid.run_stage(cfg, args.model)
 
 
+def cmd_probe(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import probe
+
+    probe.run_stage(cfg)
+
+
 def cmd_report(cfg: Config, args: argparse.Namespace) -> None:
     from medi import report
 
@@ -170,6 +176,7 @@ COMMANDS = {
     "train": (cmd_train, "train a diffusion model (cls or medi), resuming from its last checkpoint"),
     "sample": (cmd_sample, "generate a sample set (PNGs + manifest) with a trained model, or regenerate one"),
     "fid": (cmd_fid, "FID / KID overall, per class and per site, and conditioning accuracy of a sample set"),
+    "probe": (cmd_probe, "the linear probe under subpopulation shift (the paper's Table 1): none / cls / medi"),
     "report": (cmd_report, "comparison figures of the models (FID per class, real vs generated tiles per site)"),
     "check": (cmd_check, "validate params.yaml and the presence of the input data"),
     "fetch-tcga-ut": (cmd_fetch_tcga_ut, "download, verify and unpack TCGA-UT classes from Zenodo into data/"),

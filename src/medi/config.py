@@ -150,6 +150,33 @@ class FidConfig:
 
 
 @dataclass(frozen=True)
+class EncoderConfig:
+    name: str                    # random:<timm name> (offline default) | uni | uni2-h | h-optimus-0 | phikon | timm:<name>
+    weights: str                 # local weights file (required for pretrained encoders)
+    input_size: int              # px the tiles are resized to (0 = the encoder's own)
+    seed: int                    # random:<name>: initialisation seed
+    batch_size: int
+    cache: str                   # embeddings on disk, keyed by encoder and image content ("" = off)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    tasks: dict[str, list[str]]  # task -> classes (the paper: nsclc, rcc, uterine)
+    methods: list[str]           # none | cls | medi
+    models: dict[str, str]       # method -> the model whose samples it adds (cls: cls, medi: medi)
+    real_per_class: int          # real tiles per class, from its one chosen training TSS
+    ratio: float                 # synthetic tiles per real tile
+    runs: int                    # TSS combinations per task (0 = every combination; else a seeded random subset)
+    seed: int
+    pool_per_pair: int           # synthetic images generated per (model, class, TSS) pair
+    C: float                     # inverse regularisation of the logistic regression
+    workers: int                 # parallel runs (-1 = all cores)
+    metrics: str                 # metrics/probe.json
+    table: str                   # reports/probe.md
+    figure: str                  # reports/probe.png
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     models: list[str]            # models compared in the figures (the paper: cls and medi)
     site_classes: list[str]      # the real / CLS / MeDi site rows figure shows these classes (the paper: LUSC, LUAD)
@@ -157,6 +184,7 @@ class ReportConfig:
     tiles_per_row: int
     fid_figure: str              # reports/fid_per_class.png (the paper's Figure 3)
     sites_figure: str            # reports/sites_real_cls_medi.png (the paper's Figure 4)
+    index: str                   # reports/index.md: the one page to open after make repro
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,8 @@ class Config:
     train: TrainConfig
     sample: SampleConfig
     fid: FidConfig
+    encoder: EncoderConfig
+    probe: ProbeConfig
     report: ReportConfig
     tracking: TrackingConfig
     source_path: str = dataclasses.field(default="params.yaml", compare=False)
@@ -332,6 +362,20 @@ def _validate(cfg: Config, where: str) -> None:
     if min(f.batch_size, f.min_count, f.kid_subset_size, f.kid_subsets, f.curve_count, f.stain_tiles) < 1 or f.input_size < 0:
         raise MediError(f"{where}: fid.batch_size, min_count, kid_subset_size, kid_subsets, curve_count and stain_tiles "
                         "must be >= 1 and fid.input_size >= 0")
+    pr = cfg.probe
+    bad = [m for m in pr.methods if m not in ("none", "cls", "medi")]
+    if bad or not pr.methods:
+        raise MediError(f"{where}: 'probe.methods' must list some of none, cls, medi; got {pr.methods}")
+    for method in pr.methods:
+        if method != "none" and pr.models.get(method) not in cfg.model.variants:
+            raise MediError(f"{where}: 'probe.models.{method}' must name a model of model.variants "
+                            f"({sorted(cfg.model.variants)}), got {pr.models.get(method)!r}")
+    if min(pr.real_per_class, pr.pool_per_pair, cfg.encoder.batch_size) < 1 or pr.ratio < 0 or pr.runs < 0 or not pr.tasks:
+        raise MediError(f"{where}: probe.real_per_class, pool_per_pair and encoder.batch_size must be >= 1, probe.ratio "
+                        "and probe.runs >= 0, and probe.tasks not empty")
+    for task, classes in pr.tasks.items():
+        if len(classes) < 2:
+            raise MediError(f"{where}: 'probe.tasks.{task}' needs at least two classes, got {classes}")
     unknown = [m for m in cfg.report.models if m not in cfg.model.variants]
     if unknown:
         raise MediError(f"{where}: 'report.models' names {unknown}, which are not in model.variants "

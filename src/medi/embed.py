@@ -15,14 +15,20 @@ encoder's mean and standard deviation.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medi.errors import MediError
+from medi.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -42,6 +48,10 @@ class EncoderSpec:
     @property
     def pretrained(self) -> bool:
         return not self.name.startswith("random:")
+
+    def identity(self) -> str:
+        """What makes this encoder's outputs what they are (the embedding cache's key), weights file included."""
+        return repr(self) + (file_identity(self.weights) if self.weights else "")
 
     def describe(self) -> str:
         """The encoder's name as every output and figure states it."""
@@ -144,3 +154,79 @@ def preprocess(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def file_identity(path: str) -> str:
+    """A cheap identity of a weights file: resolved path, size and modification time."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Any RGB image file (a real JPEG tile or a generated PNG) -> uint8 (H, W, 3), the only way images are read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode != "RGB":
+                raise MediError(f"{path}: expected an RGB image, got mode {im.mode}")
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise MediError(f"{path}: cannot decode: {exc}") from None
+
+
+def image_keys(images: np.ndarray) -> list[str]:
+    """Content keys of uint8 images (shape included): equal pixels, equal key, whatever file they came from."""
+    return [hashlib.sha256(f"{im.shape}".encode() + np.ascontiguousarray(im).tobytes()).hexdigest()[:32] for im in images]
+
+
+class EmbeddingCache:
+    """Embeddings on disk per encoder, keyed by image content: shards of (keys, vectors) written atomically,
+    so sweeps and re-runs never encode an image twice."""
+
+    def __init__(self, root: str | Path, spec: EncoderSpec):
+        self.dir = Path(root) / f"{spec.name.replace(':', '-').replace('/', '-')}-" \
+                                f"{hashlib.sha256(spec.identity().encode()).hexdigest()[:16]}"
+        self.table: dict[str, np.ndarray] = {}
+        for shard in sorted(self.dir.glob("shard-*.npz")):
+            with np.load(shard) as z:
+                self.table.update(zip(z["keys"].tolist(), z["vectors"]))
+
+    def put(self, keys: list[str], vectors: np.ndarray) -> None:
+        if not keys:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        shard = self.dir / f"shard-{len(list(self.dir.glob('shard-*.npz'))):06d}-{keys[0][:8]}.npz"
+        with atomic_path(shard) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=np.array(keys), vectors=vectors.astype(np.float32))
+        self.table.update(zip(keys, vectors.astype(np.float32)))
+
+
+@torch.no_grad()
+def embed(images: np.ndarray, spec: EncoderSpec, cache_dir: str = "", batch_size: int = 64,
+          model: torch.nn.Module | None = None, progress: bool = True) -> np.ndarray:
+    """Embeddings (N, D) float32 of uint8 images (N, H, W, 3): looked up in the cache by content, the rest
+    encoded in batches on accelerate's device (with a progress bar) and added to the cache."""
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    keys = image_keys(images)
+    cache = EmbeddingCache(cache_dir, spec) if cache_dir else None
+    todo = sorted({k: i for i, k in enumerate(keys) if cache is None or k not in cache.table}.values())
+    if todo:
+        device = PartialState().device
+        model = (model or build(spec)).to(device)
+        out = []
+        for lo in tqdm(range(0, len(todo), batch_size), desc=f"embedding ({spec.name})", unit="batch",
+                       disable=not progress):
+            batch = torch.from_numpy(np.stack([images[i] for i in todo[lo:lo + batch_size]])).to(device)
+            out.append(model(preprocess(batch, spec)).float().cpu().numpy())
+        fresh = np.concatenate(out)
+        if cache is not None:
+            cache.put([keys[i] for i in todo], fresh)
+        else:
+            table = dict(zip((keys[i] for i in todo), fresh))
+            return np.stack([table[k] for k in keys])
+    log.info("embeddings of %d images: %d from the cache, %d encoded", len(keys), len(keys) - len(todo), len(todo))
+    return np.stack([cache.table[k] for k in keys])

@@ -140,11 +140,10 @@ class Extractor:
             except Exception as exc:  # noqa: BLE001  (a corrupt or foreign file: name it)
                 raise MediError(f"cannot load Inception weights {weights}: {exc}") from None
             return cls(module, "2048", INCEPTION, f"{INCEPTION} (torch-fidelity Inception-v3, 2048-d pool features, "
-                       f"299 px, weights {Path(weights).name})", cuda, cfg.batch_size, _file_identity(weights))
+                       f"299 px, weights {Path(weights).name})", cuda, cfg.batch_size, embed.file_identity(weights))
         spec = embed.resolve(cfg.extractor, cfg.weights, cfg.input_size, cfg.seed)
         module = create_feature_extractor(TIMM_EXTRACTOR, ["pooled"], cuda=cuda, encoder_spec=spec, verbose=False)
-        identity = repr(spec) + (_file_identity(spec.weights) if spec.weights else "")
-        return cls(module, "pooled", cfg.extractor, spec.describe(), cuda, cfg.batch_size, identity)
+        return cls(module, "pooled", cfg.extractor, spec.describe(), cuda, cfg.batch_size, spec.identity())
 
     def features(self, images: np.ndarray, verbose: bool = True) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> float64 features (N, D), batched with a progress bar."""
@@ -171,11 +170,6 @@ class Extractor:
             with open(tmp, "wb") as f:
                 np.save(f, feats.numpy())
         return feats
-
-
-def _file_identity(path: str) -> str:
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 # ----------------------------------------------------------------------------------------------- metrics
