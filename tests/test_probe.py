@@ -122,3 +122,24 @@ def test_probe_stage_writes_the_contract(tiny_world):
     assert any(r.data.tags["medi.stage"] == "probe" for r in runs)
     again = probe.run_stage(cfg)                                    # pools and embeddings reused, same figures
     assert again["tasks"] == result["tasks"]
+
+
+def test_a_preset_loads_a_local_state_dict_of_its_architecture(tmp_path):
+    """Phikon's timm architecture (ViT-B/16), randomly initialised, stands in for the real weights file."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    net = timm.create_model(embed.PRESETS["phikon"]["architecture"], pretrained=False, num_classes=1000,
+                            **embed.PRESETS["phikon"]["kwargs"])
+    save_file(net.state_dict(), str(tmp_path / "phikon.safetensors"))   # with a head, as published checkpoints are
+    spec = embed.resolve("phikon", weights=str(tmp_path / "phikon.safetensors"))
+    loaded = embed.build(spec)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    out = embed.embed(images, spec, model=loaded, progress=False)
+    net.reset_classifier(0)
+    with torch.no_grad():
+        ref = net.eval()(embed.preprocess(torch.from_numpy(images), spec)).numpy()
+    assert out.shape == (2, 768) and np.allclose(out, ref, atol=1e-5)
+    assert "phikon (vit_base_patch16_224, 224 px, weights phikon.safetensors)" == spec.describe()
