@@ -44,6 +44,8 @@ bench: setup  ## benchmarks (speed targets live here, not in tests); results go 
 	cd bench && python train_speed.py --steps 8
 	medi check && dvc repro train      # the sampling benchmark samples the default trained model
 	python bench/sample_speed.py --model medi --count 1000
+	dvc repro probe                    # the probe benchmark runs on its cached embeddings and pools
+	python bench/probe_speed.py --runs 200
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
