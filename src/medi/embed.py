@@ -213,7 +213,8 @@ def embed(images: np.ndarray, spec: EncoderSpec, cache_dir: str = "", batch_size
 
     keys = image_keys(images)
     cache = EmbeddingCache(cache_dir, spec) if cache_dir else None
-    todo = sorted({k: i for i, k in enumerate(keys) if cache is None or k not in cache.table}.values())
+    table = cache.table if cache is not None else {}
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in table}.values())
     if todo:
         device = PartialState().device
         model = (model or build(spec)).to(device)
@@ -222,11 +223,10 @@ def embed(images: np.ndarray, spec: EncoderSpec, cache_dir: str = "", batch_size
                        disable=not progress):
             batch = torch.from_numpy(np.stack([images[i] for i in todo[lo:lo + batch_size]])).to(device)
             out.append(model(preprocess(batch, spec)).float().cpu().numpy())
-        fresh = np.concatenate(out)
+        fresh, new_keys = np.concatenate(out), [keys[i] for i in todo]
         if cache is not None:
-            cache.put([keys[i] for i in todo], fresh)
+            cache.put(new_keys, fresh)
         else:
-            table = dict(zip((keys[i] for i in todo), fresh))
-            return np.stack([table[k] for k in keys])
+            table.update(zip(new_keys, fresh))
     log.info("embeddings of %d images: %d from the cache, %d encoded", len(keys), len(keys) - len(todo), len(todo))
-    return np.stack([cache.table[k] for k in keys])
+    return np.stack([table[k] for k in keys])
