@@ -73,7 +73,8 @@ def toy_task(shortcut: float = 3.0, seed: int = 0) -> tuple[probe.TaskData, dict
              "medi": {(c, t): tiles(c, t, 20) for c in classes for t in sites["A"] + sites["B"]}}
     test = [(c, t, x) for c in classes for t in sites[c] for x in tiles(c, t, 30)]
     task = probe.TaskData(classes, [("a1", "b1")], real, pools, np.stack([x for *_, x in test]),
-                          np.array([classes.index(c) for c, *_ in test]), np.array([t for _, t, _ in test]))
+                          np.array([classes.index(c) for c, *_ in test]), np.array([t for _, t, _ in test]),
+                          ["a1", "a2", "b1", "b2"])
     return task, sites
 
 
@@ -87,6 +88,34 @@ def test_training_sets_have_the_paper_composition():
     assert len(seen_y) == 40                                        # the 20 undrawn tiles of each chosen site
     assert probe.combinations([["a1", "a2"], ["b1", "b2"]], 0, 0) == [("a1", "b1"), ("a1", "b2"), ("a2", "b1"), ("a2", "b2")]
     assert len(probe.combinations([["a1", "a2"], ["b1", "b2"]], 3, 0)) == 3
+
+
+def test_strategies_spread_synthetic_tiles_over_pairs_as_documented():
+    task, _ = toy_task()
+    combo, real = ("a1", "b1"), [20, 20]
+
+    def alloc(strategy, n, method="medi", seed=0):
+        out: dict = {}
+        for key, k in probe.allocation(task, combo, real, method, strategy, n, np.random.default_rng(seed)):
+            out[key] = out.get(key, 0) + k
+        return {key: k for key, k in out.items() if k}
+
+    assert alloc("grid", 40) == {("A", "a1"): 10, ("A", "b1"): 10, ("B", "a1"): 10, ("B", "b1"): 10}
+    assert alloc("unseen", 40) == {("A", "b1"): 20, ("B", "a1"): 20}
+    assert alloc("balanced", 40) == {("A", "b1"): 20, ("B", "a1"): 20}       # the empty pairs fill first
+    assert alloc("balanced", 60) == {("A", "a1"): 5, ("A", "b1"): 25, ("B", "a1"): 25, ("B", "b1"): 5}
+    assert sum(alloc("balanced", 41).values()) == 41
+    uniform = alloc("uniform", 400)
+    for c in "AB":                                                  # equal per class, over all four task sites
+        assert sum(k for (cls, _), k in uniform.items() if cls == c) == 200
+        assert {t for (cls, t) in uniform if cls == c} == {"a1", "a2", "b1", "b2"}
+    assert alloc("unseen", 40, method="cls") == {("A", None): 20, ("B", None): 20}   # CLS knows no sites
+    with pytest.raises(MediError, match="unknown probe strategy 'diagonal'"):
+        alloc("diagonal", 4)
+    picks = probe.real_draws(task, combo, 20, np.random.default_rng(0))
+    for strategy in probe.STRATEGIES:
+        x, y = probe.training_set(task, combo, picks, "medi", 1.0, np.random.default_rng(1), strategy)
+        assert len(x) == 80 and (np.bincount(y) == 40).all(), strategy
 
 
 def test_medi_augmentation_breaks_the_site_shortcut_that_none_learns():

@@ -4,8 +4,7 @@ For each task (a set of classes) and each run (one training TSS per class, all d
 cancer type comes from a single hospital):
 - take `real_per_class` real tiles of each class from its chosen TSS;
 - add `ratio` synthetic tiles per real one: `none` adds none; `cls` adds CLS samples uniform over the
-  classes; `medi` adds MeDi samples uniform over every (class, chosen TSS) pair, which fills the pairs the
-  real data lacks and breaks the class-site correlation;
+  classes; `medi` adds MeDi samples spread over (class, TSS) pairs by `probe.strategy` (below);
 - fit a logistic regression (balanced class weights) on the encoder's embeddings;
 - test on every holdout tile of the task's classes (sites the diffusion models never saw).
 
@@ -14,6 +13,17 @@ class), Matthews correlation, and the worst TSS; mean and standard error over ru
 run are the same for every method (a paired comparison). Synthetic tiles come from pools generated once
 per model and (class, TSS) pair (`samples/probe_MODEL/`, with a manifest like any sample set); runs draw
 from them. Runs are independent and fitted in parallel (joblib) on cached embeddings.
+
+Strategies for a site-conditioned model's tiles (`probe.strategy`; a run's chosen sites are one per class):
+- `grid` (the paper's): equal counts for every class x every chosen site, so each class appears at every
+  site of the run, seen pair or not, which breaks the class-site correlation.
+- `unseen`: only the pairs the real data lacks (a class at another class's chosen site), equal counts.
+- `balanced` (frequency balancing): each synthetic tile goes to the (class, chosen site) pair with the fewest
+  tiles so far, real ones included, so the rarest pairs fill first; with few synthetic tiles it is `unseen`,
+  with many it tends to `grid`.
+- `uniform`: equal counts per class, each tile at a site drawn uniformly from all training sites of the
+  task's classes (not only the run's), the widest spread of stains.
+A model without site conditioning (CLS) always gets equal counts per class.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ from medi.errors import MediError
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "cls", "medi")
+STRATEGIES = ("grid", "unseen", "balanced", "uniform")
 
 
 @dataclass
@@ -42,12 +53,25 @@ class TaskData:
     test_x: np.ndarray
     test_y: np.ndarray                                  # class index
     test_tss: np.ndarray
+    sites: list[str]                                    # every candidate training TSS of the task's classes
 
 
 def candidate_sites(train_index: pd.DataFrame, cls: str, real_per_class: int) -> list[str]:
     """Training TSS of a class with at least `real_per_class` tiles, largest first."""
     counts = train_index[train_index["class"] == cls]["tss"].value_counts()
     return [str(t) for t, n in counts.items() if n >= real_per_class]
+
+
+def task_candidates(classes: Sequence[str], train_index: pd.DataFrame, real_per_class: int) -> list[list[str]]:
+    """candidate_sites of every class of a task; a class without any is an error."""
+    missing = [c for c in classes if c not in set(train_index["class"])]
+    if missing:
+        raise MediError(f"probe task classes {missing} are not in the training split ({sorted(set(train_index['class']))})")
+    candidates = [candidate_sites(train_index, c, real_per_class) for c in classes]
+    for c, cands in zip(classes, candidates):
+        if not cands:
+            raise MediError(f"probe: class {c} has no training TSS with >= {real_per_class} tiles (probe.real_per_class)")
+    return candidates
 
 
 def combinations(candidates: Sequence[Sequence[str]], runs: int, seed: int) -> list[tuple[str, ...]]:
@@ -73,19 +97,51 @@ def real_draws(task: TaskData, combo: tuple[str, ...], real_per_class: int, rng:
     return [rng.choice(len(task.real[(c, t)]), real_per_class, replace=False) for c, t in zip(task.classes, combo)]
 
 
+def _equal(keys: list, n: int, rng: np.random.Generator) -> list[tuple]:
+    """n split as evenly as possible over keys; which keys get the remainder varies by run."""
+    share = np.full(len(keys), n // len(keys)) + (np.arange(len(keys)) < n % len(keys))
+    return [(keys[i], int(k)) for i, k in zip(rng.permutation(len(keys)), share)]
+
+
+def allocation(task: TaskData, combo: tuple[str, ...], real_counts: Sequence[int], method: str, strategy: str,
+               n_syn: int, rng: np.random.Generator) -> list[tuple[tuple[str, str | None], int]]:
+    """How many synthetic tiles each pool key gets: [((class, TSS or None), n), ...] (see the module doc)."""
+    if method == "cls":
+        return _equal([(c, None) for c in task.classes], n_syn, rng)
+    own = dict(zip(task.classes, combo))
+    if strategy == "grid":
+        return _equal([(c, t) for c in task.classes for t in combo], n_syn, rng)
+    if strategy == "unseen":
+        return _equal([(c, t) for c in task.classes for t in combo if t != own[c]], n_syn, rng)
+    if strategy == "balanced":
+        keys = [(c, t) for c in task.classes for t in combo]
+        total = np.array([real_counts[task.classes.index(c)] if t == own[c] else 0 for c, t in keys], float)
+        given = np.zeros(len(keys), int)
+        tiebreak = rng.random(len(keys))                   # equal totals: a per-run random order
+        for _ in range(n_syn):
+            i = int(np.lexsort((tiebreak, total))[0])
+            given[i] += 1
+            total[i] += 1
+        return [(k, int(n)) for k, n in zip(keys, given)]
+    if strategy == "uniform":
+        out = []
+        for c, n in _equal(list(task.classes), n_syn, rng):
+            sites, counts = np.unique(rng.choice(task.sites, n), return_counts=True) if n else ([], [])
+            out += [((c, str(t)), int(k)) for t, k in zip(sites, counts)]
+        return out
+    raise MediError(f"unknown probe strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
+
+
 def training_set(task: TaskData, combo: tuple[str, ...], picks: list[np.ndarray], method: str, ratio: float,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                 rng: np.random.Generator, strategy: str = "grid") -> tuple[np.ndarray, np.ndarray]:
     xs = [task.real[(c, t)][p] for c, t, p in zip(task.classes, combo, picks)]
     ys = [np.full(len(p), k) for k, p in enumerate(picks)]
     n_syn = int(round(ratio * sum(len(p) for p in picks)))
     if method != "none" and n_syn:
-        keys = ([(c, None) for c in task.classes] if method == "cls"
-                else [(c, t) for c in task.classes for t in combo])
-        share = np.full(len(keys), n_syn // len(keys)) + (np.arange(len(keys)) < n_syn % len(keys))
-        for i, n in zip(rng.permutation(len(keys)), share):   # which pairs get the remainder varies by run
+        for key, n in allocation(task, combo, [len(p) for p in picks], method, strategy, n_syn, rng):
             if n:
-                xs.append(draw(task.pools[method][keys[i]], int(n), rng))
-                ys.append(np.full(int(n), task.classes.index(keys[i][0])))
+                xs.append(draw(task.pools[method][key], n, rng))
+                ys.append(np.full(n, task.classes.index(key[0])))
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -120,23 +176,24 @@ def fit_and_score(x: np.ndarray, y: np.ndarray, task: TaskData, seen: tuple[np.n
 
 
 def one_run(task: TaskData, combo: tuple[str, ...], methods: Sequence[str], real_per_class: int, ratio: float,
-            C: float, seed: Sequence[int]) -> dict[str, dict[str, float]]:
+            C: float, seed: Sequence[int], strategy: str = "grid") -> dict[str, dict[str, float]]:
     picks = real_draws(task, combo, real_per_class, np.random.default_rng([*seed, 0]))   # the same for every method
     seen = seen_sites_test(task, combo, picks)
     out = {}
     for method in methods:
-        x, y = training_set(task, combo, picks, method, ratio, np.random.default_rng([*seed, 1 + METHODS.index(method)]))
+        x, y = training_set(task, combo, picks, method, ratio, np.random.default_rng([*seed, 1 + METHODS.index(method)]),
+                            strategy)
         out[method] = fit_and_score(x, y, task, seen, C, int(seed[0]))
     return out
 
 
 def run_task(task: TaskData, methods: Sequence[str], real_per_class: int, ratio: float, C: float, seed: int,
-             task_id: int, workers: int = -1) -> dict[str, dict]:
+             task_id: int, workers: int = -1, strategy: str = "grid") -> dict[str, dict]:
     """All runs of one task in parallel; per method the mean, standard error and per-run figures."""
     from joblib import Parallel, delayed
 
     results = Parallel(n_jobs=workers)(
-        delayed(one_run)(task, combo, methods, real_per_class, ratio, C, (seed, task_id, i))
+        delayed(one_run)(task, combo, methods, real_per_class, ratio, C, (seed, task_id, i), strategy)
         for i, combo in enumerate(task.combos))
     summary = {}
     for method in methods:
@@ -158,13 +215,7 @@ def build_task(classes: Sequence[str], train_index: pd.DataFrame, holdout_index:
     """Arrays of one task: real embeddings per (class, TSS), the test set, and the runs' TSS combinations.
     `embeddings` maps a tile's idx (row of the packed tiles) to its embedding."""
     classes = list(classes)
-    missing = [c for c in classes if c not in set(train_index["class"])]
-    if missing:
-        raise MediError(f"probe task classes {missing} are not in the training split ({sorted(set(train_index['class']))})")
-    candidates = [candidate_sites(train_index, c, real_per_class) for c in classes]
-    for c, cands in zip(classes, candidates):
-        if not cands:
-            raise MediError(f"probe: class {c} has no training TSS with >= {real_per_class} tiles (probe.real_per_class)")
+    candidates = task_candidates(classes, train_index, real_per_class)
     combos = combinations(candidates, runs, seed)
     real = {(c, t): np.stack([embeddings[i] for i in train_index[(train_index["class"] == c) & (train_index["tss"] == t)]["idx"]])
             for c, cands in zip(classes, candidates) for t in cands}
@@ -173,7 +224,7 @@ def build_task(classes: Sequence[str], train_index: pd.DataFrame, holdout_index:
         raise MediError(f"probe: the holdout split has no tiles of {classes}")
     return TaskData(classes, combos, real, {m: dict(p) for m, p in pools.items()},
                     np.stack([embeddings[i] for i in test["idx"]]), test["class"].map(classes.index).to_numpy(),
-                    test["tss"].to_numpy(str))
+                    test["tss"].to_numpy(str), list(dict.fromkeys(t for cands in candidates for t in cands)))
 
 
 def pool_pairs(tasks: Mapping[str, Sequence[str]], train_index: pd.DataFrame, real_per_class: int,
@@ -182,11 +233,8 @@ def pool_pairs(tasks: Mapping[str, Sequence[str]], train_index: pd.DataFrame, re
     TSS of the task's classes (seen and unseen pairs)."""
     pairs: list[tuple[str, str | None]] = []
     for classes in tasks.values():
-        if method == "cls":
-            pairs += [(c, None) for c in classes]
-        else:
-            sites = [t for c in classes for t in candidate_sites(train_index, c, real_per_class)]
-            pairs += [(c, t) for c in classes for t in sites]
+        sites = [t for cands in task_candidates(classes, train_index, real_per_class) for t in cands]
+        pairs += [(c, None) for c in classes] if method == "cls" else [(c, t) for c in classes for t in sites]
     return list(dict.fromkeys(pairs))
 
 
@@ -199,8 +247,9 @@ PAPER_TABLE1 = {   # balanced accuracy in %, mean +- standard error (../shared/r
 
 
 def synthetic_pool(cfg, method: str, pairs: list[tuple[str, str | None]], train_index: pd.DataFrame, spec,
-                   ) -> dict[tuple[str, str | None], np.ndarray]:
-    """Generate (or resume) the pool of a method's model as a sample set `samples/probe_MODEL/` and embed it."""
+                   model_dir=None, out=None) -> dict[tuple[str, str | None], np.ndarray]:
+    """Generate (or resume) the pool of a method's model as a sample set (default `samples/probe_MODEL/`, the
+    model from `models/MODEL`) and embed it."""
     import dataclasses
     from pathlib import Path
 
@@ -211,7 +260,8 @@ def synthetic_pool(cfg, method: str, pairs: list[tuple[str, str | None]], train_
     from medi.model import MediDiffusion
 
     name = cfg.probe.models[method]
-    model = MediDiffusion.load(Path(cfg.model.output) / name).to(PartialState().device).eval()
+    model_dir = Path(model_dir) if model_dir else Path(cfg.model.output) / name
+    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
     scfg = dataclasses.replace(cfg.sample, strategy="explicit", per_pair=cfg.probe.pool_per_pair,
                                pairs=[{"class": c, **({"tss": t} if t else {})} for c, t in pairs])
     rows = sample.plan(scfg, train_index, model.vocab.classes)
@@ -219,7 +269,7 @@ def synthetic_pool(cfg, method: str, pairs: list[tuple[str, str | None]], train_
                        conditioned_on=",".join(["class", *model.vocab.attributes]), model=name,
                        scheduler=scfg.scheduler, steps=scfg.steps, guidance=scfg.guidance, precision=scfg.precision,
                        strategy="probe-pool")
-    out = Path(cfg.sample.output.format(model=f"probe_{name}"))
+    out = Path(out) if out else Path(cfg.sample.output.format(model=f"probe_{name}"))
     sample.generate_set(model, rows, out, scfg.scheduler, scfg.steps, scfg.guidance, scfg.precision, cfg.model)
     with atomic_path(out / sample.MANIFEST) as tmp:
         rows.to_csv(tmp, index=False)
@@ -270,21 +320,35 @@ def figure(result: dict):
     return fig
 
 
-def prepare(cfg):
-    """The encoder spec and every task's arrays: real embeddings (cached), synthetic pools (generated once)."""
+def load_splits(cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     from pathlib import Path
 
+    split = Path(cfg.split.output)
+    for name in ("train.parquet", "holdout.parquet"):
+        if not (split / name).exists():
+            raise MediError(f"{split / name} not found; run `medi split` (or `dvc repro split`) first")
+    return pd.read_parquet(split / "train.parquet"), pd.read_parquet(split / "holdout.parquet")
+
+
+def real_embeddings(cfg, spec, train_index: pd.DataFrame, holdout_index: pd.DataFrame) -> dict[int, np.ndarray]:
+    """Embeddings of the real tiles of every task's classes, by tile idx (from the cache when there)."""
     from medi import data, embed
 
-    p = cfg.probe
-    train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
-    holdout_index = pd.read_parquet(Path(cfg.split.output) / "holdout.parquet")
-    spec = embed.resolve(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, cfg.encoder.seed)
     tiles = data.load_tiles(cfg.data.output)
-    classes = sorted({c for cs in p.tasks.values() for c in cs})
+    classes = sorted({c for cs in cfg.probe.tasks.values() for c in cs})
     needed = pd.concat([train_index[train_index["class"].isin(classes)], holdout_index[holdout_index["class"].isin(classes)]])
     idx = np.sort(needed["idx"].to_numpy())
-    embeddings = dict(zip(idx.tolist(), embed.embed(np.asarray(tiles[idx]), spec, cfg.encoder.cache, cfg.encoder.batch_size)))
+    return dict(zip(idx.tolist(), embed.embed(np.asarray(tiles[idx]), spec, cfg.encoder.cache, cfg.encoder.batch_size)))
+
+
+def prepare(cfg):
+    """The encoder spec and every task's arrays: real embeddings (cached), synthetic pools (generated once)."""
+    from medi import embed
+
+    p = cfg.probe
+    train_index, holdout_index = load_splits(cfg)
+    spec = embed.resolve(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, cfg.encoder.seed)
+    embeddings = real_embeddings(cfg, spec, train_index, holdout_index)
     pools = {m: synthetic_pool(cfg, m, pool_pairs(p.tasks, train_index, p.real_per_class, m), train_index, spec)
              for m in p.methods if m != "none"}
     tasks = {task: build_task(cs, train_index, holdout_index, embeddings, pools, p.real_per_class, p.runs, p.seed)
@@ -309,7 +373,8 @@ def run_stage(cfg) -> dict:
         result = {"encoder": spec.describe(), "tasks": {}, "settings": cfg.section_dict("probe")}
         t1 = time.perf_counter()
         for i, (task, td) in enumerate(tasks.items()):
-            result["tasks"][task] = run_task(td, p.methods, p.real_per_class, p.ratio, p.C, p.seed, i, p.workers)
+            result["tasks"][task] = run_task(td, p.methods, p.real_per_class, p.ratio, p.C, p.seed, i, p.workers,
+                                             p.strategy)
             log.info("probe %s (%d runs): %s", task, len(td.combos),
                      {m: f"TSS-avg {v['tss_avg']:.3f}+-{v['tss_avg_sem']:.3f}" for m, v in result["tasks"][task].items()})
         result["seconds"] = {"embeddings_and_pools": prep_seconds, "runs": time.perf_counter() - t1}
