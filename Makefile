@@ -17,7 +17,9 @@ export PATH := $(BIN):$(PATH)
 
 CLASSES ?= LUAD LUSC KIRC KIRP KICH UCEC UCS
 
-.PHONY: setup repro train test bench ui tcga-ut lock clean
+SWEEP ?=
+
+.PHONY: setup repro train test sweep dashboard bench ui tcga-ut lock clean
 
 setup: $(STAMP)
 
@@ -40,6 +42,14 @@ train: setup  ## the training stages only (both diffusion models, and what they 
 test: setup  ## the test suite (CI runs this)
 	python -m pytest -q
 
+sweep: setup  ## an Optuna study over params sweep.space; again = continue it (make sweep SWEEP="--trials 20 --workers 2")
+	medi check
+	dvc repro train                    # the pipeline's models: trials with its model params reuse them
+	medi sweep $(SWEEP)
+
+dashboard: setup  ## optuna-dashboard on the sweep storage, http://127.0.0.1:8080
+	optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port 8080
+
 bench: setup  ## benchmarks (speed targets live here, not in tests); results go to docs/benchmarks.md
 	cd bench && python train_speed.py --steps 8
 	medi check && dvc repro train      # the sampling benchmark samples the default trained model
@@ -59,6 +69,6 @@ lock: setup  ## refresh requirements.lock after changing the pins in pyproject.t
 	( sed -n '1,2p' requirements.lock; cat requirements.lock.new ) > requirements.lock.tmp && rm requirements.lock.new
 	mv requirements.lock.tmp requirements.lock
 
-clean:  ## remove pipeline outputs (keeps .venv, data/ and the MLflow store)
-	rm -rf artifacts models samples metrics reports/*.png reports/*.md
+clean:  ## remove pipeline outputs (keeps .venv, data/, the MLflow store and the Optuna studies)
+	rm -rf artifacts models samples metrics reports/*.png reports/*.md reports/sweep
 	@echo "checkpoints/ kept (resumable training state); remove it by hand to start training from scratch"

@@ -41,6 +41,9 @@ def params_dict(tmp_path: Path) -> dict:
     raw["report"]["index"] = str(tmp_path / "reports/index.md")
     raw["report"]["fid_figure"] = str(tmp_path / "reports/fid_per_class.png")
     raw["report"]["sites_figure"] = str(tmp_path / "reports/sites_real_cls_medi.png")
+    raw["sweep"]["storage"] = f"sqlite:///{tmp_path / 'optuna.db'}"
+    raw["sweep"]["output"] = str(tmp_path / "artifacts/sweep")
+    raw["sweep"]["reports"] = str(tmp_path / "reports/sweep")
     raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     raw["tracking"]["artifact_location"] = str(tmp_path / "mlruns")
     return raw

@@ -163,6 +163,16 @@ def cmd_probe(cfg: Config, args: argparse.Namespace) -> None:
     probe.run_stage(cfg)
 
 
+def cmd_sweep(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import sweep
+
+    if args.worker is not None:       # a worker process started by `medi sweep --workers N`
+        sweep.optimise(cfg, args.trials, args.worker)
+        return
+    params_args = ["--params", args.params, *[a for s in args.set for a in ("--set", s)]]
+    sweep.run(cfg, params_args, args.trials, args.workers)
+
+
 def cmd_report(cfg: Config, args: argparse.Namespace) -> None:
     from medi import report
 
@@ -178,6 +188,7 @@ COMMANDS = {
     "fid": (cmd_fid, "FID / KID overall, per class and per site, and conditioning accuracy of a sample set"),
     "probe": (cmd_probe, "the linear probe under subpopulation shift (the paper's Table 1): none / cls / medi"),
     "report": (cmd_report, "comparison figures of the models (FID per class, real vs generated tiles per site)"),
+    "sweep": (cmd_sweep, "an Optuna study over params sweep.space (continues on re-run), each trial an MLflow run"),
     "check": (cmd_check, "validate params.yaml and the presence of the input data"),
     "fetch-tcga-ut": (cmd_fetch_tcga_ut, "download, verify and unpack TCGA-UT classes from Zenodo into data/"),
 }
@@ -200,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from-manifest", metavar="PATH", help="regenerate the images of this manifest and check "
                            "them against the files beside it (bit for bit)")
             p.add_argument("--output", metavar="DIR", help="with --from-manifest: where to write (default: <set>_regenerated)")
+        if name == "sweep":
+            p.add_argument("--trials", type=int, default=None, help="trials to add (default: params sweep.trials)")
+            p.add_argument("--workers", type=int, default=None, help="worker processes (default: params sweep.workers)")
+            p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
         if name == "fetch-tcga-ut":
             p.add_argument("--classes", nargs="*", help="project codes (default: params data.classes)")
             p.add_argument("--data-dir", default="data", help="folder versioned by data.dvc (default: data)")

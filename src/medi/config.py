@@ -166,6 +166,7 @@ class ProbeConfig:
     models: dict[str, str]       # method -> the model whose samples it adds (cls: cls, medi: medi)
     real_per_class: int          # real tiles per class, from its one chosen training TSS
     ratio: float                 # synthetic tiles per real tile
+    strategy: Literal["grid", "unseen", "balanced", "uniform"]   # how a site-conditioned model's tiles spread over pairs
     runs: int                    # TSS combinations per task (0 = every combination; else a seeded random subset)
     seed: int
     pool_per_pair: int           # synthetic images generated per (model, class, TSS) pair
@@ -188,6 +189,25 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    study: str                   # Optuna study name (one MLflow run of that name holds its trials)
+    storage: str                 # Optuna RDB storage: sqlite:///optuna.db, or any SQLAlchemy URL (PostgreSQL, MySQL)
+    trials: int                  # trials one `medi sweep` adds to the study (all its workers together)
+    workers: int                 # worker processes `medi sweep` runs on the storage
+    timeout: int                 # seconds before no new trial starts (0 = no limit)
+    seed: int
+    sampler: Literal["tpe", "random"]
+    pruner: Literal["median", "none"]
+    startup_trials: int          # trials before TPE models the space and before the pruner prunes
+    objective: Literal["tss_avg", "overall", "worst_tss", "gain", "fid"]   # fid is minimised, the others maximised
+    method: str                  # the probe method whose figures the objective reads (its model is the one swept)
+    fid_count: int               # images per FID recorded beside each trial (0 = none)
+    space: dict[str, Any]        # dotted param -> [choices] or {low, high, step, log}
+    output: str                  # artifacts/sweep: trial models, pools, FID records
+    reports: str                 # reports/sweep: figures and the study table
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str                     # overridden by MLFLOW_TRACKING_URI when set
     experiment: str
@@ -206,6 +226,7 @@ class Config:
     encoder: EncoderConfig
     probe: ProbeConfig
     report: ReportConfig
+    sweep: SweepConfig
     tracking: TrackingConfig
     source_path: str = dataclasses.field(default="params.yaml", compare=False)
 
@@ -213,8 +234,8 @@ class Config:
         return dataclasses.asdict(getattr(self, name))
 
     def params_hash(self, *sections: str) -> str:
-        """Stable short hash of the named sections (all when none are named)."""
-        names = sections or tuple(f.name for f in dataclasses.fields(self) if f.name != "source_path")
+        """Stable short hash of the named sections (when none are named: all the pipeline's, i.e. not `sweep`)."""
+        names = sections or tuple(f.name for f in dataclasses.fields(self) if f.name not in ("source_path", "sweep"))
         blob = json.dumps({n: self.section_dict(n) for n in names}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -376,6 +397,12 @@ def _validate(cfg: Config, where: str) -> None:
     for task, classes in pr.tasks.items():
         if len(classes) < 2:
             raise MediError(f"{where}: 'probe.tasks.{task}' needs at least two classes, got {classes}")
+    sw = cfg.sweep
+    if min(sw.trials, sw.workers) < 1 or min(sw.timeout, sw.startup_trials, sw.fid_count) < 0:
+        raise MediError(f"{where}: sweep.trials and workers must be >= 1, sweep.timeout, startup_trials and fid_count >= 0")
+    if sw.method not in ("cls", "medi") or sw.method not in pr.models:
+        raise MediError(f"{where}: 'sweep.method' must be a probe method with a model (cls or medi, listed in "
+                        f"probe.models), got {sw.method!r}")
     unknown = [m for m in cfg.report.models if m not in cfg.model.variants]
     if unknown:
         raise MediError(f"{where}: 'report.models' names {unknown}, which are not in model.variants "
@@ -387,6 +414,18 @@ def from_dict(raw: Any, where: str = "params") -> Config:
     cfg = dataclasses.replace(cfg, source_path=where)
     _validate(cfg, where)
     return cfg
+
+
+def override(cfg: Config, overrides: dict[str, Any], where: str = "") -> Config:
+    """A validated copy of `cfg` with {"section.key": value} replaced (a sweep trial's config)."""
+    raw = {f.name: cfg.section_dict(f.name) for f in dataclasses.fields(cfg) if f.name != "source_path"}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in raw or not key or "." in key:
+            raise MediError(f"{where or cfg.source_path}: '{dotted}' is not a param; params are section.key with "
+                            f"section one of {', '.join(raw)}")
+        raw[section][key] = value
+    return dataclasses.replace(from_dict(raw, where or cfg.source_path), source_path=cfg.source_path)
 
 
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:

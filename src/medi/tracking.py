@@ -75,8 +75,9 @@ def stage_run(cfg: Config, stage: str, sections: tuple[str, ...], run_name: str 
               run_id: str | None = None) -> Iterator[Any]:
     """An MLflow run for one pipeline stage, with the params of `sections` logged and the standard tags.
 
-    `run_id` continues an existing run (a resumed training). An exception inside the block marks the run
-    FAILED (MLflow's context manager does this).
+    `run_id` continues an existing run (a resumed training). Called inside another run (a sweep trial that
+    trains a model), the stage's run is nested under it. An exception inside the block marks the run FAILED
+    (MLflow's context manager does this).
     """
     configure(cfg.tracking)
     params: dict[str, Any] = {}
@@ -88,7 +89,7 @@ def stage_run(cfg: Config, stage: str, sections: tuple[str, ...], run_name: str 
         except mlflow.exceptions.MlflowException:
             run_id = None  # the store was reset since the checkpoint was written: start a new run
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or stage),
-                          tags=run_tags(cfg, stage, sections)) as run:
+                          tags=run_tags(cfg, stage, sections), nested=mlflow.active_run() is not None) as run:
         # MLflow caps a param value at 6000 characters; ours are short, but lists can be long.
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         yield run

@@ -1,0 +1,478 @@
+"""Hyperparameter sweeps (`medi sweep`, `make sweep`): an Optuna study over params, tracked in MLflow.
+
+The search space is params `sweep.space`: dotted params (`model.d_e`, `probe.strategy`, `sample.guidance`,
+...) mapped to a list of choices or a `{low, high, step, log}` range. A trial is a copy of the params with its
+values, validated like params.yaml. What a trial has to do depends on what it changes, and everything it
+makes is kept under `sweep.output` for later trials, later calls and other workers:
+- `model.*` / `train.*`: the objective method's model is trained (once per distinct setting; a setting equal
+  to the pipeline's reuses `models/NAME`), nested as a training run under the trial's run;
+- `sample.*`: the method's synthetic pool is generated (once per model and sampler setting);
+- `probe.*` / `encoder.*` only: the trial fits the probe on cached embeddings and pools, in seconds.
+The objective (`sweep.objective`) reads the probe's figures of `sweep.method` averaged over the tasks; the
+FID of `sweep.fid_count` images of the trial's model and sampler is recorded beside it. Tasks are fitted one
+after another and the running objective is reported after each, so the pruner can stop a trial early.
+
+The study lives in an RDB (`sweep.storage`, sqlite by default): calling again continues it, and several
+processes on one storage (`--workers N`, or commands started by hand, on one machine or many with a
+PostgreSQL URL) take trials in parallel. A trial whose worker died is failed after a heartbeat grace period.
+In MLflow the study is one run and every trial a run nested under it, with the trial's params and figures;
+a failed trial is FAILED in both, a pruned one PRUNED in Optuna and KILLED in MLflow, and the study goes on.
+The study run gets the best params, the optimisation history, parameter importances and parallel
+coordinates, also written to `sweep.reports` with a table of the trials (`study.md`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medi import config as config_mod
+from medi.config import Config
+from medi.errors import MediError
+
+log = logging.getLogger(__name__)
+
+# What changing a section costs a trial; the other sections change the dataset or only the reports.
+SWEEPABLE = {"model": "trains", "train": "trains", "sample": "new pool", "probe": "probe only", "encoder": "probe only"}
+MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain")
+RUN_ATTR = "mlflow_run_id"          # study user attribute: the study's MLflow run
+
+
+# ----------------------------------------------------------------------------------------------- the space
+@dataclass(frozen=True)
+class Dimension:
+    """One searched param: categorical choices, or an int / float range."""
+    name: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high, self.step or 1))
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.is_int:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def ends(self) -> list:
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+def parse_space(cfg: Config) -> list[Dimension]:
+    """`sweep.space` as dimensions; every choice and both ends of every range are checked as param values."""
+    where = f"{cfg.source_path}: sweep.space"
+    if not cfg.sweep.space:
+        raise MediError(f"{where} is empty; name at least one param to search, e.g. probe.strategy: [grid, unseen]")
+    dims = []
+    for name, spec in cfg.sweep.space.items():
+        section = name.partition(".")[0]
+        if section not in SWEEPABLE:
+            raise MediError(f"{where}: '{name}' cannot be swept; sweepable sections: {', '.join(SWEEPABLE)} "
+                            "(data, split and synthetic change the dataset: run a pipeline per setting)")
+        if isinstance(spec, list):
+            if not spec:
+                raise MediError(f"{where}: '{name}' has no choices")
+            dim = Dimension(name, choices=tuple(spec))
+        elif isinstance(spec, dict):
+            extra = sorted(set(spec) - {"low", "high", "step", "log"})
+            if extra or not {"low", "high"} <= set(spec):
+                raise MediError(f"{where}: '{name}' needs {{low, high}} and optionally step and log; got {spec}")
+            dim = Dimension(name, low=spec["low"], high=spec["high"], step=spec.get("step"), log=bool(spec.get("log", False)))
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (dim.low, dim.high)) \
+                    or dim.low >= dim.high:
+                raise MediError(f"{where}: '{name}' needs numbers low < high, got {spec}")
+        else:
+            raise MediError(f"{where}: '{name}' must be a list of choices or {{low, high, step, log}}, got {spec!r}")
+        for value in dim.ends():
+            config_mod.override(cfg, {name: value}, where=f"{where} ({name}: {value!r})")
+        dims.append(dim)
+    return dims
+
+
+def trial_config(cfg: Config, values: dict[str, Any]) -> Config:
+    return config_mod.override(cfg, values, where=f"{cfg.source_path}: sweep trial {values}")
+
+
+def objective_value(tasks: dict[str, dict], objective: str, method: str) -> float:
+    """The objective over the tasks fitted so far (the mean of the method's figure)."""
+    if objective == "gain":
+        return float(np.mean([m[method]["tss_avg"] - m["none"]["tss_avg"] for m in tasks.values()]))
+    return float(np.mean([m[method][objective] for m in tasks.values()]))
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------- a worker's state
+class Workspace:
+    """What the trials of one worker share: the splits, real embeddings, models, pools and FID records (in
+    memory, and on disk under `sweep.output` for other workers and later calls)."""
+
+    def __init__(self, cfg: Config):
+        from medi import probe
+
+        self.base = cfg
+        self.root = Path(cfg.sweep.output)
+        self.train_index, self.holdout_index = probe.load_splits(cfg)
+        self._embeddings: dict[str, dict] = {}
+        self._pools: dict[str, dict] = {}
+        self._fid: dict[str, dict] = {}
+        self.work: list[str] = []              # what the current trial had to do, beside fitting the probe
+
+    def _lock(self, path: Path):
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path) + ".lock")
+
+    def model(self, cfg: Config, name: str) -> Path:
+        """The trained model `name` of the trial's params: the pipeline's if they match, else trained once."""
+        from medi import train
+
+        key = train.run_hash(cfg, name, self.train_index)
+        pipeline = Path(self.base.model.output) / name
+        if (pipeline / "config.json").exists() and json.loads((pipeline / "config.json").read_text()).get("run_hash") == key:
+            return pipeline
+        out = self.root / "models" / key
+        with self._lock(out):
+            if not (out / name / "model.safetensors").exists():
+                self.work.append("trained")
+                log.info("trial trains %s (%s) into %s", name, key, out)
+                train.run_stage(config_mod.override(cfg, {
+                    "model.output": str(out), "train.metrics": str(out / "train_{model}.json"),
+                    "train.figure": str(out / "samples_{model}.png")}), name)
+        return out / name
+
+    def embeddings(self, cfg: Config):
+        from medi import embed, probe
+
+        spec = embed.resolve(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, cfg.encoder.seed)
+        if spec.identity() not in self._embeddings:
+            self._embeddings[spec.identity()] = probe.real_embeddings(cfg, spec, self.train_index, self.holdout_index)
+        return spec, self._embeddings[spec.identity()]
+
+    def pool(self, cfg: Config, method: str, model_dir: Path, spec) -> dict:
+        """The method's synthetic pool for this model, sampler and encoder (generated once, then from disk)."""
+        from medi import probe, sample
+
+        p, s = cfg.probe, cfg.sample
+        pairs = probe.pool_pairs(p.tasks, self.train_index, p.real_per_class, method)
+        key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed,
+                      s.batch_size, p.pool_per_pair, pairs, spec.identity())
+        if key not in self._pools:
+            out = self.root / "pools" / f"{model_dir.name}-{key}"
+            with self._lock(out):
+                if not (out / sample.MANIFEST).exists():
+                    self.work.append("new pool")
+                self._pools[key] = probe.synthetic_pool(cfg, method, pairs, self.train_index, spec, model_dir, out)
+        return self._pools[key]
+
+    def fid(self, cfg: Config, name: str, model_dir: Path) -> dict:
+        """FID and KID of `sweep.fid_count` images (match strategy) of the model under the trial's sampler."""
+        from medi import data, fid, sample
+        from medi.io import read_json, write_json
+        from medi.model import MediDiffusion
+
+        s, n = cfg.sample, cfg.sweep.fid_count
+        key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed, n,
+                      {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")})
+        path = self.root / "fid" / f"{model_dir.name}-{key}.json"
+        if key not in self._fid:
+            with self._lock(path):
+                if not path.exists():
+                    from accelerate import PartialState
+
+                    fcfg = config_mod.override(cfg, {"fid.curve_count": n})
+                    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
+                    hook = fid.curve_hook(fcfg, name, self.train_index, np.asarray(data.load_tiles(cfg.data.output)))
+                    write_json(path, {**hook(0, model), "images": n, "extractor": cfg.fid.extractor})
+                self._fid[key] = read_json(path)
+        return self._fid[key]
+
+
+# ----------------------------------------------------------------------------------------------- a trial
+def run_trial(trial, cfg: Config, dims: list[Dimension], ws: Workspace, parent_run_id: str) -> float:
+    """One trial: its params, what they need (model, pool), the probe task by task with pruning, FID beside."""
+    import mlflow
+    import optuna
+
+    from medi import probe, tracking
+
+    values = {d.name: d.suggest(trial) for d in dims}
+    t0 = time.perf_counter()
+    ws.work = []
+    with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=parent_run_id, tags={
+            **tracking.run_tags(cfg, "sweep-trial", ("sweep",)), "medi.study": cfg.sweep.study,
+            "optuna.trial": str(trial.number)}) as run:
+        trial.set_user_attr(RUN_ATTR, run.info.run_id)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        mlflow.log_params({k: str(v) for k, v in values.items()})
+        try:
+            tcfg = trial_config(cfg, values)
+            method, name = cfg.sweep.method, tcfg.probe.models[cfg.sweep.method]
+            model_dir = ws.model(tcfg, name)
+            spec, embeddings = ws.embeddings(tcfg)
+            pools = {method: ws.pool(tcfg, method, model_dir, spec)}
+            metrics: dict[str, float] = {}
+            if cfg.sweep.fid_count:
+                metrics.update({k: v for k, v in ws.fid(tcfg, name, model_dir).items() if k in ("fid", "kid")})
+            p = tcfg.probe
+            done: dict[str, dict] = {}
+            for i, (task, classes) in enumerate(p.tasks.items()):
+                td = probe.build_task(classes, ws.train_index, ws.holdout_index, embeddings, pools, p.real_per_class,
+                                      p.runs, p.seed)
+                done[task] = probe.run_task(td, ["none", method], p.real_per_class, p.ratio, p.C, p.seed, i, p.workers,
+                                            p.strategy)
+                for m, figures in done[task].items():
+                    metrics.update({f"{task}_{m}_{k}": v for k, v in figures.items() if k in ("tss_avg", "overall", "worst_tss")})
+                if cfg.sweep.objective != "fid":
+                    running = objective_value(done, cfg.sweep.objective, method)
+                    mlflow.log_metric("objective_running", running, step=i)
+                    trial.report(running, i)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"running objective {running:.4f} after {task}")
+            for k in ("tss_avg", "overall", "worst_tss", "gain"):
+                metrics[f"mean_{k}"] = objective_value(done, k, method)
+            value = metrics["fid"] if cfg.sweep.objective == "fid" else metrics[f"mean_{cfg.sweep.objective}"]
+            seconds = time.perf_counter() - t0
+            metrics.update({"objective": value, "seconds": seconds})
+            mlflow.log_metrics(metrics)
+            mlflow.set_tag("medi.work", ", ".join(ws.work) or "probe only")
+            trial.set_user_attr("metrics", {k: metrics[k] for k in ("mean_tss_avg", "mean_gain", "fid", "seconds")
+                                            if k in metrics})
+            trial.set_user_attr("work", ", ".join(ws.work) or "probe only")
+            log.info("trial %d: %s -> %s %.4f (%s; %.1fs)", trial.number, values, cfg.sweep.objective, value,
+                     ", ".join(ws.work) or "probe only", seconds)
+            return value
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("work", ", ".join(ws.work) or "probe only")
+            mlflow.set_tags({"optuna.state": "PRUNED", "medi.pruned": str(exc)})
+            mlflow.log_metric("seconds", time.perf_counter() - t0)
+            mlflow.end_run("KILLED")
+            log.info("trial %d pruned: %s", trial.number, exc)
+            raise
+        except Exception as exc:  # noqa: BLE001  (recorded, then Optuna marks the trial failed and goes on)
+            mlflow.set_tags({"optuna.state": "FAIL", "medi.error": f"{type(exc).__name__}: {exc}"[:5000]})
+            log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+            raise
+
+
+# ----------------------------------------------------------------------------------------------- the study
+def storage(url: str):
+    """The RDB storage, with a heartbeat so a trial whose worker died is failed (and its MLflow run with it)."""
+    import optuna
+
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120,
+                                              heartbeat_stale_trial_callback=_fail_stale_run)
+        except Exception as exc:  # noqa: BLE001  (sqlalchemy: a bad URL, a missing driver, a server down)
+            raise MediError(f"sweep.storage {url!r}: cannot open the Optuna storage: {exc}") from None
+
+
+def _fail_stale_run(study, trial) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if run_id:
+        MlflowClient().set_terminated(run_id, "FAILED")
+        MlflowClient().set_tag(run_id, "optuna.state", "FAIL")
+    log.warning("trial %d of %s failed: its worker stopped sending heartbeats", trial.number, study.study_name)
+
+
+def open_study(cfg: Config, seed_offset: int = 0):
+    """Create the study (and its MLflow run) or load it; creating is atomic in the RDB, so of several workers
+    starting together exactly one creates both and the others wait for the run id."""
+    import mlflow
+    import optuna
+
+    from medi import tracking
+
+    sw = cfg.sweep
+    direction = "maximize" if sw.objective in MAXIMISE else "minimize"
+    store = storage(sw.storage)
+    sampler = (optuna.samplers.TPESampler(seed=sw.seed + seed_offset, n_startup_trials=sw.startup_trials,
+                                          multivariate=True, constant_liar=True)
+               if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed=sw.seed + seed_offset))
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sw.startup_trials) if sw.pruner == "median"
+              else optuna.pruners.NopPruner())
+    tracking.configure(cfg.tracking)
+    try:
+        study = optuna.create_study(storage=store, study_name=sw.study, direction=direction, sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=sw.study, storage=store, sampler=sampler, pruner=pruner)
+        if study.direction.name.lower() != direction:
+            raise MediError(f"study '{sw.study}' in {sw.storage} {study.direction.name.lower()}s, but sweep.objective "
+                            f"{sw.objective} is to {direction}; name another study (sweep.study)") from None
+        for _ in range(600):
+            if RUN_ATTR in study.user_attrs:
+                return study
+            time.sleep(0.1)
+        raise MediError(f"study '{sw.study}' has no MLflow run id after 60 s; was it created by another tool?") from None
+    with mlflow.start_run(run_name=f"sweep-{sw.study}", tags={**tracking.run_tags(cfg, "sweep", ("sweep",)),
+                                                            "medi.study": sw.study}) as run:
+        mlflow.log_params({"study": sw.study, "storage": sw.storage, "objective": sw.objective, "method": sw.method,
+                           "direction": direction, "sampler": sw.sampler, "pruner": sw.pruner,
+                           "space": json.dumps(sw.space)[:6000]})
+        study.set_user_attr(RUN_ATTR, run.info.run_id)
+        study.set_user_attr("objective", sw.objective)
+    return study
+
+
+def optimise(cfg: Config, n_trials: int, worker: int = 0) -> None:
+    """One worker: `n_trials` trials (or fewer, at sweep.timeout). Its sampler seed differs from other
+    workers' and from earlier calls' (seed + 1000 x worker + trials so far), so none repeats another's draws."""
+    import optuna
+
+    dims = parse_space(cfg)
+    ws = Workspace(cfg)
+    study = open_study(cfg, seed_offset=1000 * worker + len(study_trials(cfg)))
+    parent = study.user_attrs[RUN_ATTR]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(lambda t: run_trial(t, cfg, dims, ws, parent), n_trials=n_trials,
+                       timeout=cfg.sweep.timeout or None, catch=(Exception,))
+
+
+def study_trials(cfg: Config) -> list:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=cfg.sweep.study, storage=storage(cfg.sweep.storage)).get_trials(deepcopy=False)
+    except KeyError:            # no such study yet
+        return []
+
+
+def run(cfg: Config, params_args: list[str], trials: int | None = None, workers: int | None = None) -> dict:
+    """`medi sweep`: add `trials` trials to the study with `workers` processes, then summarise it."""
+    dims = parse_space(cfg)
+    trials = trials or cfg.sweep.trials
+    workers = workers or cfg.sweep.workers
+    log.info("sweep %s: %d param(s) (%s), objective %s of %s, storage %s", cfg.sweep.study, len(dims),
+             ", ".join(f"{d.name} [{SWEEPABLE[d.name.split('.')[0]]}]" for d in dims), cfg.sweep.objective,
+             cfg.sweep.method, cfg.sweep.storage)
+    from mlflow.tracking import MlflowClient
+
+    study = open_study(cfg)
+    MlflowClient().update_run(study.user_attrs[RUN_ATTR], status="RUNNING")
+    t0 = time.perf_counter()
+    if workers == 1:
+        optimise(cfg, trials)
+    else:                               # the trials split between processes; the cores too
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        shares = [trials // workers + (w < trials % workers) for w in range(workers)]
+        procs = [subprocess.Popen([sys.executable, "-m", "medi.cli", *params_args, "--set", f"probe.workers={threads}",
+                                   "sweep", "--worker", str(w), "--trials", str(n)], env=env)
+                 for w, n in enumerate(shares) if n]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise MediError(f"sweep workers exited with {codes}")
+    summary = summarise(cfg)
+    summary["call_seconds"] = time.perf_counter() - t0
+    log.info("study %s: %d trials (%s); best %s = %s with %s; reports in %s", cfg.sweep.study, summary["trials"],
+             summary["states"], cfg.sweep.objective, summary.get("best_value"), summary.get("best_params"),
+             cfg.sweep.reports)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- the summary
+def trials_table(study) -> str:
+    lines = [f"Study `{study.study_name}`: objective {study.user_attrs.get('objective')} ({study.direction.name.lower()}).",
+             "", "| trial | state | value | params | FID | work | seconds |", "|---|---|---|---|---|---|---|"]
+    for t in study.get_trials(deepcopy=False):
+        m = t.user_attrs.get("metrics", {})
+        seconds = m.get("seconds") or (t.duration.total_seconds() if t.duration else float("nan"))
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        fid = f"{m['fid']:.4g}" if "fid" in m else "-"
+        params = ", ".join(f"{k}={v}" for k, v in t.params.items())
+        lines.append(f"| {t.number} | {t.state.name} | {value} | {params} | {fid} | {t.user_attrs.get('work', '-')} "
+                     f"| {seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def time_per_trial(study) -> dict[str, dict[str, float]]:
+    """Median seconds of finished trials by what they had to do (trained / new pool / probe only)."""
+    by: dict[str, list[float]] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name in ("COMPLETE", "PRUNED") and t.duration is not None:
+            by.setdefault(t.user_attrs.get("work", "?"), []).append(t.duration.total_seconds())
+    return {k: {"trials": len(v), "median_seconds": float(np.median(v))} for k, v in by.items()}
+
+
+def summarise(cfg: Config) -> dict:
+    """Best params, figures and the trials table: to `sweep.reports` and to the study's MLflow run."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from medi import figures, tracking
+    from medi.io import write_json, write_text
+
+    tracking.configure(cfg.tracking)
+    study = optuna.load_study(study_name=cfg.sweep.study, storage=storage(cfg.sweep.storage))
+    client, run_id = MlflowClient(), study.user_attrs[RUN_ATTR]
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    out = Path(cfg.sweep.reports)
+    summary: dict[str, Any] = {"study": study.study_name, "storage": cfg.sweep.storage, "objective": cfg.sweep.objective,
+                               "direction": study.direction.name.lower(), "trials": sum(states.values()),
+                               "states": states, "time_per_trial": time_per_trial(study)}
+    if states.get("COMPLETE"):
+        best = study.best_trial
+        summary.update({"best_value": best.value, "best_params": best.params, "best_trial": best.number,
+                        "best_metrics": best.user_attrs.get("metrics", {})})
+        client.log_metric(run_id, "best_value", best.value, step=len(study.trials))
+        for k, v in best.params.items():
+            client.set_tag(run_id, f"best.{k}", str(v))
+        client.set_tag(run_id, "best.trial", str(best.number))
+    plots = {"optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
+             "param_importances": optuna.visualization.matplotlib.plot_param_importances,
+             "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate}
+    with warnings.catch_warnings():       # experimental plots; constant params warn about flat axes
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        for name, plot in plots.items():
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError) as exc:      # e.g. importances need two complete trials
+                log.warning("no %s figure yet: %s", name, exc)
+                summary.setdefault("figures_skipped", {})[name] = str(exc)
+                continue
+            fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
+            fig.set_size_inches(8, 4.5)
+            fig.tight_layout()
+            path = figures.save(fig, out / f"{name}.png")
+            client.log_artifact(run_id, str(path), "study")
+        try:
+            summary["importances"] = optuna.importance.get_param_importances(study)
+        except (ValueError, RuntimeError) as exc:
+            summary["importances"] = {}
+            log.info("no parameter importances yet: %s", exc)
+    write_text(out / "study.md", trials_table(study))
+    write_json(out / "study.json", summary)
+    client.log_artifact(run_id, str(out / "study.md"), "study")
+    client.log_artifact(run_id, str(out / "study.json"), "study")
+    client.set_terminated(run_id, "FINISHED")
+    return summary

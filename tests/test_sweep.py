@@ -1,0 +1,142 @@
+"""Optuna sweeps: the search space from params, trials as nested MLflow runs, continuation, parallel workers,
+failed and pruned trials, trials that train."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from medi import cli, sweep, train
+from medi.errors import MediError
+from test_sample import save_untrained
+
+PROBE_SPACE = {"probe.strategy": ["grid", "unseen", "balanced", "uniform"],
+               "probe.ratio": {"low": 0.5, "high": 2.0, "step": 0.5}, "sample.steps": [1, 2]}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({}, "sweep.space is empty"),
+    ({"model.d_ee": [8]}, "unknown key.*model.d_ee"),
+    ({"data.resolution": [16]}, "'data.resolution' cannot be swept"),
+    ({"d_e": [8]}, "'d_e' cannot be swept"),
+    ({"probe.strategy": ["grid", "diagonal"]}, r"probe.strategy: 'diagonal'.*expected one of 'grid'"),
+    ({"probe.ratio": {"low": 2.0, "high": 1.0}}, "needs numbers low < high"),
+    ({"probe.ratio": {"low": 0.5}}, "needs {low, high}"),
+    ({"sample.steps": []}, "'sample.steps' has no choices"),
+])
+def test_a_bad_search_space_is_a_clear_error(make_cfg, space, message):
+    with pytest.raises(MediError, match=message):
+        sweep.parse_space(make_cfg(sweep__space=space))
+
+
+def test_a_trial_config_is_validated_like_params(make_cfg):
+    cfg = make_cfg()
+    trial = sweep.trial_config(cfg, {"model.d_e": 8, "probe.strategy": "unseen"})
+    assert (trial.model.d_e, trial.probe.strategy, trial.probe.ratio) == (8, "unseen", cfg.probe.ratio)
+    with pytest.raises(MediError, match="sweep.method"):
+        make_cfg(sweep__method="none")
+
+
+def write_params(cfg, path: Path) -> str:
+    raw = {name: cfg.section_dict(name) for name in ("data", "synthetic", "split", "model", "train", "sample", "fid",
+                                                       "encoder", "probe", "report", "sweep", "tracking")}
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def sweep_cli(params: str, *args: str) -> int:
+    return cli.main(["--params", params, "sweep", *args])
+
+
+def study_runs(cfg, study: str) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
+                              filter_string=f"tags.`medi.study` = '{study}'")
+    (parent,) = [r for r in runs if r.data.tags["medi.stage"] == "sweep"]
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_trial(tiny_world, tmp_path):
+    cfg = tiny_world(sweep__space=PROBE_SPACE, sweep__trials=4, sweep__startup_trials=2, sweep__fid_count=8)
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    params = write_params(cfg, tmp_path / "params.yaml")
+
+    assert sweep_cli(params) == 0
+    study = optuna.load_study(study_name=cfg.sweep.study, storage=cfg.sweep.storage)
+    assert len(study.trials) == 4
+    first = study.trials[0]
+    assert "new pool" in first.user_attrs["work"]                    # the pipeline's model, a pool for its sampler
+    assert not any("trained" in t.user_attrs.get("work", "") for t in study.trials)
+    assert {"mean_tss_avg", "fid", "seconds"} <= set(first.user_attrs["metrics"])
+    parent, children = study_runs(cfg, cfg.sweep.study)
+    assert len(children) == 4 and parent.info.status == "FINISHED"
+    assert {c.data.params["probe.strategy"] for c in children} <= set(PROBE_SPACE["probe.strategy"])
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert done and all({"objective", "fid", "mean_tss_avg", "nsclc_medi_tss_avg"} <= set(c.data.metrics) for c in done)
+    assert parent.data.tags["best.trial"] == str(study.best_trial.number)
+    reports = Path(cfg.sweep.reports)
+    for name in ("optimization_history.png", "parallel_coordinate.png", "param_importances.png", "study.md"):
+        assert (reports / name).stat().st_size > 500, name
+    summary = json.loads((reports / "study.json").read_text())
+    assert summary["trials"] == 4 and summary["best_params"] == study.best_trial.params
+    client = mlflow.tracking.MlflowClient()
+    assert {"study/optimization_history.png", "study/study.md"} <= {
+        f.path for f in client.list_artifacts(parent.info.run_id, "study")}
+
+    assert sweep_cli(params, "--trials", "2") == 0                  # the same study, continued
+    assert sweep_cli(params, "--trials", "2", "--workers", "2") == 0  # two processes on one storage
+    study = optuna.load_study(study_name=cfg.sweep.study, storage=cfg.sweep.storage)
+    assert len(study.trials) == 8
+    workers = [t.user_attrs["worker"] for t in study.trials]
+    assert len(set(workers[:6])) == 1 and len(set(workers[6:])) == 2 and workers[0] not in workers[6:]
+    again, children = study_runs(cfg, cfg.sweep.study)
+    assert again.info.run_id == parent.info.run_id and len(children) == 8
+    assert study.trials[6].user_attrs["work"] == "probe only"       # pools from disk, made by the first call
+    states = {t.state.name for t in study.trials}
+    assert "PRUNED" in states and states <= {"COMPLETE", "PRUNED"}
+    for t in study.trials:
+        run = client.get_run(t.user_attrs[sweep.RUN_ATTR])
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
+    assert len(json.loads((reports / "study.json").read_text())["time_per_trial"]) >= 1
+
+
+def test_a_failed_trial_is_failed_in_optuna_and_mlflow_and_the_study_goes_on(tiny_world, tmp_path):
+    cfg = tiny_world(sweep__space={"probe.real_per_class": [3, 100000]}, sweep__sampler="random", sweep__trials=5,
+                     sweep__fid_count=0, sweep__study="failing")
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
+    study = optuna.load_study(study_name="failing", storage=cfg.sweep.storage)
+    by_state = {s: [t for t in study.trials if t.state.name == s] for s in ("COMPLETE", "FAIL")}
+    assert len(study.trials) == 5 and by_state["COMPLETE"] and by_state["FAIL"]
+    assert all(t.params["probe.real_per_class"] == 100000 for t in by_state["FAIL"])
+    client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
+    for t in by_state["FAIL"]:
+        run = client.get_run(t.user_attrs[sweep.RUN_ATTR])
+        assert run.info.status == "FAILED" and ">= 100000 tiles" in run.data.tags["medi.error"]
+
+
+def test_trials_that_change_the_model_train_it_once_nested_in_the_trial(tiny_world, tmp_path):
+    cfg = tiny_world(sweep__space={"model.d_e": [16, 24]}, sweep__sampler="random", sweep__trials=3,
+                     sweep__fid_count=0, sweep__study="d_e", sweep__pruner="none")
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0   # no pipeline model: every d_e trains
+    study = optuna.load_study(study_name="d_e", storage=cfg.sweep.storage)
+    values = [t.params["model.d_e"] for t in study.trials]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert sum("trained" in t.user_attrs["work"] for t in study.trials) == len(set(values))
+    models = sorted(Path(cfg.sweep.output, "models").glob("*/medi/model.safetensors"))
+    assert len(models) == len(set(values))
+    assert {json.loads((m.parent / "config.json").read_text())["model_params"]["d_e"] for m in models} == set(values)
+    assert not Path(cfg.model.output, "medi").exists()                 # the pipeline's outputs are not touched
+    client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
+    trained = [t for t in study.trials if "trained" in t.user_attrs["work"]]
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
+                              filter_string="tags.`medi.stage` = 'train@medi'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {t.user_attrs[sweep.RUN_ATTR] for t in trained}
+    assert client.get_run(trained[0].user_attrs[sweep.RUN_ATTR]).data.params["model.d_e"] in {"16", "24"}
