@@ -87,6 +87,22 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tiny_world, tmp_path
     assert len(list(ckpt_dir.glob("checkpoint-*"))) == cfg.train.keep_checkpoints
 
 
+def test_a_rerun_from_the_final_checkpoint_writes_every_output_again(tiny_world):
+    """DVC deletes a stage's outputs before re-running it; the training resumes at its last step and must still
+    write the model and the last sample grid."""
+    import shutil
+
+    cfg = tiny_world()
+    first = train.run_stage(cfg, "cls")
+    figure = Path(cfg.train.figure.format(model="cls"))
+    figure.unlink()
+    shutil.rmtree(first.model_dir)
+    again = train.run_stage(cfg, "cls")
+    assert again.steps == cfg.train.max_steps and figure.stat().st_size > 1000
+    a, b = load_file(str(first.model_dir / "model.safetensors")), first.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_fails_the_run(tiny_world, monkeypatch):
     cfg = tiny_world()
     real_forward = MediDiffusion.forward

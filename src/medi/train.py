@@ -381,10 +381,12 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
         mlflow.log_params({"model_name": name, "attributes": ",".join(attributes) or "none",
                            "train_tiles": len(train_index), "vocab_sizes": json.dumps({a: len(v) for a, v in vocab.categorical.items()})})
         last_grid: dict = {}
-        hooks = [(cfg.train.grid_every, grid_hook(cfg, name, train_index, vocab, last_grid)), *extra_hooks]
-        result = train(cfg, name, train_index, tiles_file, hooks,
+        grid = grid_hook(cfg, name, train_index, vocab, last_grid)
+        result = train(cfg, name, train_index, tiles_file, [(cfg.train.grid_every, grid), *extra_hooks],
                        on_log=lambda step, metrics: mlflow.log_metrics(dict(metrics), step=step),
                        mlflow_run_id=run.info.run_id)
+        if not last_grid:       # resumed from the final checkpoint, so no step ran: the last grid is drawn now
+            grid(result.steps, result.model)
         for f in ("config.json", "vocab.json"):
             mlflow.log_artifact(str(result.model_dir / f), "model")
         metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second}
