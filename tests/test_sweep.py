@@ -42,6 +42,15 @@ def test_a_trial_config_is_validated_like_params(make_cfg):
         make_cfg(sweep__method="none")
 
 
+def test_the_grid_sampler_needs_a_step_for_ranges(make_cfg):
+    cfg = make_cfg(sweep__sampler="grid", sweep__space={"probe.ratio": {"low": 0.5, "high": 3.0}})
+    with pytest.raises(MediError, match="'probe.ratio' is a range without a step"):
+        sweep.make_sampler(cfg, sweep.parse_space(cfg))
+    cfg = make_cfg(sweep__sampler="grid", sweep__space={"probe.ratio": {"low": 0.5, "high": 1.5, "step": 0.5},
+                                                         "model.d_e": {"low": 8, "high": 16, "step": 8}})
+    assert [d.grid_values() for d in sweep.parse_space(cfg)] == [[0.5, 1.0, 1.5], [8, 16]]
+
+
 def write_params(cfg, path: Path) -> str:
     raw = {name: cfg.section_dict(name) for name in ("data", "synthetic", "split", "model", "train", "sample", "fid",
                                                        "encoder", "probe", "report", "sweep", "tracking")}
@@ -62,7 +71,8 @@ def study_runs(cfg, study: str) -> tuple[mlflow.entities.Run, list[mlflow.entiti
 
 
 def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_trial(tiny_world, tmp_path):
-    cfg = tiny_world(sweep__space=PROBE_SPACE, sweep__trials=4, sweep__startup_trials=2, sweep__fid_count=8)
+    cfg = tiny_world(sweep__space=PROBE_SPACE, sweep__trials=4, sweep__startup_trials=2, sweep__fid_count=8,
+                     sweep__pruner="median")
     ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
     save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
     params = write_params(cfg, tmp_path / "params.yaml")
@@ -80,7 +90,7 @@ def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_
     done = [c for c in children if c.info.status == "FINISHED"]
     assert done and all({"objective", "fid", "mean_tss_avg", "nsclc_medi_tss_avg"} <= set(c.data.metrics) for c in done)
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)
-    reports = Path(cfg.sweep.reports)
+    reports = Path(cfg.sweep.reports) / cfg.sweep.study
     for name in ("optimization_history.png", "parallel_coordinate.png", "param_importances.png", "study.md"):
         assert (reports / name).stat().st_size > 500, name
     summary = json.loads((reports / "study.json").read_text())
@@ -107,19 +117,26 @@ def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_
 
 
 def test_a_failed_trial_is_failed_in_optuna_and_mlflow_and_the_study_goes_on(tiny_world, tmp_path):
-    cfg = tiny_world(sweep__space={"probe.real_per_class": [3, 100000]}, sweep__sampler="random", sweep__trials=5,
-                     sweep__fid_count=0, sweep__study="failing")
+    cfg = tiny_world(sweep__space={"probe.real_per_class": [3, 100000], "probe.strategy": ["grid", "unseen"]},
+                     sweep__sampler="grid", sweep__trials=10, sweep__fid_count=0, sweep__study="failing")
     ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
     save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
     study = optuna.load_study(study_name="failing", storage=cfg.sweep.storage)
     by_state = {s: [t for t in study.trials if t.state.name == s] for s in ("COMPLETE", "FAIL")}
-    assert len(study.trials) == 5 and by_state["COMPLETE"] and by_state["FAIL"]
-    assert all(t.params["probe.real_per_class"] == 100000 for t in by_state["FAIL"])
+    assert len(study.trials) == 4                                   # the grid is exhausted: every point once
+    assert {(t.params["probe.real_per_class"], t.params["probe.strategy"]) for t in study.trials} == {
+        (n, s) for n in (3, 100000) for s in ("grid", "unseen")}
+    assert [t.params["probe.real_per_class"] for t in by_state["FAIL"]] == [100000, 100000] and len(by_state["COMPLETE"]) == 2
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
     for t in by_state["FAIL"]:
         run = client.get_run(t.user_attrs[sweep.RUN_ATTR])
         assert run.info.status == "FAILED" and ">= 100000 tiles" in run.data.tags["medi.error"]
+    # A trial whose worker died: Optuna fails it once its heartbeat is stale and calls us to fail its MLflow run.
+    orphan = client.create_run(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)
+    stale = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={sweep.RUN_ATTR: orphan.info.run_id})
+    sweep._fail_stale_run(study, stale)
+    assert client.get_run(orphan.info.run_id).info.status == "FAILED"
 
 
 def test_trials_that_change_the_model_train_it_once_nested_in_the_trial(tiny_world, tmp_path):

@@ -196,8 +196,8 @@ class SweepConfig:
     workers: int                 # worker processes `medi sweep` runs on the storage
     timeout: int                 # seconds before no new trial starts (0 = no limit)
     seed: int
-    sampler: Literal["tpe", "random"]
-    pruner: Literal["median", "none"]
+    sampler: Literal["tpe", "random", "grid"]
+    pruner: Literal["quartile", "median", "none"]   # prune below the lower quartile / the median of earlier trials
     startup_trials: int          # trials before TPE models the space and before the pruner prunes
     objective: Literal["tss_avg", "overall", "worst_tss", "gain", "fid"]   # fid is minimised, the others maximised
     method: str                  # the probe method whose figures the objective reads (its model is the one swept)

@@ -18,7 +18,7 @@ PostgreSQL URL) take trials in parallel. A trial whose worker died is failed aft
 In MLflow the study is one run and every trial a run nested under it, with the trial's params and figures;
 a failed trial is FAILED in both, a pruned one PRUNED in Optuna and KILLED in MLflow, and the study goes on.
 The study run gets the best params, the optimisation history, parameter importances and parallel
-coordinates, also written to `sweep.reports` with a table of the trials (`study.md`).
+coordinates, also written to `sweep.reports`/STUDY/ with a table of the trials (`study.md`).
 """
 from __future__ import annotations
 
@@ -70,6 +70,15 @@ class Dimension:
         if self.is_int:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def grid_values(self) -> list:
+        """Every value, for the grid sampler (a range needs a step)."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.step is None:
+            raise MediError(f"sweep.sampler grid: '{self.name}' is a range without a step; give it a step or choices")
+        values = np.arange(self.low, self.high + self.step / 2, self.step)
+        return [int(v) for v in values] if self.is_int else [round(float(v), 10) for v in values]
 
     def ends(self) -> list:
         return list(self.choices) if self.choices is not None else [self.low, self.high]
@@ -300,6 +309,28 @@ def _fail_stale_run(study, trial) -> None:
     log.warning("trial %d of %s failed: its worker stopped sending heartbeats", trial.number, study.study_name)
 
 
+def make_sampler(cfg: Config, dims: list[Dimension], seed_offset: int = 0):
+    import optuna
+
+    sw, seed = cfg.sweep, cfg.sweep.seed + seed_offset
+    if sw.sampler == "grid":
+        return optuna.samplers.GridSampler({d.name: d.grid_values() for d in dims}, seed=seed)
+    if sw.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sw.startup_trials, multivariate=True, constant_liar=True)
+
+
+def make_pruner(cfg: Config):
+    """Prune a trial whose running objective after a task is below the median (or the lower quartile) of the
+    earlier trials' at that task, once `startup_trials` trials have finished."""
+    import optuna
+
+    sw = cfg.sweep
+    if sw.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.PercentilePruner(50.0 if sw.pruner == "median" else 25.0, n_startup_trials=sw.startup_trials)
+
+
 def open_study(cfg: Config, seed_offset: int = 0):
     """Create the study (and its MLflow run) or load it; creating is atomic in the RDB, so of several workers
     starting together exactly one creates both and the others wait for the run id."""
@@ -311,11 +342,7 @@ def open_study(cfg: Config, seed_offset: int = 0):
     sw = cfg.sweep
     direction = "maximize" if sw.objective in MAXIMISE else "minimize"
     store = storage(sw.storage)
-    sampler = (optuna.samplers.TPESampler(seed=sw.seed + seed_offset, n_startup_trials=sw.startup_trials,
-                                          multivariate=True, constant_liar=True)
-               if sw.sampler == "tpe" else optuna.samplers.RandomSampler(seed=sw.seed + seed_offset))
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sw.startup_trials) if sw.pruner == "median"
-              else optuna.pruners.NopPruner())
+    sampler, pruner = make_sampler(cfg, parse_space(cfg), seed_offset), make_pruner(cfg)
     tracking.configure(cfg.tracking)
     try:
         study = optuna.create_study(storage=store, study_name=sw.study, direction=direction, sampler=sampler, pruner=pruner)
@@ -393,7 +420,7 @@ def run(cfg: Config, params_args: list[str], trials: int | None = None, workers:
     summary["call_seconds"] = time.perf_counter() - t0
     log.info("study %s: %d trials (%s); best %s = %s with %s; reports in %s", cfg.sweep.study, summary["trials"],
              summary["states"], cfg.sweep.objective, summary.get("best_value"), summary.get("best_params"),
-             cfg.sweep.reports)
+             Path(cfg.sweep.reports) / cfg.sweep.study)
     return summary
 
 
@@ -405,6 +432,9 @@ def trials_table(study) -> str:
         m = t.user_attrs.get("metrics", {})
         seconds = m.get("seconds") or (t.duration.total_seconds() if t.duration else float("nan"))
         value = f"{t.value:.4f}" if t.value is not None else "-"
+        if t.state.name == "PRUNED" and t.intermediate_values:      # Optuna keeps the last running value
+            step = max(t.intermediate_values)
+            value = f"({t.intermediate_values[step]:.4f} after task {step + 1})"
         fid = f"{m['fid']:.4g}" if "fid" in m else "-"
         params = ", ".join(f"{k}={v}" for k, v in t.params.items())
         lines.append(f"| {t.number} | {t.state.name} | {value} | {params} | {fid} | {t.user_attrs.get('work', '-')} "
@@ -435,7 +465,7 @@ def summarise(cfg: Config) -> dict:
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    out = Path(cfg.sweep.reports)
+    out = Path(cfg.sweep.reports) / study.study_name
     summary: dict[str, Any] = {"study": study.study_name, "storage": cfg.sweep.storage, "objective": cfg.sweep.objective,
                                "direction": study.direction.name.lower(), "trials": sum(states.values()),
                                "states": states, "time_per_trial": time_per_trial(study)}
