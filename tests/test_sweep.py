@@ -40,6 +40,8 @@ def test_a_trial_config_is_validated_like_params(make_cfg):
     assert (trial.model.d_e, trial.probe.strategy, trial.probe.ratio) == (8, "unseen", cfg.probe.ratio)
     with pytest.raises(MediError, match="sweep.method"):
         make_cfg(sweep__method="none")
+    with pytest.raises(MediError, match="sweep.objective is 'fid' but sweep.fid_count is 0"):
+        make_cfg(sweep__objective="fid", sweep__fid_count=0)
 
 
 def test_the_grid_sampler_needs_a_step_for_ranges(make_cfg):
@@ -49,6 +51,22 @@ def test_the_grid_sampler_needs_a_step_for_ranges(make_cfg):
     cfg = make_cfg(sweep__sampler="grid", sweep__space={"probe.ratio": {"low": 0.5, "high": 1.5, "step": 0.5},
                                                          "model.d_e": {"low": 8, "high": 16, "step": 8}})
     assert [d.grid_values() for d in sweep.parse_space(cfg)] == [[0.5, 1.0, 1.5], [8, 16]]
+
+
+@pytest.mark.parametrize("pruner, pruned", [("quartile", [0.1]), ("median", [0.1, 0.22]), ("none", [])])
+def test_pruners_stop_trials_below_the_lower_quartile_or_the_median(make_cfg, pruner, pruned):
+    study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner(make_cfg(sweep__pruner=pruner,
+                                                                                          sweep__startup_trials=4)))
+    for value in (0.1, 0.2, 0.3, 0.4):                               # earlier trials' running value after task 1
+        t = study.ask()
+        t.report(value, 0)
+        study.tell(t, value)
+    verdicts = {}
+    for value in (0.1, 0.22, 0.35):             # quartiles of the earlier trials: 0.175 (lower), 0.25 (median)
+        t = study.ask()
+        t.report(value, 0)
+        verdicts[value] = t.should_prune()                          # (left running: not among the earlier)
+    assert [v for v, prune in verdicts.items() if prune] == pruned
 
 
 def write_params(cfg, path: Path) -> str:

@@ -400,6 +400,8 @@ def _validate(cfg: Config, where: str) -> None:
     sw = cfg.sweep
     if min(sw.trials, sw.workers) < 1 or min(sw.timeout, sw.startup_trials, sw.fid_count) < 0:
         raise MediError(f"{where}: sweep.trials and workers must be >= 1, sweep.timeout, startup_trials and fid_count >= 0")
+    if sw.objective == "fid" and sw.fid_count < 2:
+        raise MediError(f"{where}: sweep.objective is 'fid' but sweep.fid_count is {sw.fid_count}; give it images (e.g. 256)")
     if sw.method not in ("cls", "medi") or sw.method not in pr.models:
         raise MediError(f"{where}: 'sweep.method' must be a probe method with a model (cls or medi, listed in "
                         f"probe.models), got {sw.method!r}")

@@ -261,19 +261,18 @@ def run_trial(trial, cfg: Config, dims: list[Dimension], ws: Workspace, parent_r
             for k in ("tss_avg", "overall", "worst_tss", "gain"):
                 metrics[f"mean_{k}"] = objective_value(done, k, method)
             value = metrics["fid"] if cfg.sweep.objective == "fid" else metrics[f"mean_{cfg.sweep.objective}"]
-            seconds = time.perf_counter() - t0
+            seconds, work = time.perf_counter() - t0, ", ".join(ws.work) or "probe only"
             metrics.update({"objective": value, "seconds": seconds})
             mlflow.log_metrics(metrics)
-            mlflow.set_tag("medi.work", ", ".join(ws.work) or "probe only")
+            mlflow.set_tag("medi.work", work)
             trial.set_user_attr("metrics", {k: metrics[k] for k in ("mean_tss_avg", "mean_gain", "fid", "seconds")
                                             if k in metrics})
-            trial.set_user_attr("work", ", ".join(ws.work) or "probe only")
-            log.info("trial %d: %s -> %s %.4f (%s; %.1fs)", trial.number, values, cfg.sweep.objective, value,
-                     ", ".join(ws.work) or "probe only", seconds)
+            trial.set_user_attr("work", work)
+            log.info("trial %d: %s -> %s %.4f (%s; %.1fs)", trial.number, values, cfg.sweep.objective, value, work, seconds)
             return value
         except optuna.TrialPruned as exc:
             trial.set_user_attr("work", ", ".join(ws.work) or "probe only")
-            mlflow.set_tags({"optuna.state": "PRUNED", "medi.pruned": str(exc)})
+            mlflow.set_tags({"optuna.state": "PRUNED", "medi.pruned": str(exc), "medi.work": ", ".join(ws.work) or "probe only"})
             mlflow.log_metric("seconds", time.perf_counter() - t0)
             mlflow.end_run("KILLED")
             log.info("trial %d pruned: %s", trial.number, exc)
@@ -328,7 +327,8 @@ def make_pruner(cfg: Config):
     sw = cfg.sweep
     if sw.pruner == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.PercentilePruner(50.0 if sw.pruner == "median" else 25.0, n_startup_trials=sw.startup_trials)
+    # PercentilePruner(p) keeps the top p % at a step: 75 prunes the bottom quartile only.
+    return optuna.pruners.PercentilePruner(50.0 if sw.pruner == "median" else 75.0, n_startup_trials=sw.startup_trials)
 
 
 def open_study(cfg: Config, seed_offset: int = 0):
@@ -491,6 +491,8 @@ def summarise(cfg: Config) -> dict:
                 summary.setdefault("figures_skipped", {})[name] = str(exc)
                 continue
             fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
+            fig.suptitle(f"study {study.study_name}: {cfg.sweep.objective} of {cfg.sweep.method} "
+                         f"({summary['direction']}), {summary['trials']} trials", fontsize=9)
             fig.set_size_inches(8, 4.5)
             fig.tight_layout()
             path = figures.save(fig, out / f"{name}.png")
