@@ -108,6 +108,8 @@ def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_
     done = [c for c in children if c.info.status == "FINISHED"]
     assert done and all({"objective", "fid", "mean_tss_avg", "nsclc_medi_tss_avg"} <= set(c.data.metrics) for c in done)
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)
+    history = mlflow.tracking.MlflowClient().get_metric_history(parent.info.run_id, "trial_objective")
+    assert {(m.step, m.value) for m in history} == {(t.number, t.value) for t in study.trials if t.state.name == "COMPLETE"}
     reports = Path(cfg.sweep.reports) / cfg.sweep.study
     for name in ("optimization_history.png", "parallel_coordinate.png", "param_importances.png", "study.md"):
         assert (reports / name).stat().st_size > 500, name

@@ -278,7 +278,9 @@ def synthetic_pool(cfg, method: str, pairs: list[tuple[str, str | None]], train_
 
 
 def markdown_table(result: dict) -> str:
-    lines = [f"Linear probe, balanced accuracy in % (mean +- standard error over runs); encoder: {result['encoder']}.",
+    strategy = result.get("settings", {}).get("strategy", "grid")
+    lines = [f"Linear probe, balanced accuracy in % (mean +- standard error over runs); encoder: {result['encoder']}; "
+             f"MeDi tiles over (class, site) pairs: {strategy}.",
              "Paper (Table 1, UNI embeddings of TCGA-UT) in brackets: same protocol, other data and encoder, so compare "
              "directions, not values.", "",
              "| task | method | runs | overall | TSS-avg | MCC | worst TSS | training sites |", "|---|---|---|---|---|---|---|---|"]

@@ -265,6 +265,7 @@ def run_trial(trial, cfg: Config, dims: list[Dimension], ws: Workspace, parent_r
             metrics.update({"objective": value, "seconds": seconds})
             mlflow.log_metrics(metrics)
             mlflow.set_tag("medi.work", work)
+            mlflow.tracking.MlflowClient().log_metric(parent_run_id, "trial_objective", value, step=trial.number)
             trial.set_user_attr("metrics", {k: metrics[k] for k in ("mean_tss_avg", "mean_gain", "fid", "seconds")
                                             if k in metrics})
             trial.set_user_attr("work", work)
