@@ -332,7 +332,7 @@ def make_pruner(cfg: Config):
     return optuna.pruners.PercentilePruner(50.0 if sw.pruner == "median" else 75.0, n_startup_trials=sw.startup_trials)
 
 
-def open_study(cfg: Config, seed_offset: int = 0):
+def open_study(cfg: Config, dims: list[Dimension], seed_offset: int = 0):
     """Create the study (and its MLflow run) or load it; creating is atomic in the RDB, so of several workers
     starting together exactly one creates both and the others wait for the run id."""
     import mlflow
@@ -343,7 +343,7 @@ def open_study(cfg: Config, seed_offset: int = 0):
     sw = cfg.sweep
     direction = "maximize" if sw.objective in MAXIMISE else "minimize"
     store = storage(sw.storage)
-    sampler, pruner = make_sampler(cfg, parse_space(cfg), seed_offset), make_pruner(cfg)
+    sampler, pruner = make_sampler(cfg, dims, seed_offset), make_pruner(cfg)
     tracking.configure(cfg.tracking)
     try:
         study = optuna.create_study(storage=store, study_name=sw.study, direction=direction, sampler=sampler, pruner=pruner)
@@ -374,7 +374,7 @@ def optimise(cfg: Config, n_trials: int, worker: int = 0) -> None:
 
     dims = parse_space(cfg)
     ws = Workspace(cfg)
-    study = open_study(cfg, seed_offset=1000 * worker + len(study_trials(cfg)))
+    study = open_study(cfg, dims, seed_offset=1000 * worker + len(study_trials(cfg)))
     parent = study.user_attrs[RUN_ATTR]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
@@ -402,7 +402,7 @@ def run(cfg: Config, params_args: list[str], trials: int | None = None, workers:
              cfg.sweep.method, cfg.sweep.storage)
     from mlflow.tracking import MlflowClient
 
-    study = open_study(cfg)
+    study = open_study(cfg, dims)
     MlflowClient().update_run(study.user_attrs[RUN_ATTR], status="RUNNING")
     t0 = time.perf_counter()
     if workers == 1:
