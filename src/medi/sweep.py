@@ -228,6 +228,10 @@ def run_trial(trial, cfg: Config, dims: list[Dimension], ws: Workspace, parent_r
     values = {d.name: d.suggest(trial) for d in dims}
     t0 = time.perf_counter()
     ws.work = []
+
+    def work() -> str:
+        return ", ".join(ws.work) or "probe only"
+
     with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=parent_run_id, tags={
             **tracking.run_tags(cfg, "sweep-trial", ("sweep",)), "medi.study": cfg.sweep.study,
             "optuna.trial": str(trial.number)}) as run:
@@ -261,19 +265,19 @@ def run_trial(trial, cfg: Config, dims: list[Dimension], ws: Workspace, parent_r
             for k in ("tss_avg", "overall", "worst_tss", "gain"):
                 metrics[f"mean_{k}"] = objective_value(done, k, method)
             value = metrics["fid"] if cfg.sweep.objective == "fid" else metrics[f"mean_{cfg.sweep.objective}"]
-            seconds, work = time.perf_counter() - t0, ", ".join(ws.work) or "probe only"
+            seconds = time.perf_counter() - t0
             metrics.update({"objective": value, "seconds": seconds})
             mlflow.log_metrics(metrics)
-            mlflow.set_tag("medi.work", work)
+            mlflow.set_tag("medi.work", work())
             mlflow.tracking.MlflowClient().log_metric(parent_run_id, "trial_objective", value, step=trial.number)
             trial.set_user_attr("metrics", {k: metrics[k] for k in ("mean_tss_avg", "mean_gain", "fid", "seconds")
                                             if k in metrics})
-            trial.set_user_attr("work", work)
-            log.info("trial %d: %s -> %s %.4f (%s; %.1fs)", trial.number, values, cfg.sweep.objective, value, work, seconds)
+            trial.set_user_attr("work", work())
+            log.info("trial %d: %s -> %s %.4f (%s; %.1fs)", trial.number, values, cfg.sweep.objective, value, work(), seconds)
             return value
         except optuna.TrialPruned as exc:
-            trial.set_user_attr("work", ", ".join(ws.work) or "probe only")
-            mlflow.set_tags({"optuna.state": "PRUNED", "medi.pruned": str(exc), "medi.work": ", ".join(ws.work) or "probe only"})
+            trial.set_user_attr("work", work())
+            mlflow.set_tags({"optuna.state": "PRUNED", "medi.pruned": str(exc), "medi.work": work()})
             mlflow.log_metric("seconds", time.perf_counter() - t0)
             mlflow.end_run("KILLED")
             log.info("trial %d pruned: %s", trial.number, exc)
@@ -304,8 +308,9 @@ def _fail_stale_run(study, trial) -> None:
 
     run_id = trial.user_attrs.get(RUN_ATTR)
     if run_id:
-        MlflowClient().set_terminated(run_id, "FAILED")
-        MlflowClient().set_tag(run_id, "optuna.state", "FAIL")
+        client = MlflowClient()
+        client.set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, "optuna.state", "FAIL")
     log.warning("trial %d of %s failed: its worker stopped sending heartbeats", trial.number, study.study_name)
 
 
@@ -332,7 +337,7 @@ def make_pruner(cfg: Config):
     return optuna.pruners.PercentilePruner(50.0 if sw.pruner == "median" else 75.0, n_startup_trials=sw.startup_trials)
 
 
-def open_study(cfg: Config, dims: list[Dimension], seed_offset: int = 0):
+def open_study(cfg: Config, dims: list[Dimension]):
     """Create the study (and its MLflow run) or load it; creating is atomic in the RDB, so of several workers
     starting together exactly one creates both and the others wait for the run id."""
     import mlflow
@@ -343,7 +348,7 @@ def open_study(cfg: Config, dims: list[Dimension], seed_offset: int = 0):
     sw = cfg.sweep
     direction = "maximize" if sw.objective in MAXIMISE else "minimize"
     store = storage(sw.storage)
-    sampler, pruner = make_sampler(cfg, dims, seed_offset), make_pruner(cfg)
+    sampler, pruner = make_sampler(cfg, dims), make_pruner(cfg)
     tracking.configure(cfg.tracking)
     try:
         study = optuna.create_study(storage=store, study_name=sw.study, direction=direction, sampler=sampler, pruner=pruner)
@@ -374,7 +379,8 @@ def optimise(cfg: Config, n_trials: int, worker: int = 0) -> None:
 
     dims = parse_space(cfg)
     ws = Workspace(cfg)
-    study = open_study(cfg, dims, seed_offset=1000 * worker + len(study_trials(cfg)))
+    study = open_study(cfg, dims)
+    study.sampler = make_sampler(cfg, dims, seed_offset=1000 * worker + len(study.trials))
     parent = study.user_attrs[RUN_ATTR]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
@@ -383,25 +389,16 @@ def optimise(cfg: Config, n_trials: int, worker: int = 0) -> None:
                        timeout=cfg.sweep.timeout or None, catch=(Exception,))
 
 
-def study_trials(cfg: Config) -> list:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=cfg.sweep.study, storage=storage(cfg.sweep.storage)).get_trials(deepcopy=False)
-    except KeyError:            # no such study yet
-        return []
-
-
 def run(cfg: Config, params_args: list[str], trials: int | None = None, workers: int | None = None) -> dict:
     """`medi sweep`: add `trials` trials to the study with `workers` processes, then summarise it."""
+    from mlflow.tracking import MlflowClient
+
     dims = parse_space(cfg)
     trials = trials or cfg.sweep.trials
     workers = workers or cfg.sweep.workers
     log.info("sweep %s: %d param(s) (%s), objective %s of %s, storage %s", cfg.sweep.study, len(dims),
              ", ".join(f"{d.name} [{SWEEPABLE[d.name.split('.')[0]]}]" for d in dims), cfg.sweep.objective,
              cfg.sweep.method, cfg.sweep.storage)
-    from mlflow.tracking import MlflowClient
-
     study = open_study(cfg, dims)
     MlflowClient().update_run(study.user_attrs[RUN_ATTR], status="RUNNING")
     t0 = time.perf_counter()
