@@ -1,4 +1,5 @@
-"""Probe throughput: 200 runs x 3 tasks x 3 methods on cached embeddings (the target: under 2 minutes on 2 cores).
+"""Probe throughput: 200 runs per task, every arm (none, real, cls, medi and medi's strategies for medi_tuned)
+on cached embeddings, and the clustered bootstrap of the test figures.
 
 Runs in a project folder after `make repro` (embeddings and synthetic pools are then cached; nothing is
 generated again). The default world has fewer TSS combinations than 200 per task, so combinations are
@@ -24,29 +25,39 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--workers", type=int, default=-1)
     args = ap.parse_args()
-    cfg = config.load(args.params)
+    cfg = config.override(config.load(args.params), {"probe.workers": args.workers})
     p = cfg.probe
     t0 = time.perf_counter()
-    spec, tasks = probe.prepare(cfg)
+    ctx = probe.prepare(cfg)
     prep = time.perf_counter() - t0
+    arms = probe.arms_of(p, p.methods, ctx.site_conditioned, p.tuned_strategies)
+    reported = {a.name: a.name for a in arms}
     rows = []
     total = 0.0
-    for i, (name, task) in enumerate(tasks.items()):
+    for i, (name, classes) in enumerate(p.tasks.items()):
+        task = probe.build_task(classes, ctx, p, probe.PARTS)
         distinct = len(task.combos)
         task.combos = (task.combos * (args.runs // distinct + 1))[: args.runs]
         t1 = time.perf_counter()
-        probe.run_task(task, p.methods, p.real_per_class, p.ratio, p.C, p.seed, i, args.workers)
-        seconds = time.perf_counter() - t1
-        total += seconds
-        fits = args.runs * len(p.methods)
-        rows.append([name, args.runs, distinct, len(p.methods), len(task.test_y), f"{seconds:.1f}", f"{fits / seconds:.0f}"])
+        runs = probe.run_task(task, arms, p, i)
+        fit_seconds = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        probe.summarise_part(task, runs, reported, "test", p, p.bootstrap)
+        boot_seconds = time.perf_counter() - t2
+        total += fit_seconds + boot_seconds
+        fits = args.runs * len(arms)
+        rows.append([name, args.runs, distinct, len(arms), len(task.eval["test"].y) + len(task.eval["validation"].y),
+                     f"{fit_seconds:.1f}", f"{fits / fit_seconds:.0f}", f"{boot_seconds:.1f}"])
         print(name, rows[-1], flush=True)
-    rows.append(["all", args.runs * len(tasks), "", "", "", f"{total:.1f}", ""])
+    rows.append(["all", args.runs * len(p.tasks), "", "", "", f"{total:.1f}", "", ""])
     write_section("probe-cpu",
-                  f"Linear-probe runs on cached embeddings ({spec.describe()}) on {cpu_name()}, joblib workers "
-                  f"{args.workers}; {p.real_per_class} real per class + {p.ratio:g} synthetic per real; embeddings and pools "
-                  f"loaded from the cache in {prep:.1f} s; `python bench/probe_speed.py --runs {args.runs}`",
-                  ["task", "runs", "distinct TSS combinations", "methods", "test tiles", "seconds", "fits/s"], rows)
+                  f"Linear-probe runs on cached embeddings ({ctx.encoder}) on {cpu_name()}, joblib workers "
+                  f"{args.workers}; {p.real_per_class} real per class + {probe.extra_per_class(p)} extra per class; "
+                  f"{len(arms)} arms ({', '.join(a.name for a in arms)}); {p.bootstrap} bootstrap worlds over "
+                  f"{len(reported)} arms; embeddings and pools loaded from the cache in {prep:.1f} s; "
+                  f"`python bench/probe_speed.py --runs {args.runs}`",
+                  ["task", "runs", "distinct TSS combinations", "arms", "holdout tiles", "fit seconds", "fits/s",
+                   "bootstrap seconds"], rows)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ TINY = {
     "train__warmup_steps": 2, "train__precision": "no", "train__stain_check_seeds": 2,
     "sample__count": 42, "sample__steps": 2, "sample__batch_size": 16, "fid__input_size": 32, "fid__min_count": 4,
     "fid__curve_count": 16, "fid__stain_tiles": 4, "report__sites_per_class": 2, "report__tiles_per_row": 3,
-    "probe__real_per_class": 3, "probe__pool_per_pair": 2, "probe__runs": 4, "probe__workers": 1,
+    "probe__real_per_class": 3, "probe__pool_per_pair": 2, "probe__runs": 4, "probe__workers": 1, "probe__bootstrap": 200,
     "encoder__input_size": 32,
 }
 
@@ -87,7 +87,6 @@ TINY = {
 def tiny_world(make_cfg, tmp_path):
     """A tiny synthetic world, prepared and split (about 2 s): returns a config builder over it."""
     from medi import data, splits, synthetic
-    from medi.io import write_parquet
 
     def build(**overrides):
         return make_cfg(**{**TINY, **overrides})
@@ -95,10 +94,5 @@ def tiny_world(make_cfg, tmp_path):
     cfg = build()
     synthetic.synthesize(cfg, workers=1)
     data.prepare(cfg)
-    index, slides = data.load_index(cfg.data.output), data.load_slides(cfg.data.output)
-    result = splits.split_slides(slides, cfg.split)
-    split_of = dict(zip(result.slides.slide, result.slides.split))
-    out = tmp_path / "artifacts/splits"
-    write_parquet(out / "train.parquet", index[index.slide.map(split_of) == "train"])
-    write_parquet(out / "holdout.parquet", index[index.slide.map(split_of) == "holdout"])
+    splits.write_split(cfg.split, data.load_index(cfg.data.output), data.load_slides(cfg.data.output))
     return build

@@ -61,9 +61,10 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
                   "fid@medi", "probe", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     split = json.loads((work / "metrics/split.json").read_text())
-    assert set(split) == {"train_slides", "holdout_slides", "train_tss", "holdout_tss", "tss_overlap",
-                          "train_patches", "holdout_patches", "classes"}
+    assert {"train_slides", "holdout_slides", "train_tss", "holdout_tss", "tss_overlap", "train_patches",
+            "holdout_patches", "classes", "validation_tss", "test_tss", "slides_without_tiles"} <= set(split)
     assert split["tss_overlap"] == 0 and split["train_slides"] > 0 and split["holdout_slides"] > 0
+    assert split["validation_tss"] + split["test_tss"] == split["holdout_tss"] and split["test_tss"] > 0
     for name in ("cls", "medi"):
         assert (work / f"models/{name}/model.safetensors").exists() and (work / f"reports/samples_{name}.png").exists()
         assert json.loads((work / f"metrics/train_{name}.json").read_text())["steps"] == TINY["train__max_steps"]
@@ -71,7 +72,8 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
         assert {"extractor", "overall", "per_class", "per_site", "kid", "n_real", "n_generated"} <= set(fid)
         assert fid["n_generated"] == TINY["sample__count"] == len(list((work / f"samples/{name}/images").rglob("*.png")))
     probe = json.loads((work / "metrics/probe.json").read_text())
-    assert set(probe["tasks"]) == {"nsclc", "rcc", "uterine"} and set(probe["tasks"]["rcc"]) == {"none", "cls", "medi"}
+    assert set(probe["tasks"]) == {"nsclc", "rcc", "uterine"} and probe["split"] == "test"
+    assert set(probe["tasks"]["rcc"]) == {"none", "real", "cls", "medi", "medi_tuned", "differences", "verdict"}
     assert "Table 1" in (work / "reports/index.md").read_text()
     for fig in ("dataset.png", "synthetic_tiles.png", "synthetic_tiles_counterfactual.png", "fid_per_class.png",
                 "sites_real_cls_medi.png", "probe.png"):

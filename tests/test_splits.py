@@ -10,9 +10,10 @@ from medi.config import SplitConfig
 from medi.errors import MediError
 
 
-def cfg(mode="paper", frac=0.3, seed=0, keys=("tss", "gender", "race")) -> SplitConfig:
-    return SplitConfig(mode=mode, holdout_fraction=frac, key_columns=list(keys), seed=seed,
-                       output="unused", metrics="unused", figure="unused")
+def cfg(mode="paper", frac=0.3, seed=0, keys=("tss", "gender", "race"), validation=0.5, output="unused",
+        metrics="unused") -> SplitConfig:
+    return SplitConfig(mode=mode, holdout_fraction=frac, key_columns=list(keys), seed=seed, validation_fraction=validation,
+                       output=output, metrics=metrics, figure="unused")
 
 
 def table(rows) -> pd.DataFrame:
@@ -91,10 +92,72 @@ def test_random_mode_is_seeded_and_differs_from_file_order():
 
 
 def test_metrics_follow_the_contract():
-    s = splits.split_slides(HAND, cfg()).slides
+    s = splits.split_slides(HAND.assign(tiles=[1, 0, 0, 0, 1, 0, 0, 1, 0, 1]), cfg()).slides
     index = pd.DataFrame({"slide": ["s1", "s1", "s5", "s8", "s10"]})
     m = splits.split_metrics(s, index)
     assert set(m) == {"train_slides", "holdout_slides", "train_tss", "holdout_tss", "tss_overlap",
-                      "train_patches", "holdout_patches", "classes"}
+                      "train_patches", "holdout_patches", "classes", "validation_slides", "validation_tss",
+                      "validation_patches", "test_slides", "test_tss", "test_patches", "validation_test_tss_overlap",
+                      "slides_without_tiles"}
     assert (m["train_slides"], m["holdout_slides"], m["tss_overlap"]) == (5, 5, 0)
     assert (m["train_tss"], m["holdout_tss"], m["train_patches"], m["holdout_patches"]) == (3, 4, 3, 2)
+    # holdout sites: A {03, 04} -> one each side; B {10, 12} -> one each side (which one is seeded)
+    assert (m["validation_tss"], m["test_tss"], m["validation_test_tss_overlap"]) == (2, 2, 0)
+    assert m["validation_slides"] + m["test_slides"] == 5 and m["slides_without_tiles"] == 6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_holdout_sites_divide_into_validation_and_test_sites_per_class(seed):
+    world = random_world(seed, n=400)
+    s = splits.split_slides(world, cfg(mode="random", seed=seed)).slides
+    assert set(s.part) == {"train", "validation", "test"} and (s.part == "train").eq(s.split == "train").all()
+    sites = s[s.split == "holdout"].groupby("tss").part.agg(set)
+    assert (sites.map(len) == 1).all()                                 # a site is wholly validation or test
+    for c, g in s[s.split == "holdout"].groupby("class"):
+        n = g.tss.nunique()
+        val = g[g.part == "validation"].tss.nunique()
+        assert val == min(max(1, int(0.5 * n)), n - 1) and n - val >= 1    # both sides, test the larger half
+    again = splits.split_slides(world, cfg(mode="random", seed=seed)).slides
+    assert again.part.tolist() == s.part.tolist()                       # deterministic
+    other = splits.split_slides(world, cfg(mode="random", seed=seed, validation=0.34)).slides
+    assert (other.part == "validation").sum() < (s.part == "validation").sum()
+
+
+def test_a_class_with_one_holdout_site_gives_it_to_test():
+    one = table([("s1", "A", "01", "male", "white"), ("s2", "A", "02", "male", "white"),
+                 ("s3", "A", "03", "male", "white")])
+    s = splits.split_slides(one, cfg()).slides                        # floor(0.7 * 3) = 2 keys train, 03 holdout
+    assert s.set_index("slide").part.to_dict() == {"s1": "train", "s2": "train", "s3": "test"}
+
+
+def test_the_split_is_made_on_the_metadata_table_not_on_slides_with_tiles(make_cfg, tmp_path):
+    """Problem 6: a slide without tiles still holds its key's place in file order; the split is the one the
+    full metadata gives (here: LUAD's first key belongs to a slide whose tiles are missing)."""
+    import tcga_fixture as tf
+    from medi import data
+
+    slides = [tf.FixtureSlide("LUAD", "05", "1000", "male", "white", has_folder=False),   # first key, no tiles
+              tf.FixtureSlide("LUAD", "38", "1001", "female", "white"),
+              tf.FixtureSlide("LUAD", "44", "1002", "male", "asian"),
+              tf.FixtureSlide("LUAD", "49", "1003", "female", "white"),
+              tf.FixtureSlide("LUSC", "18", "2000"), tf.FixtureSlide("LUSC", "21", "2001"),
+              tf.FixtureSlide("UCS", "NA", "3000"), tf.FixtureSlide("UCS", "N5", "3001")]
+    tf.build(tmp_path / "data", slides)
+    c = make_cfg(data__source="tcga_ut", data__root=str(tmp_path / "data"), data__classes=["LUAD", "LUSC", "UCS"],
+                 data__resolution=8, data__workers=1)
+    data.prepare(c)
+    table_ = data.load_slides(c.data.output)
+    assert len(table_) == 8 and table_.set_index("slide").loc["TCGA-05-1000-01Z-00-DX1", "tiles"] == 0
+    _, m = splits.write_split(c.split, data.load_index(c.data.output), table_)
+    # LUAD keys in file order 05, 38, 44, 49: floor(0.7 * 4) = 2 train (05 and 38), 44 and 49 held out.
+    # Split on slides with tiles only, 38, 44, 49 -> floor(2.1) = 2 would train 38 and 44 instead.
+    got = pd.read_parquet(tmp_path / "artifacts/splits/slides.parquet").set_index("slide").split
+    assert got["TCGA-38-1001-01Z-00-DX1"] == "train" and got["TCGA-44-1002-01Z-00-DX1"] == "holdout"
+    assert m["slides_without_tiles"] == 1 and m["train_slides"] + m["holdout_slides"] == 8
+    train = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    holdout = pd.read_parquet(tmp_path / "artifacts/splits/holdout.parquet")
+    assert "38" in set(train.tss) and not {"05", "44", "49"} & set(train.tss)
+    assert {"44", "49"} <= set(holdout.tss) and set(holdout.part) <= {"validation", "test"}
+    sites = pd.read_csv(tmp_path / "artifacts/splits/sites.csv", dtype=str, keep_default_na=False)
+    assert set(sites.tss) == {"05", "38", "44", "49", "18", "21", "NA", "N5"}
+    assert sites.set_index("tss").loc["05", "tiles"] == "0"

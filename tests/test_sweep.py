@@ -1,5 +1,6 @@
-"""Optuna sweeps: the search space from params, trials as nested MLflow runs, continuation, parallel workers,
-failed and pruned trials, trials that train."""
+"""Optuna sweeps: the search space from params, one study per method with equal budgets, trials as nested MLflow
+runs, continuation, parallel workers, failed and pruned trials, trials that train, and an objective that reads
+the validation sites only (the best trial is scored once on the test sites)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from medi import cli, sweep, train
+from medi import cli, config, sweep, train
 from medi.errors import MediError
 from test_sample import save_untrained
 
@@ -38,8 +39,10 @@ def test_a_trial_config_is_validated_like_params(make_cfg):
     cfg = make_cfg()
     trial = sweep.trial_config(cfg, {"model.d_e": 8, "probe.strategy": "unseen"})
     assert (trial.model.d_e, trial.probe.strategy, trial.probe.ratio) == (8, "unseen", cfg.probe.ratio)
-    with pytest.raises(MediError, match="sweep.method"):
-        make_cfg(sweep__method="none")
+    with pytest.raises(MediError, match="sweep.methods"):
+        make_cfg(sweep__methods=["none"])
+    with pytest.raises(MediError, match="sweep.methods"):
+        make_cfg(sweep__methods=[])
     with pytest.raises(MediError, match="sweep.objective is 'fid' but sweep.fid_count is 0"):
         make_cfg(sweep__objective="fid", sweep__fid_count=0)
 
@@ -90,42 +93,49 @@ def study_runs(cfg, study: str) -> tuple[mlflow.entities.Run, list[mlflow.entiti
 
 def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_trial(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space=PROBE_SPACE, sweep__trials=4, sweep__startup_trials=2, sweep__fid_count=8,
-                     sweep__pruner="median")
+                     sweep__pruner="median", sweep__methods=["medi"])
     ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
     save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
     params = write_params(cfg, tmp_path / "params.yaml")
 
     assert sweep_cli(params) == 0
-    study = optuna.load_study(study_name=cfg.sweep.study, storage=cfg.sweep.storage)
+    name = f"{cfg.sweep.study}-medi"
+    study = optuna.load_study(study_name=name, storage=cfg.sweep.storage)
     assert len(study.trials) == 4
     first = study.trials[0]
     assert "new pool" in first.user_attrs["work"]                    # the pipeline's model, a pool for its sampler
     assert not any("trained" in t.user_attrs.get("work", "") for t in study.trials)
-    assert {"mean_tss_avg", "fid", "seconds"} <= set(first.user_attrs["metrics"])
-    parent, children = study_runs(cfg, cfg.sweep.study)
+    assert {"mean_tss_avg_validation", "fid", "seconds"} <= set(first.user_attrs["metrics"])
+    parent, children = study_runs(cfg, name)
     assert len(children) == 4 and parent.info.status == "FINISHED"
     assert {c.data.params["probe.strategy"] for c in children} <= set(PROBE_SPACE["probe.strategy"])
     done = [c for c in children if c.info.status == "FINISHED"]
-    assert done and all({"objective", "fid", "mean_tss_avg", "nsclc_medi_tss_avg"} <= set(c.data.metrics) for c in done)
+    assert done and all({"objective", "fid", "mean_tss_avg_validation", "nsclc_medi_tss_avg_validation"}
+                        <= set(c.data.metrics) for c in done)
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)
     history = mlflow.tracking.MlflowClient().get_metric_history(parent.info.run_id, "trial_objective")
     assert {(m.step, m.value) for m in history} == {(t.number, t.value) for t in study.trials if t.state.name == "COMPLETE"}
-    reports = Path(cfg.sweep.reports) / cfg.sweep.study
-    for name in ("optimization_history.png", "parallel_coordinate.png", "param_importances.png", "study.md"):
-        assert (reports / name).stat().st_size > 500, name
+    reports = Path(cfg.sweep.reports) / name
+    for fig in ("optimization_history.png", "parallel_coordinate.png", "param_importances.png", "study.md"):
+        assert (reports / fig).stat().st_size > 500, fig
     summary = json.loads((reports / "study.json").read_text())
     assert summary["trials"] == 4 and summary["best_params"] == study.best_trial.params
+    assert summary["split"] == "validation" and summary["best_test"]["split"] == "test"
+    assert summary["best_test"]["trial"] == study.best_trial.number and 0 <= summary["best_test"]["value"] <= 1
+    assert "scored once on the **test** sites" in (reports / "study.md").read_text()
+    assert {"best_value_validation", "best_value_test"} <= set(mlflow.tracking.MlflowClient().get_run(
+        parent.info.run_id).data.metrics)
     client = mlflow.tracking.MlflowClient()
     assert {"study/optimization_history.png", "study/study.md"} <= {
         f.path for f in client.list_artifacts(parent.info.run_id, "study")}
 
     assert sweep_cli(params, "--trials", "2") == 0                  # the same study, continued
     assert sweep_cli(params, "--trials", "2", "--workers", "2") == 0  # two processes on one storage
-    study = optuna.load_study(study_name=cfg.sweep.study, storage=cfg.sweep.storage)
+    study = optuna.load_study(study_name=name, storage=cfg.sweep.storage)
     assert len(study.trials) == 8
     workers = [t.user_attrs["worker"] for t in study.trials]
     assert len(set(workers[:6])) == 1 and len(set(workers[6:])) == 2 and workers[0] not in workers[6:]
-    again, children = study_runs(cfg, cfg.sweep.study)
+    again, children = study_runs(cfg, name)
     assert again.info.run_id == parent.info.run_id and len(children) == 8
     assert study.trials[6].user_attrs["work"] == "probe only"       # pools from disk, made by the first call
     states = {t.state.name for t in study.trials}
@@ -138,11 +148,12 @@ def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_
 
 def test_a_failed_trial_is_failed_in_optuna_and_mlflow_and_the_study_goes_on(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space={"probe.real_per_class": [3, 100000], "probe.strategy": ["grid", "unseen"]},
-                     sweep__sampler="grid", sweep__trials=10, sweep__fid_count=0, sweep__study="failing")
+                     sweep__sampler="grid", sweep__trials=10, sweep__fid_count=0, sweep__study="failing",
+                     sweep__methods=["medi"])
     ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
     save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
-    study = optuna.load_study(study_name="failing", storage=cfg.sweep.storage)
+    study = optuna.load_study(study_name="failing-medi", storage=cfg.sweep.storage)
     by_state = {s: [t for t in study.trials if t.state.name == s] for s in ("COMPLETE", "FAIL")}
     assert len(study.trials) == 4                                   # the grid is exhausted: every point once
     assert {(t.params["probe.real_per_class"], t.params["probe.strategy"]) for t in study.trials} == {
@@ -161,9 +172,9 @@ def test_a_failed_trial_is_failed_in_optuna_and_mlflow_and_the_study_goes_on(tin
 
 def test_trials_that_change_the_model_train_it_once_nested_in_the_trial(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space={"model.d_e": [16, 24]}, sweep__sampler="random", sweep__trials=3,
-                     sweep__fid_count=0, sweep__study="d_e", sweep__pruner="none")
+                     sweep__fid_count=0, sweep__study="d_e", sweep__pruner="none", sweep__methods=["medi"])
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0   # no pipeline model: every d_e trains
-    study = optuna.load_study(study_name="d_e", storage=cfg.sweep.storage)
+    study = optuna.load_study(study_name="d_e-medi", storage=cfg.sweep.storage)
     values = [t.params["model.d_e"] for t in study.trials]
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert sum("trained" in t.user_attrs["work"] for t in study.trials) == len(set(values))
@@ -177,3 +188,52 @@ def test_trials_that_change_the_model_train_it_once_nested_in_the_trial(tiny_wor
                               filter_string="tags.`medi.stage` = 'train@medi'")
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {t.user_attrs[sweep.RUN_ATTR] for t in trained}
     assert client.get_run(trained[0].user_attrs[sweep.RUN_ATTR]).data.params["model.d_e"] in {"16", "24"}
+
+
+def test_the_objective_never_reads_a_test_site(tiny_world, tmp_path):
+    """Problem 2: the same trial on a dataset whose test-site tiles are replaced by noise gets the same objective
+    (the search reads validation sites only); only the best trial's separate test score sees the change."""
+    import numpy as np
+
+    from medi import data
+
+    space = {"probe.ratio": [1.0]}
+    cfg = tiny_world(sweep__space=space, sweep__sampler="grid", sweep__trials=1, sweep__fid_count=0,
+                     sweep__methods=["medi"], sweep__study="clean", probe__bootstrap=0)
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
+    clean = json.loads((Path(cfg.sweep.reports) / "clean-medi/study.json").read_text())
+
+    holdout = pd.read_parquet(tmp_path / "artifacts/splits/holdout.parquet")
+    test_rows = holdout.loc[holdout["part"] == "test", "idx"].to_numpy()
+    assert len(test_rows) and (holdout["part"] == "validation").any()
+    tiles = np.load(Path(cfg.data.output) / "tiles.npy", mmap_mode="r+")
+    tiles[test_rows] = np.random.default_rng(0).integers(0, 256, tiles[test_rows].shape, dtype=np.uint8)
+    tiles.flush()
+    del tiles
+    params = write_params(config.override(cfg, {"sweep.study": "poisoned"}), tmp_path / "params2.yaml")
+    assert sweep_cli(params) == 0
+    dirty = json.loads((Path(cfg.sweep.reports) / "poisoned-medi/study.json").read_text())
+    assert dirty["best_value"] == clean["best_value"]                 # the objective: validation sites only
+    assert dirty["best_test"]["value"] != clean["best_test"]["value"]  # the one test score does read them
+
+
+def test_cls_and_medi_get_studies_of_equal_budget_over_the_params_that_can_change_them(tiny_world, tmp_path):
+    space = {"probe.strategy": ["grid", "unseen"], "probe.ratio": [1.0, 2.0], "model.d_e": [16]}
+    cfg = tiny_world(sweep__space=space, sweep__sampler="random", sweep__trials=2, sweep__fid_count=0,
+                     sweep__pruner="none", sweep__study="both", probe__bootstrap=0)
+    assert [d.name for d in sweep.parse_space(cfg, "cls")] == ["probe.ratio"]      # no sites, no attributes
+    assert [d.name for d in sweep.parse_space(cfg, "medi")] == list(space)
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    for name in ("cls", "medi"):
+        c = config.override(cfg, {"model.d_e": 16})
+        save_untrained(c, name).save(Path(cfg.model.output) / name, {"run_hash": train.run_hash(c, name, ti)})
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
+    studies = {m: optuna.load_study(study_name=f"both-{m}", storage=cfg.sweep.storage) for m in ("cls", "medi")}
+    assert {m: len(s.trials) for m, s in studies.items()} == {"cls": 2, "medi": 2}
+    assert set(studies["cls"].trials[0].params) == {"probe.ratio"}
+    for m, s in studies.items():
+        parent, children = study_runs(cfg, f"both-{m}")
+        assert parent.data.params["method"] == m and parent.data.params["split"] == "validation"
+        assert len(children) == 2 and all(c.data.tags["medi.method"] == m for c in children)

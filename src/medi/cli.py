@@ -77,30 +77,9 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_split(cfg: Config, args: argparse.Namespace) -> None:
-    import mlflow
+    from medi import splits
 
-    from medi import data, figures, splits, tracking
-    from medi.io import write_json, write_parquet
-
-    with tracking.stage_run(cfg, "split", ("split",)):
-        index = data.load_index(cfg.data.output)
-        slides = data.load_slides(cfg.data.output)
-        result = splits.split_slides(slides, cfg.split)
-        split_of = dict(zip(result.slides.slide, result.slides.split))
-        out = Path(cfg.split.output)
-        index = index.assign(split=index.slide.map(split_of))
-        write_parquet(out / "train.parquet", index[index.split == "train"].drop(columns="split"))
-        write_parquet(out / "holdout.parquet", index[index.split == "holdout"].drop(columns="split"))
-        write_parquet(out / "slides.parquet", result.slides)
-        metrics = splits.split_metrics(result.slides, index)
-        metrics_out = {**metrics, "moved_tss": len(result.moved_tss)}
-        write_json(cfg.split.metrics, metrics)
-        log.info("split: %s", metrics_out)
-        mlflow.log_metrics({k: v for k, v in metrics_out.items() if isinstance(v, int)})
-        mlflow.log_dict({**metrics, "moved_tss": result.moved_tss}, "split.json")
-        mlflow.log_artifact(str(out / "slides.parquet"), "split")
-        fig = figures.dataset_figure(index, result.slides)
-        mlflow.log_artifact(str(figures.save(fig, cfg.split.figure)), "figures")
+    splits.run_stage(cfg)
 
 
 def cmd_check(cfg: Config, args: argparse.Namespace) -> None:
@@ -125,6 +104,8 @@ def cmd_fetch_tcga_ut(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     from medi import train
 
+    if args.seed is not None:         # another generator of the same model (probe.generator_seeds)
+        cfg, args.model = config_mod.with_generator(cfg, args.model, args.seed)
     hooks = []
     if cfg.train.eval_every > 0:      # the FID curve, in the feature space of params `fid`
         import numpy as np
@@ -167,7 +148,7 @@ def cmd_sweep(cfg: Config, args: argparse.Namespace) -> None:
     from medi import sweep
 
     if args.worker is not None:       # a worker process started by `medi sweep --workers N`
-        sweep.optimise(cfg, args.trials, args.worker)
+        sweep.optimise(cfg, args.method, args.trials, args.worker)
         return
     params_args = ["--params", args.params, *[a for s in args.set for a in ("--set", s)]]
     sweep.run(cfg, params_args, args.trials, args.workers)
@@ -207,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
         if name in ("train", "sample", "fid"):
             p.add_argument("--model", required=True, help="a model of params model.variants, e.g. cls or medi")
+        if name == "train":
+            p.add_argument("--seed", type=int, default=None, help="train the model with this train.seed into "
+                           "models/NAME-seedSEED (another generator for the probe: params probe.generator_seeds)")
         if name == "sample":
             p.add_argument("--from-manifest", metavar="PATH", help="regenerate the images of this manifest and check "
                            "them against the files beside it (bit for bit)")
@@ -215,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--trials", type=int, default=None, help="trials to add (default: params sweep.trials)")
             p.add_argument("--workers", type=int, default=None, help="worker processes (default: params sweep.workers)")
             p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+            p.add_argument("--method", default=None, help=argparse.SUPPRESS)
         if name == "fetch-tcga-ut":
             p.add_argument("--classes", nargs="*", help="project codes (default: params data.classes)")
             p.add_argument("--data-dir", default="data", help="folder versioned by data.dvc (default: data)")

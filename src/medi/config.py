@@ -19,6 +19,8 @@ import yaml
 
 from medi.errors import MediError
 
+PROBE_METHODS = ("none", "real", "cls", "medi")
+
 # The TCGA projects the pipeline knows, with their TCGA-UT folder (zip) names. The seven of the paper's
 # three probe tasks come first; any other class can be added in params (`data.class_folders`).
 TCGA_UT_FOLDERS: dict[str, str] = {
@@ -65,7 +67,8 @@ class SplitConfig:
     mode: Literal["paper", "random"]
     holdout_fraction: float
     key_columns: list[str]       # slide columns joined into the holdout key (paper: tss, gender, race)
-    seed: int
+    seed: int                    # mode random's draw, and the validation / test division of the holdout sites
+    validation_fraction: float   # share of each class's holdout sites used for validation (the rest: test)
     output: str                  # artifacts/splits
     metrics: str                 # metrics/split.json
     figure: str                  # reports/dataset.png
@@ -159,20 +162,31 @@ class EncoderConfig:
     cache: str                   # embeddings on disk, keyed by encoder and image content ("" = off)
 
 
+ProbeStrategy = Literal["grid", "unseen", "balanced", "uniform"]
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     tasks: dict[str, list[str]]  # task -> classes (the paper: nsclc, rcc, uterine)
-    methods: list[str]           # none | cls | medi
+    methods: list[str]           # none | real (extra real tiles of other training sites) | cls | medi
     models: dict[str, str]       # method -> the model whose samples it adds (cls: cls, medi: medi)
     real_per_class: int          # real tiles per class, from its one chosen training TSS
-    ratio: float                 # synthetic tiles per real tile
-    strategy: Literal["grid", "unseen", "balanced", "uniform"]   # how a site-conditioned model's tiles spread over pairs
+    ratio: float                 # extra tiles per real tile, for every arm but none (same count per class)
+    strategy: ProbeStrategy      # how medi's tiles spread over (class, site) pairs (the paper's: grid)
+    tuned_strategies: list[ProbeStrategy]   # medi_tuned: the one of these best on the validation sites ([] = off)
     runs: int                    # TSS combinations per task (0 = every combination; else a seeded random subset)
     seed: int
-    pool_per_pair: int           # synthetic images generated per (model, class, TSS) pair
+    generator_seeds: list[int]   # extra train.seed values: each model is also trained with these (models/NAME-seedS)
+                                 # and the runs spread over all generators; [] = one generator per method
+    pool_per_pair: int           # synthetic images per (model, class, TSS) pair (per class for CLS); pools grow to
+                                 # ratio x real_per_class when that is more, so no run repeats an image
     C: float                     # inverse regularisation of the logistic regression
+    max_iter: int
+    scaler: bool                 # standardise embeddings before the regression (the authors' probe: false)
+    bootstrap: int               # clustered-bootstrap worlds for the 95 % intervals
     workers: int                 # parallel runs (-1 = all cores)
-    metrics: str                 # metrics/probe.json
+    metrics: str                 # metrics/probe.json (test sites)
+    detail: str                  # reports/probe_detail.json (validation figures, tuned strategy, draws, design)
     table: str                   # reports/probe.md
     figure: str                  # reports/probe.png
 
@@ -199,8 +213,8 @@ class SweepConfig:
     sampler: Literal["tpe", "random", "grid"]
     pruner: Literal["quartile", "median", "none"]   # prune below the lower quartile / the median of earlier trials
     startup_trials: int          # trials before TPE models the space and before the pruner prunes
-    objective: Literal["tss_avg", "overall", "worst_tss", "gain", "fid"]   # fid is minimised, the others maximised
-    method: str                  # the probe method whose figures the objective reads (its model is the one swept)
+    objective: Literal["tss_avg", "overall", "worst_tss", "gain", "fid"]   # on the validation sites; fid minimised
+    methods: list[str]           # one study per method (<study>-<method>), the same trials each: cls, medi
     fid_count: int               # images per FID recorded beside each trial (0 = none)
     space: dict[str, Any]        # dotted param -> [choices] or {low, high, step, log}
     output: str                  # artifacts/sweep: trial models, pools, FID records
@@ -344,6 +358,9 @@ def _validate(cfg: Config, where: str) -> None:
             raise MediError(f"{where}: '{section}' lists a class twice: {classes}")
     if not 0.0 < cfg.split.holdout_fraction < 1.0:
         raise MediError(f"{where}: 'split.holdout_fraction' must lie in (0, 1), got {cfg.split.holdout_fraction}")
+    if not 0.0 < cfg.split.validation_fraction < 1.0:
+        raise MediError(f"{where}: 'split.validation_fraction' must lie in (0, 1) (validation and test sites both "
+                        f"needed), got {cfg.split.validation_fraction}")
     if cfg.data.source == "synthetic" and Path(cfg.data.root) != Path(cfg.synthetic.output):
         raise MediError(f"{where}: data.source is 'synthetic' but data.root ({cfg.data.root}) is not "
                         f"synthetic.output ({cfg.synthetic.output}); point data.root at the synthetic world")
@@ -384,16 +401,25 @@ def _validate(cfg: Config, where: str) -> None:
         raise MediError(f"{where}: fid.batch_size, min_count, kid_subset_size, kid_subsets, curve_count and stain_tiles "
                         "must be >= 1 and fid.input_size >= 0")
     pr = cfg.probe
-    bad = [m for m in pr.methods if m not in ("none", "cls", "medi")]
-    if bad or not pr.methods:
-        raise MediError(f"{where}: 'probe.methods' must list some of none, cls, medi; got {pr.methods}")
+    bad = [m for m in pr.methods if m not in PROBE_METHODS]
+    if bad or not pr.methods or len(set(pr.methods)) != len(pr.methods):
+        raise MediError(f"{where}: 'probe.methods' must list some of {', '.join(PROBE_METHODS)} once each; got {pr.methods}")
     for method in pr.methods:
-        if method != "none" and pr.models.get(method) not in cfg.model.variants:
+        if method not in ("none", "real") and pr.models.get(method) not in cfg.model.variants:
             raise MediError(f"{where}: 'probe.models.{method}' must name a model of model.variants "
                             f"({sorted(cfg.model.variants)}), got {pr.models.get(method)!r}")
-    if min(pr.real_per_class, pr.pool_per_pair, cfg.encoder.batch_size) < 1 or pr.ratio < 0 or pr.runs < 0 or not pr.tasks:
-        raise MediError(f"{where}: probe.real_per_class, pool_per_pair and encoder.batch_size must be >= 1, probe.ratio "
-                        "and probe.runs >= 0, and probe.tasks not empty")
+    if min(pr.real_per_class, pr.pool_per_pair, pr.max_iter, cfg.encoder.batch_size) < 1 or pr.ratio < 0 \
+            or pr.runs < 0 or pr.bootstrap < 0 or not pr.tasks:
+        raise MediError(f"{where}: probe.real_per_class, pool_per_pair, max_iter and encoder.batch_size must be >= 1, "
+                        "probe.ratio, runs and bootstrap >= 0, and probe.tasks not empty")
+    if 0 < pr.bootstrap < 100:
+        raise MediError(f"{where}: 'probe.bootstrap' must be 0 (no intervals) or >= 100 worlds for a 95 % interval, "
+                        f"got {pr.bootstrap}")
+    if len(set(pr.generator_seeds)) != len(pr.generator_seeds) or cfg.train.seed in pr.generator_seeds:
+        raise MediError(f"{where}: 'probe.generator_seeds' must list distinct seeds other than train.seed "
+                        f"({cfg.train.seed}, the pipeline's models), got {pr.generator_seeds}")
+    if len(set(pr.tuned_strategies)) != len(pr.tuned_strategies):
+        raise MediError(f"{where}: 'probe.tuned_strategies' lists a strategy twice: {pr.tuned_strategies}")
     for task, classes in pr.tasks.items():
         if len(classes) < 2:
             raise MediError(f"{where}: 'probe.tasks.{task}' needs at least two classes, got {classes}")
@@ -402,9 +428,10 @@ def _validate(cfg: Config, where: str) -> None:
         raise MediError(f"{where}: sweep.trials and workers must be >= 1, sweep.timeout, startup_trials and fid_count >= 0")
     if sw.objective == "fid" and sw.fid_count < 2:
         raise MediError(f"{where}: sweep.objective is 'fid' but sweep.fid_count is {sw.fid_count}; give it images (e.g. 256)")
-    if sw.method not in ("cls", "medi") or sw.method not in pr.models:
-        raise MediError(f"{where}: 'sweep.method' must be a probe method with a model (cls or medi, listed in "
-                        f"probe.models), got {sw.method!r}")
+    bad = [m for m in sw.methods if m not in pr.models]
+    if not sw.methods or bad or len(set(sw.methods)) != len(sw.methods):
+        raise MediError(f"{where}: 'sweep.methods' must list probe methods with a model (keys of probe.models: "
+                        f"{', '.join(pr.models)}) once each, got {sw.methods}")
     unknown = [m for m in cfg.report.models if m not in cfg.model.variants]
     if unknown:
         raise MediError(f"{where}: 'report.models' names {unknown}, which are not in model.variants "
@@ -428,6 +455,19 @@ def override(cfg: Config, overrides: dict[str, Any], where: str = "") -> Config:
                             f"section one of {', '.join(raw)}")
         raw[section][key] = value
     return dataclasses.replace(from_dict(raw, where or cfg.source_path), source_path=cfg.source_path)
+
+
+def generator_name(name: str, seed: int) -> str:
+    """The model trained like `name` but with train.seed = `seed` (a generator of probe.generator_seeds)."""
+    return f"{name}-seed{seed}"
+
+
+def with_generator(cfg: Config, name: str, seed: int) -> tuple[Config, str]:
+    """Params and model name that train `name` with train.seed = `seed` into models/NAME-seedSEED (its
+    metrics, figure and checkpoints named alike)."""
+    alias = generator_name(name, seed)
+    variants = {**cfg.model.variants, alias: cfg.variant(name)}
+    return override(cfg, {"train.seed": seed, "model.variants": variants, "probe.generator_seeds": []}), alias
 
 
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:

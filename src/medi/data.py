@@ -7,7 +7,8 @@ Input in `data.root` (real data in `data/`, or the synthetic world in the same f
 Output in `data.output` (default `artifacts/dataset/`):
   tiles.npy            uint8 (N, R, R, 3), R = data.resolution; open with `load_tiles` (memory-mapped)
   index.parquet        one row per tile: idx (row in tiles.npy), path, slide, case, class, tss, race, gender, age
-  slides.parquet       one row per slide with tiles, in metadata-file order (the paper's split depends on it)
+  slides.parquet       one row per metadata slide of the classes, with or without tiles (`tiles` counts them),
+                       in metadata-file order: the split is made on this table, as the paper's code does
   prepare_report.json  what was read, what was skipped and why (nothing is dropped uncounted)
 
 The TSS is parsed from the slide barcode as a string (`NA` is a real TSS code, never a missing value).
@@ -263,6 +264,15 @@ def pack_tiles(root: Path, paths: list[str], resolution: int, partial: Path, on_
     return array_path, good, state["bad"]
 
 
+def metadata_slides(meta: pd.DataFrame, classes: list[str], index: pd.DataFrame) -> pd.DataFrame:
+    """Every metadata row of `classes` (the split's input), with its number of packed tiles (0: none)."""
+    tiles = index.groupby("slide").size()
+    slides = meta[meta["class"].isin(classes)].sort_values("meta_row", kind="stable").reset_index(drop=True)
+    slides = slides[["slide", "case", "class", "tss", "race", "gender", "age", "meta_row"]].copy()
+    slides["tiles"] = slides.slide.map(tiles).fillna(0).astype(np.int64)
+    return slides
+
+
 def load_tiles(dataset_dir: str | Path) -> np.ndarray:
     """The packed tiles, memory-mapped read-only: (N, R, R, 3) uint8, row i = index.idx == i."""
     return np.load(Path(dataset_dir) / "tiles.npy", mmap_mode="r")
@@ -316,11 +326,7 @@ def prepare(cfg: Config) -> dict:
         index = index[good].reset_index(drop=True)
         index["idx"] = np.arange(len(index), dtype=np.int64)
 
-    slides = (index.groupby("slide", sort=False)
-              .agg(case=("case", "first"), **{"class": ("class", "first")}, tss=("tss", "first"),
-                   race=("race", "first"), gender=("gender", "first"), age=("age", "first"),
-                   meta_row=("meta_row", "first"), tiles=("idx", "size"))
-              .reset_index().sort_values("meta_row", kind="stable"))
+    slides = metadata_slides(meta, classes, index)
     report = {
         "source": cfg.data.source,
         "root": str(root),
@@ -328,8 +334,8 @@ def prepare(cfg: Config) -> dict:
         "resolution": cfg.data.resolution,
         "classes": classes,
         "tiles": int(len(index)),
-        "slides": int(len(slides)),
-        "tss": int(slides.tss.nunique()),
+        "slides": int((slides.tiles > 0).sum()),
+        "tss": int(slides.loc[slides.tiles > 0, "tss"].nunique()),
         "tiles_per_class": {c: int((index["class"] == c).sum()) for c in classes},
         "skipped": {**skipped, "bad_tiles": len(bad), "bad_tile_list": bad},
     }

@@ -22,8 +22,8 @@ def save(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def dataset_figure(index: pd.DataFrame, slides: pd.DataFrame, cap: int = 1600) -> plt.Figure:
-    """Left: patches per class x TSS (capped, holdout sites hatched). Right: race and gender shares per class."""
-    split_of = dict(zip(slides.tss, slides.split)) if "split" in slides else {}
+    """Left: patches per class x TSS (capped; validation and test sites hatched). Right: race and gender shares per class."""
+    part_of = dict(zip(slides.tss, slides.part)) if "part" in slides else {}
     counts = index.groupby(["class", "tss"]).size().unstack(fill_value=0)
     classes = index["class"].value_counts().index.tolist()            # largest class on top
     counts = counts.loc[classes]
@@ -36,13 +36,16 @@ def dataset_figure(index: pd.DataFrame, slides: pd.DataFrame, cap: int = 1600) -
     gs = fig.add_gridspec(2, 2, width_ratios=[3, 1.2], height_ratios=[1, 0.05], wspace=0.25, hspace=0.35)
     ax = fig.add_subplot(gs[0, 0])
     im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    hatches = {"validation": "\\\\\\", "test": "///"}
     for j, t in enumerate(order):
-        if split_of.get(t) == "holdout":
-            ax.axvspan(j - 0.5, j + 0.5, facecolor="none", edgecolor="0.6", hatch="///", lw=0)
+        if part_of.get(t) in hatches:
+            ax.axvspan(j - 0.5, j + 0.5, facecolor="none", edgecolor="0.6", hatch=hatches[part_of[t]], lw=0)
     ax.set_yticks(range(len(classes)), classes)
     step = max(1, len(order) // 60)
     ax.set_xticks(range(0, len(order), step), order[::step], rotation=90, fontsize=6)
-    ax.set_xlabel(f"tissue source site (TSS); hatched = holdout ({sum(v == 'holdout' for v in split_of.values())} of {len(order)})")
+    n_part = {p: sum(part_of.get(t) == p for t in order) for p in hatches}
+    ax.set_xlabel(f"tissue source site (TSS); holdout sites hatched: \\\\\\ validation ({n_part['validation']}), "
+                  f"/// test ({n_part['test']}), of {len(order)}")
     ax.set_title(f"Patches per class and TSS (capped at {cap})")
     cax = fig.add_subplot(gs[1, 0])
     fig.colorbar(im, cax=cax, orientation="horizontal", label="patches")

@@ -1,59 +1,106 @@
-"""The paper's linear probe under subpopulation shift (`medi probe`, its Table 1).
+"""The paper's linear probe under subpopulation shift (`medi probe`, its Table 1), as a measuring instrument.
 
 For each task (a set of classes) and each run (one training TSS per class, all different, as when every
 cancer type comes from a single hospital):
-- take `real_per_class` real tiles of each class from its chosen TSS;
-- add `ratio` synthetic tiles per real one: `none` adds none; `cls` adds CLS samples uniform over the
-  classes; `medi` adds MeDi samples spread over (class, TSS) pairs by `probe.strategy` (below);
-- fit a logistic regression (balanced class weights) on the encoder's embeddings;
-- test on every holdout tile of the task's classes (sites the diffusion models never saw).
+- take `real_per_class` real tiles of each class from its chosen TSS, from a random part of its slides (the
+  other slides of the site test the shortcut: `seen_sites`, slide-disjoint from training);
+- add n = round(ratio x real_per_class) extra tiles per class, the same n for every arm:
+  `none` adds none; `real` adds real tiles of the class from its *other* training sites (what perfect
+  synthetic data could do); `cls` adds CLS samples of the class; `medi` adds MeDi samples of the class spread
+  over (class, TSS) pairs by `probe.strategy`; `medi_tuned` is `medi` with the strategy of
+  `probe.tuned_strategies` that scores best on the validation sites;
+- fit the authors' probe: logistic regression on the raw embeddings (C, class-balanced, max_iter; a
+  StandardScaler only if `probe.scaler`);
+- score it on the holdout sites, validation and test apart (`split.validation_fraction`): sites no model
+  saw. Table 1 (`metrics/probe.json`, the report) reads test sites only; every choice (the tuned strategy,
+  sweeps) reads validation sites only.
 
-Metrics per run: balanced accuracy overall, accuracy per holdout TSS averaged (TSS-avg; each TSS holds one
-class), Matthews correlation, and the worst TSS; mean and standard error over runs. The real draws of a
-run are the same for every method (a paired comparison). Synthetic tiles come from pools generated once
-per model and (class, TSS) pair (`samples/probe_MODEL/`, with a manifest like any sample set); runs draw
-from them. Runs are independent and fitted in parallel (joblib) on cached embeddings.
+Synthetic draws never repeat an image within a run: a pool holds at least n images per (class, TSS) pair
+(per class for CLS), every arm's n images of a class are distinct, and pools are larger than n
+(`probe.pool_per_pair`) so that runs draw different images; the expected share of a run's synthetic
+images that another run also uses is reported. Pools are generated once per model and sampler, grown on
+demand (`medi.pools`), and embedded through the content-keyed cache.
 
-Strategies for a site-conditioned model's tiles (`probe.strategy`; a run's chosen sites are one per class):
-- `grid` (the paper's): equal counts for every class x every chosen site, so each class appears at every
-  site of the run, seen pair or not, which breaks the class-site correlation.
-- `unseen`: only the pairs the real data lacks (a class at another class's chosen site), equal counts.
-- `balanced` (frequency balancing): each synthetic tile goes to the (class, chosen site) pair with the fewest
-  tiles so far, real ones included, so the rarest pairs fill first; with few synthetic tiles it is `unseen`,
-  with many it tends to `grid`.
-- `uniform`: equal counts per class, each tile at a site drawn uniformly from all training sites of the
-  task's classes (not only the run's), the widest spread of stains.
-A model without site conditioning (CLS) always gets equal counts per class.
+Uncertainty: runs share training sites and test sites, so intervals come from a bootstrap that resamples
+both, within class (`medi.clustered`); differences between arms are paired (same runs, same real tiles,
+same test tiles, same resampled worlds). Each task gets a verdict computed from the intervals of the paired
+TSS-avg differences. With one trained generator per method, the variance between training seeds of the
+diffusion models is not in the intervals; the outputs say so.
+
+Strategies for a site-conditioned model's tiles of a class c (a run's chosen sites are one per class):
+- `grid` (the paper's): equal counts at every chosen site of the run (c at its own site and at every other
+  class's site), which breaks the class-site correlation.
+- `unseen`: only the pairs the real data lacks (c at the other classes' chosen sites), equal counts.
+- `balanced` (frequency balancing): each tile goes to the pair of c with the fewest tiles so far, real ones
+  counted, so the empty pairs fill first; with few synthetic tiles it is `unseen`, with many it tends to `grid`.
+- `uniform`: each tile at a site drawn uniformly from all candidate training sites of the task's classes
+  (not only the run's), the widest spread of stains.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from medi import clustered
+from medi.config import Config, ProbeConfig
 from medi.errors import MediError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "cls", "medi")
 STRATEGIES = ("grid", "unseen", "balanced", "uniform")
+BASELINES = ("none", "real")                  # arms without a generative model
+TUNED = "medi_tuned"
+PARTS = ("validation", "test")
+# The paired differences every report shows (those whose arms are present).
+PAIRS = (("medi", "cls"), ("medi", "none"), ("cls", "none"), ("real", "none"), ("medi", "real"), ("cls", "real"),
+         (TUNED, "cls"), (TUNED, "none"), (TUNED, "medi"))
+
+
+# ----------------------------------------------------------------------------------------------- a task's data
+@dataclass
+class EvalSet:
+    """Holdout tiles of one part (validation or test) of a task."""
+    x: np.ndarray
+    y: np.ndarray                  # class index
+    site: np.ndarray               # index into `sites`
+    sites: list[str]
+    site_class: np.ndarray         # class index of each site
 
 
 @dataclass
 class TaskData:
     """Everything one task's runs need, as arrays (embeddings are looked up by row)."""
     classes: list[str]
-    combos: list[tuple[str, ...]]                       # one training TSS per class, per run
-    real: dict[tuple[str, str], np.ndarray]             # (class, TSS) -> embeddings of its real training tiles
-    pools: dict[str, dict[tuple[str, str | None], np.ndarray]]   # method -> (class, TSS or None) -> embeddings
-    test_x: np.ndarray
-    test_y: np.ndarray                                  # class index
-    test_tss: np.ndarray
-    sites: list[str]                                    # every candidate training TSS of the task's classes
+    combos: list[tuple[str, ...]]                       # one candidate training TSS per class, per run
+    candidates: list[list[str]]                         # per class, its training TSS with enough tiles
+    real: dict[tuple[str, str], np.ndarray]             # (class, TSS) -> embeddings of its training tiles (all sites)
+    slides: dict[tuple[str, str], np.ndarray]           # (class, TSS) -> slide of each of those tiles
+    pools: dict[str, list[dict[tuple[str, str | None], np.ndarray]]]   # method -> generator -> (class, TSS or None)
+                                                        # -> embeddings
+    eval: dict[str, EvalSet]                            # part -> holdout tiles
+    sites: list[str] = field(default_factory=list)     # every candidate training TSS of the task's classes
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of building a training set: a method and, for a site-conditioned model, its strategy."""
+    method: str
+    strategy: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.method if self.strategy is None else f"{self.method}@{self.strategy}"
+
+    @property
+    def code(self) -> int:                             # its random stream, the same in every process
+        return zlib.crc32(self.name.encode())
 
 
 def candidate_sites(train_index: pd.DataFrame, cls: str, real_per_class: int) -> list[str]:
@@ -85,16 +132,45 @@ def combinations(candidates: Sequence[Sequence[str]], runs: int, seed: int) -> l
     return [every[i] for i in sorted(pick)]
 
 
-def draw(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n rows of a pool, without replacement when it is large enough."""
-    if len(pool) == 0:
-        raise MediError("an empty synthetic pool was asked for images")
-    return pool[rng.choice(len(pool), n, replace=n > len(pool))]
+def extra_per_class(p: ProbeConfig) -> int:
+    """Tiles every arm but `none` adds per class."""
+    return int(round(p.ratio * p.real_per_class))
 
 
-def real_draws(task: TaskData, combo: tuple[str, ...], real_per_class: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Per class, the rows of its chosen TSS's real tiles that go into training (the rest test the seen sites)."""
-    return [rng.choice(len(task.real[(c, t)]), real_per_class, replace=False) for c, t in zip(task.classes, combo)]
+def pool_size(p: ProbeConfig) -> int:
+    """Images per pool key: enough that no run repeats one (>= the most any key is asked for, which is the
+    class's whole share), and `pool_per_pair` so that runs draw different images."""
+    return max(p.pool_per_pair, extra_per_class(p))
+
+
+def pool_keys(tasks: Mapping[str, Sequence[str]], train_index: pd.DataFrame, real_per_class: int,
+              site_conditioned: bool) -> list[tuple[str, str | None]]:
+    """The (class, TSS) keys a model's pool needs: one per class without site conditioning; else every task
+    class x every candidate TSS of the task's classes (seen and unseen pairs)."""
+    keys: list[tuple[str, str | None]] = []
+    for classes in tasks.values():
+        sites = [t for cands in task_candidates(classes, train_index, real_per_class) for t in cands]
+        keys += [(c, t) for c in classes for t in sites] if site_conditioned else [(c, None) for c in classes]
+    return list(dict.fromkeys(keys))
+
+
+# ----------------------------------------------------------------------------------------------- one run
+def real_draws(task: TaskData, combo: tuple[str, ...], real_per_class: int,
+               rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per class: the rows of its chosen TSS that train, and the rows that test the seen site. The site's slides
+    are shuffled; the first ones holding at least max(real_per_class, half the site's tiles) give the training
+    draw, the rest (other slides: never a slide of the training draw) the seen-site test."""
+    picks, rest = [], []
+    for c, t in zip(task.classes, combo):
+        slides = task.slides[(c, t)]
+        names, sizes = np.unique(slides, return_counts=True)
+        order = rng.permutation(len(names))
+        need = max(real_per_class, (len(slides) + 1) // 2)
+        n_train = int(np.searchsorted(np.cumsum(sizes[order]), need) + 1)
+        train_rows = np.flatnonzero(np.isin(slides, names[order[:n_train]]))
+        picks.append(rng.choice(train_rows, real_per_class, replace=False))
+        rest.append(np.flatnonzero(~np.isin(slides, names[order[:n_train]])))
+    return picks, rest
 
 
 def _equal(keys: list, n: int, rng: np.random.Generator) -> list[tuple]:
@@ -103,142 +179,403 @@ def _equal(keys: list, n: int, rng: np.random.Generator) -> list[tuple]:
     return [(keys[i], int(k)) for i, k in zip(rng.permutation(len(keys)), share)]
 
 
-def allocation(task: TaskData, combo: tuple[str, ...], real_counts: Sequence[int], method: str, strategy: str,
-               n_syn: int, rng: np.random.Generator) -> list[tuple[tuple[str, str | None], int]]:
-    """How many synthetic tiles each pool key gets: [((class, TSS or None), n), ...] (see the module doc)."""
-    if method == "cls":
-        return _equal([(c, None) for c in task.classes], n_syn, rng)
-    own = dict(zip(task.classes, combo))
-    if strategy == "grid":
-        return _equal([(c, t) for c in task.classes for t in combo], n_syn, rng)
-    if strategy == "unseen":
-        return _equal([(c, t) for c in task.classes for t in combo if t != own[c]], n_syn, rng)
-    if strategy == "balanced":
-        keys = [(c, t) for c in task.classes for t in combo]
-        total = np.array([real_counts[task.classes.index(c)] if t == own[c] else 0 for c, t in keys], float)
-        given = np.zeros(len(keys), int)
-        tiebreak = rng.random(len(keys))                   # equal totals: a per-run random order
-        for _ in range(n_syn):
-            i = int(np.lexsort((tiebreak, total))[0])
-            given[i] += 1
-            total[i] += 1
-        return [(k, int(n)) for k, n in zip(keys, given)]
-    if strategy == "uniform":
-        out = []
-        for c, n in _equal(list(task.classes), n_syn, rng):
+def allocation(task: TaskData, combo: tuple[str, ...], real_per_class: int, arm: Arm, n: int,
+               rng: np.random.Generator) -> list[tuple[tuple[str, str | None], int]]:
+    """How many synthetic tiles each pool key gets, n per class: [((class, TSS or None), count), ...]."""
+    out: list[tuple[tuple[str, str | None], int]] = []
+    for c, own in zip(task.classes, combo):
+        if arm.strategy is None:                            # a model without site conditioning
+            out.append(((c, None), n))
+        elif arm.strategy == "grid":
+            out += _equal([(c, t) for t in combo], n, rng)
+        elif arm.strategy == "unseen":
+            out += _equal([(c, t) for t in combo if t != own], n, rng)
+        elif arm.strategy == "balanced":
+            keys = [(c, t) for t in combo]
+            total = np.array([real_per_class if t == own else 0 for t in combo], float)
+            given = np.zeros(len(keys), int)
+            tiebreak = rng.random(len(keys))                # equal totals: a per-run random order
+            for _ in range(n):
+                i = int(np.lexsort((tiebreak, total))[0])
+                given[i] += 1
+                total[i] += 1
+            out += [(k, int(g)) for k, g in zip(keys, given)]
+        elif arm.strategy == "uniform":
             sites, counts = np.unique(rng.choice(task.sites, n), return_counts=True) if n else ([], [])
             out += [((c, str(t)), int(k)) for t, k in zip(sites, counts)]
-        return out
-    raise MediError(f"unknown probe strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
+        else:
+            raise MediError(f"unknown probe strategy '{arm.strategy}'; known: {', '.join(STRATEGIES)}")
+    return [(k, g) for k, g in out if g]
 
 
-def training_set(task: TaskData, combo: tuple[str, ...], picks: list[np.ndarray], method: str, ratio: float,
-                 rng: np.random.Generator, strategy: str = "grid") -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class Drawn:
+    """What one arm of one run trained on, beside the real tiles: per key, the rows of its pool or site."""
+    rows: dict[tuple[str, str | None], np.ndarray]
+
+    def distinct_per_class(self, classes: Sequence[str]) -> dict[str, int]:
+        return {c: int(sum(len(np.unique(r)) for (k, _), r in self.rows.items() if k == c)) for c in classes}
+
+    def counts(self) -> dict[tuple[str, str | None], int]:
+        return {k: len(r) for k, r in self.rows.items()}
+
+
+def training_set(task: TaskData, combo: tuple[str, ...], picks: list[np.ndarray], arm: Arm, n: int,
+                 rng: np.random.Generator, generator: int = 0) -> tuple[np.ndarray, np.ndarray, Drawn]:
+    """The run's real tiles plus the arm's n extra tiles per class (never one twice), synthetic ones from the
+    pool of the given generator of the arm's method."""
     xs = [task.real[(c, t)][p] for c, t, p in zip(task.classes, combo, picks)]
     ys = [np.full(len(p), k) for k, p in enumerate(picks)]
-    n_syn = int(round(ratio * sum(len(p) for p in picks)))
-    if method != "none" and n_syn:
-        for key, n in allocation(task, combo, [len(p) for p in picks], method, strategy, n_syn, rng):
-            if n:
-                xs.append(draw(task.pools[method][key], n, rng))
-                ys.append(np.full(n, task.classes.index(key[0])))
-    return np.concatenate(xs), np.concatenate(ys)
+    drawn: dict[tuple[str, str | None], np.ndarray] = {}
+    if arm.method == "real" and n:
+        for k, (c, own) in enumerate(zip(task.classes, combo)):
+            others = [t for (cc, t) in task.real if cc == c and t != own]
+            pool = np.concatenate([task.real[(c, t)] for t in others]) if others else np.zeros((0, xs[0].shape[1]))
+            if len(pool) < n:
+                raise MediError(f"probe arm 'real': class {c} has {len(pool)} training tiles outside site {own}, "
+                                f"fewer than the {n} extra tiles per class (probe.ratio x probe.real_per_class)")
+            rows = rng.choice(len(pool), n, replace=False)
+            drawn[(c, "other sites")] = rows
+            xs.append(pool[rows])
+            ys.append(np.full(n, k))
+    elif arm.method != "none" and n:
+        pools = task.pools[arm.method][generator]
+        for key, m in allocation(task, combo, len(picks[0]), arm, n, rng):
+            pool = pools[key]
+            if len(pool) < m:
+                raise MediError(f"probe: the pool of {arm.method} {key} holds {len(pool)} images, a run asks for {m}")
+            rows = rng.choice(len(pool), m, replace=False)
+            drawn[key] = rows
+            xs.append(pool[rows])
+            ys.append(np.full(m, task.classes.index(key[0])))
+    return np.concatenate(xs), np.concatenate(ys), Drawn(drawn)
 
 
-def seen_sites_test(task: TaskData, combo: tuple[str, ...], picks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The chosen TSS's real tiles not used for training: accuracy there vs on unseen sites is the shortcut."""
-    xs, ys = [], []
-    for k, (c, t, p) in enumerate(zip(task.classes, combo, picks)):
-        rest = np.setdiff1d(np.arange(len(task.real[(c, t)])), p)
-        xs.append(task.real[(c, t)][rest])
-        ys.append(np.full(len(rest), k))
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def fit_and_score(x: np.ndarray, y: np.ndarray, task: TaskData, seen: tuple[np.ndarray, np.ndarray], C: float,
-                  seed: int) -> dict[str, float]:
+def classifier(p: ProbeConfig):
+    """The authors' probe: logistic regression on raw embeddings (optionally standardised)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score, matthews_corrcoef
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=500,
-                                                             random_state=seed))
-    pred = clf.fit(x, y).predict(task.test_x)
-    per_tss = {t: float(np.mean(pred[task.test_tss == t] == task.test_y[task.test_tss == t]))
-               for t in np.unique(task.test_tss)}
-    out = {"overall": float(balanced_accuracy_score(task.test_y, pred)), "tss_avg": float(np.mean(list(per_tss.values()))),
-           "mcc": float(matthews_corrcoef(task.test_y, pred)), "worst_tss": float(min(per_tss.values()))}
-    if len(seen[1]):                    # mean accuracy over the classes whose training TSS has tiles left
-        hit = clf.predict(seen[0]) == seen[1]
-        out["seen_sites"] = float(np.mean([hit[seen[1] == k].mean() for k in np.unique(seen[1])]))
+    lr = LogisticRegression(C=p.C, class_weight="balanced", max_iter=p.max_iter)
+    return make_pipeline(StandardScaler(), lr) if p.scaler else lr
+
+
+def site_counts(pred: np.ndarray, ev: EvalSet, n_classes: int) -> np.ndarray:
+    """(S, K): tiles of each site predicted as each class."""
+    return np.bincount(ev.site * n_classes + pred, minlength=len(ev.sites) * n_classes).reshape(len(ev.sites), n_classes)
+
+
+@dataclass
+class RunResult:
+    generator: int                                      # which trained generator of each method the run used
+    counts: dict[str, dict[str, np.ndarray]]            # arm -> part -> (S, K)
+    seen: dict[str, float]                              # arm -> accuracy on the seen sites' other slides (nan: none)
+    drawn: dict[str, dict]                              # arm -> key counts and distinct images per class
+
+
+def one_run(task: TaskData, combo: tuple[str, ...], arms: Sequence[Arm], p: ProbeConfig,
+            seed: Sequence[int], generator: int = 0) -> RunResult:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    picks, rest = real_draws(task, combo, p.real_per_class, np.random.default_rng([*seed, 0]))
+    seen_x = [task.real[(c, t)][r] for c, t, r in zip(task.classes, combo, rest)]
+    n = extra_per_class(p)
+    K = len(task.classes)
+    out = RunResult(generator, {}, {}, {})
+    for arm in arms:
+        x, y, drawn = training_set(task, combo, picks, arm, n, np.random.default_rng([*seed, arm.code]), generator)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)     # counted by the caller's max_iter, not fatal
+            clf = classifier(p).fit(x, y)
+        out.counts[arm.name] = {part: site_counts(clf.predict(ev.x), ev, K) if len(ev.y) else np.zeros((0, K), int)
+                                for part, ev in task.eval.items()}
+        hits = [float(np.mean(clf.predict(sx) == k)) for k, sx in enumerate(seen_x) if len(sx)]
+        out.seen[arm.name] = float(np.mean(hits)) if hits else float("nan")
+        out.drawn[arm.name] = {"distinct": drawn.distinct_per_class(task.classes), "keys": drawn.counts()}
     return out
 
 
-def one_run(task: TaskData, combo: tuple[str, ...], methods: Sequence[str], real_per_class: int, ratio: float,
-            C: float, seed: Sequence[int], strategy: str = "grid") -> dict[str, dict[str, float]]:
-    picks = real_draws(task, combo, real_per_class, np.random.default_rng([*seed, 0]))   # the same for every method
-    seen = seen_sites_test(task, combo, picks)
-    out = {}
-    for method in methods:
-        x, y = training_set(task, combo, picks, method, ratio, np.random.default_rng([*seed, 1 + METHODS.index(method)]),
-                            strategy)
-        out[method] = fit_and_score(x, y, task, seen, C, int(seed[0]))
-    return out
+def expected_overlap(runs: Sequence[RunResult], arm: str, size: int, n_total: int) -> float | None:
+    """Expected share of one run's synthetic images that another run of the task also draws: for runs a != b,
+    E|A & B| = sum over pool keys (of the same generator) of n_a(key) n_b(key) / pool size, averaged over
+    pairs, over n_total."""
+    if len(runs) < 2 or not n_total:
+        return None
+    s1: dict = {}
+    s2: dict = {}
+    for r in runs:
+        for pool_key, m in r.drawn[arm]["keys"].items():
+            key = (r.generator, pool_key)
+            s1[key] = s1.get(key, 0) + m
+            s2[key] = s2.get(key, 0) + m * m
+    shared = sum(s1[k] ** 2 - s2[k] for k in s1) / (size * len(runs) * (len(runs) - 1))
+    return float(shared / n_total)
 
 
-def run_task(task: TaskData, methods: Sequence[str], real_per_class: int, ratio: float, C: float, seed: int,
-             task_id: int, workers: int = -1, strategy: str = "grid") -> dict[str, dict]:
-    """All runs of one task in parallel; per method the mean, standard error and per-run figures."""
+# ----------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class Context:
+    """What every evaluation of the probe reads: the split, real embeddings by tile idx, synthetic pools by
+    method, and the encoder's description."""
+    train_index: pd.DataFrame
+    holdout_index: pd.DataFrame                        # with `part` (validation | test)
+    embeddings: dict[int, np.ndarray]
+    pools: dict[str, list[dict[tuple[str, str | None], np.ndarray]]]    # method -> generator -> key -> embeddings
+    encoder: str
+    site_conditioned: tuple[str, ...] = ()             # methods whose model is conditioned on the site
+
+
+def build_task(classes: Sequence[str], ctx: Context, p: ProbeConfig, parts: Sequence[str]) -> TaskData:
+    """Arrays of one task: real embeddings per (class, TSS), the holdout tiles of `parts` only, and the runs'
+    TSS combinations. Tiles of other parts are not even looked up."""
+    classes = list(classes)
+    train = ctx.train_index[ctx.train_index["class"].isin(classes)]
+    candidates = task_candidates(classes, ctx.train_index, p.real_per_class)
+    real, slides = {}, {}
+    for (c, t), g in train.groupby(["class", "tss"], sort=True):
+        real[(c, str(t))] = np.stack([ctx.embeddings[i] for i in g["idx"]])
+        slides[(c, str(t))] = g["slide"].to_numpy(str)
+    evals = {}
+    for part in parts:
+        hold = ctx.holdout_index[(ctx.holdout_index["part"] == part) & ctx.holdout_index["class"].isin(classes)]
+        sites = sorted(hold["tss"].astype(str).unique())
+        site_of = {s: i for i, s in enumerate(sites)}
+        evals[part] = EvalSet(np.stack([ctx.embeddings[i] for i in hold["idx"]]) if len(hold) else np.zeros((0, 1)),
+                              hold["class"].map(classes.index).to_numpy(int), hold["tss"].astype(str).map(site_of).to_numpy(int),
+                              sites, np.array([classes.index(hold.loc[hold["tss"].astype(str) == s, "class"].iloc[0])
+                                               for s in sites], int))
+    if all(len(ev.y) == 0 for ev in evals.values()):
+        raise MediError(f"probe: the {'/'.join(parts)} sites hold no tiles of {classes}")
+    return TaskData(classes, combinations(candidates, p.runs, p.seed), candidates, real, slides,
+                    {m: list(gens) for m, gens in ctx.pools.items()}, evals,
+                    list(dict.fromkeys(t for cands in candidates for t in cands)))
+
+
+def arms_of(p: ProbeConfig, methods: Sequence[str], site_conditioned: Sequence[str],
+            strategies: Sequence[str] = ()) -> list[Arm]:
+    """The arms to fit: each method (a site-conditioned model's with `probe.strategy`) and MeDi under every
+    strategy of `strategies` (the candidates of medi_tuned)."""
+    arms = [Arm(m, p.strategy if m in site_conditioned else None) for m in methods]
+    arms += [Arm("medi", s) for s in strategies]
+    return list(dict.fromkeys(arms))
+
+
+def n_generators(task: TaskData) -> int:
+    return max((len(g) for g in task.pools.values()), default=1)
+
+
+def run_task(task: TaskData, arms: Sequence[Arm], p: ProbeConfig, task_id: int) -> list[RunResult]:
+    """All runs of one task, in parallel (joblib); each run's randomness depends only on (seed, task, run). Run
+    i uses generator i mod K of every method (K trained generators per method)."""
     from joblib import Parallel, delayed
 
-    results = Parallel(n_jobs=workers)(
-        delayed(one_run)(task, combo, methods, real_per_class, ratio, C, (seed, task_id, i), strategy)
-        for i, combo in enumerate(task.combos))
-    summary = {}
-    for method in methods:
-        runs = pd.DataFrame([r[method] for r in results])
-        sem = runs.std(ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else runs.iloc[0] * 0
-        summary[method] = {"overall": float(runs["overall"].mean()), "overall_sem": float(sem["overall"]),
-                           "tss_avg": float(runs["tss_avg"].mean()), "tss_avg_sem": float(sem["tss_avg"]),
-                           "mcc": float(runs["mcc"].mean()), "worst_tss": float(runs["worst_tss"].mean()),
-                           "runs": int(len(runs))}
-        if "seen_sites" in runs:          # accuracy on held-out tiles of the training sites: the shortcut's other side
-            summary[method]["seen_sites"] = float(runs["seen_sites"].mean())
-            summary[method]["seen_sites_sem"] = float(sem["seen_sites"])
-    return summary
+    k = n_generators(task)
+    return Parallel(n_jobs=p.workers)(delayed(one_run)(task, combo, arms, p, (p.seed, task_id, i), i % k)
+                                      for i, combo in enumerate(task.combos))
 
 
-def build_task(classes: Sequence[str], train_index: pd.DataFrame, holdout_index: pd.DataFrame,
-               embeddings: Mapping[int, np.ndarray], pools: Mapping[str, Mapping[tuple[str, str | None], np.ndarray]],
-               real_per_class: int, runs: int, seed: int) -> TaskData:
-    """Arrays of one task: real embeddings per (class, TSS), the test set, and the runs' TSS combinations.
-    `embeddings` maps a tile's idx (row of the packed tiles) to its embedding."""
-    classes = list(classes)
-    candidates = task_candidates(classes, train_index, real_per_class)
-    combos = combinations(candidates, runs, seed)
-    real = {(c, t): np.stack([embeddings[i] for i in train_index[(train_index["class"] == c) & (train_index["tss"] == t)]["idx"]])
-            for c, cands in zip(classes, candidates) for t in cands}
-    test = holdout_index[holdout_index["class"].isin(classes)]
-    if test.empty:
-        raise MediError(f"probe: the holdout split has no tiles of {classes}")
-    return TaskData(classes, combos, real, {m: dict(p) for m, p in pools.items()},
-                    np.stack([embeddings[i] for i in test["idx"]]), test["class"].map(classes.index).to_numpy(),
-                    test["tss"].to_numpy(str), list(dict.fromkeys(t for cands in candidates for t in cands)))
+def summarise_part(task: TaskData, runs: Sequence[RunResult], arms: Mapping[str, str], part: str, p: ProbeConfig,
+                   n_boot: int) -> dict:
+    """Per reported arm (name -> arm whose runs it reads) the figures on `part`, with intervals and paired
+    differences when n_boot > 0."""
+    ev = task.eval[part]
+    if not len(ev.y):
+        return {"skipped": f"no {part} tiles of {task.classes}"}
+    site_ids = {t: i for i, t in enumerate(task.sites)}
+    design = clustered.Design(ev.site_class, np.array([[site_ids[t] for t in combo] for combo in task.combos]),
+                              np.array([next(k for k, cands in enumerate(task.candidates) if t in cands)
+                                        for t in task.sites]), len(task.classes),
+                              np.array([r.generator for r in runs]), n_generators(task))
+    counts = {name: np.stack([r.counts[arm][part] for r in runs]) for name, arm in arms.items()}
+    seen = {name: np.array([r.seen[arm] for r in runs]) for name, arm in arms.items()}
+    seen = {name: v for name, v in seen.items() if not np.isnan(v).any()}
+    pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+    if n_boot:
+        out = clustered.summarise(counts, design, pairs, n_boot, p.seed, extra=seen)
+    else:                                                   # point figures only (validation)
+        out = {"arms": {}, "differences": {}}
+        for name, c in counts.items():
+            per = clustered.point(c, design.site_class)
+            out["arms"][name] = {"runs": len(runs), **{m: float(v.mean()) for m, v in per.items()}}
+            if name in seen:
+                out["arms"][name]["seen_sites"] = float(seen[name].mean())
+    out["design"] = {"runs": len(runs), "training_sites_per_class": {c: len(s) for c, s in zip(task.classes, task.candidates)},
+                     f"{part}_sites_per_class": {c: int((ev.site_class == k).sum()) for k, c in enumerate(task.classes)},
+                     f"{part}_tiles": int(len(ev.y))}
+    return out
 
 
-def pool_pairs(tasks: Mapping[str, Sequence[str]], train_index: pd.DataFrame, real_per_class: int,
-               method: str) -> list[tuple[str, str | None]]:
-    """The (class, TSS) pairs a method's pool needs: CLS one per class; MeDi every task class x every candidate
-    TSS of the task's classes (seen and unseen pairs)."""
-    pairs: list[tuple[str, str | None]] = []
-    for classes in tasks.values():
-        sites = [t for cands in task_candidates(classes, train_index, real_per_class) for t in cands]
-        pairs += [(c, None) for c in classes] if method == "cls" else [(c, t) for c in classes for t in sites]
-    return list(dict.fromkeys(pairs))
+def evaluate(p: ProbeConfig, ctx: Context, parts: Sequence[str], methods: Sequence[str] | None = None,
+             on_task: Callable[[str, dict], None] | None = None, n_boot: int | None = None, tune: bool = True) -> dict:
+    """The probe, shared by `medi probe` and the sweep: every task, its runs, and per part (validation and/or
+    test) the figures of every arm. With "validation" among the parts and `probe.tuned_strategies` set,
+    medi_tuned takes the strategy with the best mean validation TSS-avg over tasks, and is reported on the
+    other parts (`tune=False`: no medi_tuned). `on_task(task, figures)` is called after each task's runs (the
+    sweep prunes there)."""
+    for part in parts:
+        if part not in PARTS:
+            raise MediError(f"probe: unknown part '{part}'; known: {', '.join(PARTS)}")
+    methods = list(methods or p.methods)
+    tune = tune and bool(p.tuned_strategies) and "medi" in methods and "medi" in ctx.site_conditioned and "validation" in parts
+    arms = arms_of(p, methods, ctx.site_conditioned, p.tuned_strategies if tune else ())
+    reported = {m: arms[i].name for i, m in enumerate(methods)}       # the first len(methods) arms, in order
+    n_boot = p.bootstrap if n_boot is None else n_boot
+    size, n = pool_size(p), extra_per_class(p)
+    k = max((len(g) for g in ctx.pools.values()), default=1)
+    tasks: dict[str, dict] = {}
+    done: dict[str, tuple[TaskData, list[RunResult]]] = {}
+    shown: dict[str, dict[str, str]] = {}
+    for i, (name, classes) in enumerate(p.tasks.items()):
+        task = build_task(classes, ctx, p, parts)
+        missing = unavailable(task, methods, n)
+        shown[name] = {m: a for m, a in reported.items() if m not in missing}
+        runs = run_task(task, [a for a in arms if a.method not in missing], p, i)
+        done[name] = (task, runs)
+        tasks[name] = {"classes": list(classes),
+                       "draws": {a.name: {"distinct_per_class": runs[0].drawn[a.name]["distinct"],
+                                          "expected_overlap": None if a.method in BASELINES else
+                                          expected_overlap(runs, a.name, size, n * len(classes))}
+                                 for a in arms if a.method not in ("none", *missing)}}
+        if missing:
+            tasks[name]["unavailable"] = missing
+            log.warning("probe %s: arm(s) left out: %s", name, missing)
+        if "validation" in parts:
+            tasks[name]["validation"] = summarise_part(task, runs, shown[name], "validation", p, 0)
+            if tune:
+                tasks[name]["validation"]["strategies"] = {
+                    a.strategy: summarise_part(task, runs, {a.name: a.name}, "validation", p, 0).get("arms", {})
+                    .get(a.name, {}).get("tss_avg") for a in arms if a.method == "medi" and a.strategy}
+        if on_task:
+            on_task(name, tasks[name])
+    result = {"encoder": ctx.encoder, "parts": list(parts), "tasks": tasks,
+              "design": {"real_per_class": p.real_per_class, "extra_per_class": n, "pool_size": size,
+                         "bootstrap_worlds": n_boot, "seed": p.seed, "classifier": repr(classifier(p)),
+                         "generators_per_method": k,
+                         "generator_variance": "not in the intervals: one trained diffusion model per method"
+                         if k == 1 else f"in the intervals: runs spread over {k} trained generators per method, "
+                                        "resampled by the bootstrap"}}
+    if tune:
+        result["tuned"] = tuned_strategy(tasks, p.tuned_strategies)
+        if result["tuned"]["strategy"]:
+            for arms_shown in shown.values():
+                arms_shown[TUNED] = Arm("medi", result["tuned"]["strategy"]).name
+    for name, (task, runs) in done.items():
+        for part in parts:
+            if part != "validation":
+                tasks[name][part] = summarise_part(task, runs, shown[name], part, p, n_boot)
+    return result
 
 
-# ----------------------------------------------------------------------------------------------- the stage
+def unavailable(task: TaskData, methods: Sequence[str], n: int) -> dict[str, str]:
+    """Arms that cannot get n extra tiles per class in every run, and why: `real` needs n training tiles of each
+    class outside any of its candidate sites (a class with one training site has none)."""
+    out = {}
+    if "real" in methods and n:
+        for c, cands in zip(task.classes, task.candidates):
+            total = sum(len(v) for (cc, _), v in task.real.items() if cc == c)
+            short = [t for t in cands if total - len(task.real[(c, t)]) < n]
+            if short:
+                out["real"] = (f"class {c} has {total - len(task.real[(c, short[0])])} training tiles outside site "
+                               f"{short[0]}; the arm needs {n} per class")
+                break
+    return out
+
+
+def tuned_strategy(tasks: Mapping[str, dict], strategies: Sequence[str]) -> dict:
+    """medi_tuned's strategy: the best mean over tasks of the validation TSS-avg (the first listed on a tie)."""
+    scores = {}
+    for s in strategies:
+        values = [t["validation"].get("strategies", {}).get(s) for t in tasks.values()]
+        if all(v is not None for v in values):
+            scores[s] = float(np.mean(values))
+    if not scores:
+        return {"strategy": None, "why": "a task has no validation sites"}
+    best = max(scores, key=lambda s: (scores[s], -list(strategies).index(s)))
+    return {"strategy": best, "validation_tss_avg": scores, "chosen_on": "validation sites, mean TSS-avg over tasks"}
+
+
+# ----------------------------------------------------------------------------------------------- the stage's inputs
+def load_splits(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    split = Path(cfg.split.output)
+    for name in ("train.parquet", "holdout.parquet"):
+        if not (split / name).exists():
+            raise MediError(f"{split / name} not found; run `medi split` (or `dvc repro split`) first")
+    holdout = pd.read_parquet(split / "holdout.parquet")
+    if "part" not in holdout:
+        raise MediError(f"{split / 'holdout.parquet'} has no validation / test division (made by an older "
+                        "`medi split`); run `medi split` (or `dvc repro split`) again")
+    return pd.read_parquet(split / "train.parquet"), holdout
+
+
+def real_embeddings(cfg: Config, spec, train_index: pd.DataFrame, holdout_index: pd.DataFrame,
+                    parts: Sequence[str]) -> dict[int, np.ndarray]:
+    """Embeddings of the real tiles the probe reads (training tiles of the task classes and holdout tiles of
+    `parts`), by tile idx, from the cache when there."""
+    from medi import data, embed
+
+    tiles = data.load_tiles(cfg.data.output)
+    classes = sorted({c for cs in cfg.probe.tasks.values() for c in cs})
+    hold = holdout_index[holdout_index["part"].isin(parts)]
+    needed = pd.concat([train_index[train_index["class"].isin(classes)], hold[hold["class"].isin(classes)]])
+    idx = np.sort(needed["idx"].to_numpy())
+    return dict(zip(idx.tolist(), embed.embed(np.asarray(tiles[idx]), spec, cfg.encoder.cache, cfg.encoder.batch_size)))
+
+
+def encoder_spec(cfg: Config):
+    from medi import embed
+
+    e = cfg.encoder
+    return embed.resolve(e.name, e.weights, e.input_size, e.seed)
+
+
+def site_conditioned(cfg: Config) -> tuple[str, ...]:
+    """The probe's model methods whose model is conditioned on the site."""
+    p = cfg.probe
+    return tuple(m for m in p.methods if m in p.models and "tss" in cfg.variant(p.models[m]))
+
+
+def method_pool(cfg: Config, method: str, model_dir: Path, out: Path, train_index: pd.DataFrame, spec) -> dict:
+    """A model method's pool for the probe's tasks (grown to `pool_size`), as embeddings."""
+    from medi import pools
+
+    p = cfg.probe
+    keys = pool_keys(p.tasks, train_index, p.real_per_class, method in site_conditioned(cfg))
+    return pools.embedded(cfg, model_dir, keys, pool_size(p), out, train_index, spec)
+
+
+def generators(cfg: Config, method: str) -> list[tuple[str, int | None]]:
+    """The trained models of a method: the pipeline's, then one per probe.generator_seeds (models/NAME-seedS),
+    as (model name, seed or None)."""
+    from medi.config import generator_name
+
+    name = cfg.probe.models[method]
+    return [(name, None)] + [(generator_name(name, s), s) for s in cfg.probe.generator_seeds]
+
+
+def prepare(cfg: Config, parts: Sequence[str] = PARTS) -> Context:
+    """The pipeline's context: real embeddings (cached) and, per model method, the pool of each of its generators
+    (`models/NAME[-seedS]`) in `samples/probe/NAME[-seedS]/`."""
+    p = cfg.probe
+    train_index, holdout_index = load_splits(cfg)
+    spec = encoder_spec(cfg)
+    embeddings = real_embeddings(cfg, spec, train_index, holdout_index, parts)
+    pool = {}
+    for m in (m for m in p.methods if m not in BASELINES):
+        pool[m] = []
+        for name, seed in generators(cfg, m):
+            model_dir = Path(cfg.model.output) / name
+            if not (model_dir / "model.safetensors").exists():
+                how = f"medi train --model {p.models[m]}" + (f" --seed {seed}" if seed is not None else "")
+                raise MediError(f"probe: {model_dir} not found; train it with `{how}` (or `dvc repro`)")
+            pool[m].append(method_pool(cfg, m, model_dir, Path(cfg.sample.output.format(model=f"probe/{name}")),
+                                       train_index, spec))
+    return Context(train_index, holdout_index, embeddings, pool, spec.describe(), site_conditioned(cfg))
+
+
+# ----------------------------------------------------------------------------------------------- outputs
 PAPER_TABLE1 = {   # balanced accuracy in %, mean +- standard error (../shared/reference/tcga-ut.md)
     "nsclc": {"none": (74.31, 75.76), "cls": (79.99, 81.72), "medi": (81.37, 83.04)},
     "rcc": {"none": (73.25, 81.74), "cls": (78.21, 84.64), "medi": (74.87, 84.17)},
@@ -246,120 +583,153 @@ PAPER_TABLE1 = {   # balanced accuracy in %, mean +- standard error (../shared/r
 }
 
 
-def synthetic_pool(cfg, method: str, pairs: list[tuple[str, str | None]], train_index: pd.DataFrame, spec,
-                   model_dir=None, out=None) -> dict[tuple[str, str | None], np.ndarray]:
-    """Generate (or resume) the pool of a method's model as a sample set (default `samples/probe_MODEL/`, the
-    model from `models/MODEL`) and embed it."""
-    import dataclasses
-    from pathlib import Path
-
-    from accelerate import PartialState
-
-    from medi import embed, sample
-    from medi.io import atomic_path
-    from medi.model import MediDiffusion
-
-    name = cfg.probe.models[method]
-    model_dir = Path(model_dir) if model_dir else Path(cfg.model.output) / name
-    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
-    scfg = dataclasses.replace(cfg.sample, strategy="explicit", per_pair=cfg.probe.pool_per_pair,
-                               pairs=[{"class": c, **({"tss": t} if t else {})} for c, t in pairs])
-    rows = sample.plan(scfg, train_index, model.vocab.classes)
-    rows = rows.assign(pool_key=[f"{c}|{t or ''}" for c, t in pairs for _ in range(cfg.probe.pool_per_pair)],
-                       conditioned_on=",".join(["class", *model.vocab.attributes]), model=name,
-                       scheduler=scfg.scheduler, steps=scfg.steps, guidance=scfg.guidance, precision=scfg.precision,
-                       strategy="probe-pool")
-    out = Path(out) if out else Path(cfg.sample.output.format(model=f"probe_{name}"))
-    sample.generate_set(model, rows, out, scfg.scheduler, scfg.steps, scfg.guidance, scfg.precision, cfg.model)
-    with atomic_path(out / sample.MANIFEST) as tmp:
-        rows.to_csv(tmp, index=False)
-    vectors = embed.embed(sample.load_images(out, rows), spec, cfg.encoder.cache, cfg.encoder.batch_size)
-    return {(c, t): vectors[(rows["pool_key"] == f"{c}|{t or ''}").to_numpy()] for c, t in pairs}
+def task_verdict(differences: Mapping[str, dict]) -> str:
+    """One sentence per task from the paired TSS-avg differences of MeDi against CLS and none."""
+    vs = {other: differences[f"medi-{other}"]["verdict"] for other in ("cls", "none") if f"medi-{other}" in differences}
+    if not vs:
+        return "no MeDi comparison"
+    better = [o for o, v in vs.items() if v == "better"]
+    worse = [o for o, v in vs.items() if v == "worse"]
+    if worse:
+        return f"MeDi loses to {' and '.join(worse)}" + (f" (beats {' and '.join(better)})" if better else "")
+    if len(better) == len(vs):
+        return f"MeDi beats {' and '.join(better)}"
+    if better:
+        return f"MeDi beats {' and '.join(better)}; no difference shown against " \
+               f"{' and '.join(o for o in vs if o not in better)}"
+    return f"no difference shown between MeDi and {' or '.join(vs)} (tie)"
 
 
-def markdown_table(result: dict) -> str:
-    strategy = result.get("settings", {}).get("strategy", "grid")
-    lines = [f"Linear probe, balanced accuracy in % (mean +- standard error over runs); encoder: {result['encoder']}; "
-             f"MeDi tiles over (class, site) pairs: {strategy}.",
+def metrics_json(result: dict) -> dict:
+    """metrics/probe.json (the contract): test sites only, headline figures and paired differences."""
+    keys = ("overall", "overall_sem", "overall_lo", "overall_hi", "tss_avg", "tss_avg_sem", "tss_avg_lo", "tss_avg_hi",
+            "mcc", "worst_tss", "seen_sites", "runs")
+    tasks = {}
+    for name, t in result["tasks"].items():
+        test = t["test"]
+        if "skipped" in test:
+            continue
+        tasks[name] = {arm: {k: v[k] for k in keys if k in v} for arm, v in test["arms"].items()}
+        tasks[name]["differences"] = {pair: {k: d[k] for k in ("tss_avg", "tss_avg_lo", "tss_avg_hi", "overall",
+                                                              "overall_lo", "overall_hi", "verdict")}
+                                      for pair, d in test["differences"].items()}
+        tasks[name]["verdict"] = task_verdict(test["differences"])
+    out = {"encoder": result["encoder"], "split": "test", "tasks": tasks}
+    if result.get("tuned"):
+        out["tuned_strategy"] = result["tuned"]["strategy"]
+    return out
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def markdown_table(metrics: dict, detail: dict | None = None) -> str:
+    """reports/probe.md: Table 1 on the test sites with intervals, the paired differences, verdicts, design."""
+    tuned = metrics.get("tuned_strategy")
+    lines = ["Linear probe on the **test sites** (never used for any choice): balanced accuracy in %, mean over runs "
+             "[95 % interval of a bootstrap over training sites and test sites]; "
+             f"encoder: {metrics['encoder']}.",
              "Paper (Table 1, UNI embeddings of TCGA-UT) in brackets: same protocol, other data and encoder, so compare "
              "directions, not values.", "",
-             "| task | method | runs | overall | TSS-avg | MCC | worst TSS | training sites |", "|---|---|---|---|---|---|---|---|"]
-    for task, methods in result["tasks"].items():
-        for method, m in methods.items():
-            paper = PAPER_TABLE1.get(task, {}).get(method)
-            ref = (f" [{paper[0]:.2f}]", f" [{paper[1]:.2f}]") if paper else ("", "")
-            seen = f"{100 * m['seen_sites']:.2f}" if "seen_sites" in m else "-"
-            lines.append(f"| {task} | {method} | {m['runs']} | {100 * m['overall']:.2f} +- {100 * m['overall_sem']:.2f}{ref[0]} "
-                         f"| {100 * m['tss_avg']:.2f} +- {100 * m['tss_avg_sem']:.2f}{ref[1]} | {m['mcc']:.3f} "
-                         f"| {100 * m['worst_tss']:.2f} | {seen} |")
+             "| task | arm | runs | overall | TSS-avg | MCC | worst TSS | seen sites |", "|---|---|---|---|---|---|---|---|"]
+    for task, arms in metrics["tasks"].items():
+        for arm, m in arms.items():
+            if arm in ("differences", "verdict"):
+                continue
+            paper = PAPER_TABLE1.get(task, {}).get(arm)
+            ref = (f" [{paper[0]:.1f}]", f" [{paper[1]:.1f}]") if paper else ("", "")
+            label = f"{arm} ({tuned})" if arm == TUNED else arm
+            seen = _pct(m["seen_sites"]) if "seen_sites" in m else "-"
+            lines.append(f"| {task} | {label} | {m['runs']} | {_pct(m['overall'])} [{_pct(m['overall_lo'])}, "
+                         f"{_pct(m['overall_hi'])}]{ref[0]} | {_pct(m['tss_avg'])} [{_pct(m['tss_avg_lo'])}, "
+                         f"{_pct(m['tss_avg_hi'])}]{ref[1]} | {m['mcc']:.3f} | {_pct(m['worst_tss'])} | {seen} |")
+    lines += ["", "Paired differences of TSS-avg (percentage points, same runs, real tiles, test tiles and resampled "
+              "worlds for both arms) and the verdict they give:", "",
+              "| task | difference | TSS-avg | overall | verdict (TSS-avg) |", "|---|---|---|---|---|"]
+    for task, arms in metrics["tasks"].items():
+        for pair, d in arms["differences"].items():
+            lines.append(f"| {task} | {pair} | {100 * d['tss_avg']:+.1f} [{100 * d['tss_avg_lo']:+.1f}, "
+                         f"{100 * d['tss_avg_hi']:+.1f}] | {100 * d['overall']:+.1f} [{100 * d['overall_lo']:+.1f}, "
+                         f"{100 * d['overall_hi']:+.1f}] | {d['verdict']} |")
+    lines += ["", "**Verdicts** (computed: an interval of the paired difference that excludes 0):", ""]
+    lines += [f"- {task}: {arms['verdict']}" for task, arms in metrics["tasks"].items()]
+    if detail:
+        left_out = [f"{task}: {arm} ({why})" for task, t in detail["tasks"].items() for arm, why in
+                    t.get("unavailable", {}).items()]
+        if left_out:
+            lines += ["", "Arms left out: " + "; ".join(left_out) + "."]
+        d = detail["design"]
+        lines += ["", "Design: " + f"{d['real_per_class']} real tiles per class from one training site; every other "
+                  f"arm adds {d['extra_per_class']} tiles per class (`real`: real tiles of the class's other training "
+                  f"sites); synthetic pools of {d['pool_size']} images per (class, site) pair (per class for CLS); "
+                  f"{d['bootstrap_worlds']} bootstrap worlds, seed {d['seed']}; probe {d['classifier']}. "
+                  f"Generator variance: {d['generator_variance']}."]
+        if detail.get("tuned"):
+            t = detail["tuned"]
+            scores = ", ".join(f"{s} {_pct(v)}" for s, v in t["validation_tss_avg"].items())
+            lines += ["", f"medi_tuned: strategy **{t['strategy']}**, chosen on the validation sites (mean TSS-avg over "
+                      f"tasks: {scores}); `medi` keeps the paper's `{detail['settings']['strategy']}`."]
+        lines += ["", "| task | sites per class (training candidates / validation / test) | runs | distinct synthetic "
+                  "images per class in one run | expected share of a run's synthetic images another run also uses |",
+                  "|---|---|---|---|---|"]
+        for task, t in detail["tasks"].items():
+            des = t.get("test", {}).get("design") or t.get("validation", {}).get("design", {})
+            val = t.get("validation", {}).get("design", {}).get("validation_sites_per_class", {})
+            tst = t.get("test", {}).get("design", {}).get("test_sites_per_class", {})
+            sites = ", ".join(f"{c} {des['training_sites_per_class'][c]}/{val.get(c, '-')}/{tst.get(c, '-')}"
+                              for c in t["classes"])
+            distinct = "; ".join(f"{a}: {', '.join(str(v) for v in x['distinct_per_class'].values())}"
+                                 for a, x in t["draws"].items())
+            overlap = ", ".join(f"{a} {100 * x['expected_overlap']:.0f} %" for a, x in t["draws"].items()
+                                if x["expected_overlap"] is not None)
+            lines.append(f"| {task} | {sites} | {des.get('runs', '-')} | {distinct} | {overlap} |")
     return "\n".join(lines) + "\n"
 
 
-def figure(result: dict):
-    """Per task, TSS-avg balanced accuracy on unseen sites per method (error bars: standard error), with the
-    accuracy on held-out tiles of the training sites beside it (the shortcut's size)."""
+def figure(metrics: dict):
+    """Per task: TSS-avg per arm on the test sites with 95 % intervals (left) and the paired differences with
+    their intervals (right of each task), the verdict in the title."""
     import matplotlib.pyplot as plt
 
-    tasks = list(result["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False)
-    colours = {"none": "tab:gray", "cls": "tab:red", "medi": "tab:blue"}
-    for ax, task in zip(axes[0], tasks):
-        methods = list(result["tasks"][task])
-        m = result["tasks"][task]
-        x = np.arange(len(methods))
-        ax.bar(x - 0.2, [m[k]["tss_avg"] for k in methods], 0.4, yerr=[m[k]["tss_avg_sem"] for k in methods],
-               color=[colours.get(k, "C0") for k in methods], label="unseen sites (TSS-avg)")
-        ax.bar(x + 0.2, [m[k].get("seen_sites", np.nan) for k in methods], 0.4, color="none",
-               edgecolor=[colours.get(k, "C0") for k in methods], hatch="//", label="training sites")
-        ax.set_xticks(x)
-        ax.set_xticklabels(methods)
+    tasks = list(metrics["tasks"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.8 * len(tasks), 6.4), squeeze=False)
+    colours = {"none": "tab:gray", "real": "tab:green", "cls": "tab:red", "medi": "tab:blue", TUNED: "tab:cyan"}
+    for j, task in enumerate(tasks):
+        t = metrics["tasks"][task]
+        arms = [a for a in t if a not in ("differences", "verdict")]
+        ax = axes[0][j]
+        y = [t[a]["tss_avg"] for a in arms]
+        err = [[t[a]["tss_avg"] - t[a]["tss_avg_lo"] for a in arms], [t[a]["tss_avg_hi"] - t[a]["tss_avg"] for a in arms]]
+        ax.bar(range(len(arms)), y, yerr=err, capsize=3, color=[colours.get(a, "C0") for a in arms])
+        seen = [t[a].get("seen_sites", np.nan) for a in arms]
+        ax.scatter(range(len(arms)), seen, marker="_", s=300, color="k", zorder=3, label="seen sites (other slides)")
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms, fontsize=8, rotation=20)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{task} ({m[methods[0]]['runs']} runs)", fontsize=9)
-        ax.set_ylabel("balanced accuracy")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"Linear probe under subpopulation shift; encoder {result['encoder']}", fontsize=8)
+        ax.set_ylabel("TSS-avg balanced accuracy (test sites)")
+        ax.set_title(f"{task} ({t[arms[0]]['runs']} runs)", fontsize=9)
+        if j == 0:
+            ax.legend(fontsize=7, loc="lower left")
+        ax2 = axes[1][j]
+        pairs = list(t["differences"])
+        d = [t["differences"][k] for k in pairs]
+        ax2.errorbar([100 * x["tss_avg"] for x in d], range(len(pairs)), fmt="o", color="k",
+                     xerr=[[100 * (x["tss_avg"] - x["tss_avg_lo"]) for x in d], [100 * (x["tss_avg_hi"] - x["tss_avg"]) for x in d]])
+        ax2.axvline(0, color="0.5", linestyle=":")
+        ax2.set_yticks(range(len(pairs)))
+        ax2.set_yticklabels(pairs, fontsize=8)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("paired difference of TSS-avg (points), 95 % interval", fontsize=8)
+        ax2.set_title(t["verdict"], fontsize=8, wrap=True)
+    fig.suptitle(f"Linear probe under site shift, test sites; encoder {metrics['encoder'][:90]}", fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def load_splits(cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from pathlib import Path
-
-    split = Path(cfg.split.output)
-    for name in ("train.parquet", "holdout.parquet"):
-        if not (split / name).exists():
-            raise MediError(f"{split / name} not found; run `medi split` (or `dvc repro split`) first")
-    return pd.read_parquet(split / "train.parquet"), pd.read_parquet(split / "holdout.parquet")
-
-
-def real_embeddings(cfg, spec, train_index: pd.DataFrame, holdout_index: pd.DataFrame) -> dict[int, np.ndarray]:
-    """Embeddings of the real tiles of every task's classes, by tile idx (from the cache when there)."""
-    from medi import data, embed
-
-    tiles = data.load_tiles(cfg.data.output)
-    classes = sorted({c for cs in cfg.probe.tasks.values() for c in cs})
-    needed = pd.concat([train_index[train_index["class"].isin(classes)], holdout_index[holdout_index["class"].isin(classes)]])
-    idx = np.sort(needed["idx"].to_numpy())
-    return dict(zip(idx.tolist(), embed.embed(np.asarray(tiles[idx]), spec, cfg.encoder.cache, cfg.encoder.batch_size)))
-
-
-def prepare(cfg):
-    """The encoder spec and every task's arrays: real embeddings (cached), synthetic pools (generated once)."""
-    from medi import embed
-
-    p = cfg.probe
-    train_index, holdout_index = load_splits(cfg)
-    spec = embed.resolve(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, cfg.encoder.seed)
-    embeddings = real_embeddings(cfg, spec, train_index, holdout_index)
-    pools = {m: synthetic_pool(cfg, m, pool_pairs(p.tasks, train_index, p.real_per_class, m), train_index, spec)
-             for m in p.methods if m != "none"}
-    tasks = {task: build_task(cs, train_index, holdout_index, embeddings, pools, p.real_per_class, p.runs, p.seed)
-             for task, cs in p.tasks.items()}
-    return spec, tasks
-
-
-def run_stage(cfg) -> dict:
-    """`medi probe`: embeddings, synthetic pools, every task x method x run; metrics/probe.json, table, figure."""
+def run_stage(cfg: Config) -> dict:
+    """`medi probe`: embeddings, pools, every task x arm x run; metrics/probe.json (test sites), the detail
+    (validation figures, the tuned strategy, draws, design), the table and the figure."""
     import time
 
     import mlflow
@@ -370,22 +740,29 @@ def run_stage(cfg) -> dict:
     p = cfg.probe
     with tracking.stage_run(cfg, "probe", ("encoder", "probe", "sample"), run_name="probe"):
         t0 = time.perf_counter()
-        spec, tasks = prepare(cfg)
+        ctx = prepare(cfg)
         prep_seconds = time.perf_counter() - t0
-        result = {"encoder": spec.describe(), "tasks": {}, "settings": cfg.section_dict("probe")}
         t1 = time.perf_counter()
-        for i, (task, td) in enumerate(tasks.items()):
-            result["tasks"][task] = run_task(td, p.methods, p.real_per_class, p.ratio, p.C, p.seed, i, p.workers,
-                                             p.strategy)
-            log.info("probe %s (%d runs): %s", task, len(td.combos),
-                     {m: f"TSS-avg {v['tss_avg']:.3f}+-{v['tss_avg_sem']:.3f}" for m, v in result["tasks"][task].items()})
+        result = evaluate(p, ctx, PARTS)
+        result["settings"] = cfg.section_dict("probe")
         result["seconds"] = {"embeddings_and_pools": prep_seconds, "runs": time.perf_counter() - t1}
-        write_json(p.metrics, result)
-        write_text(p.table, markdown_table(result))
-        fig_path = figures.save(figure(result), p.figure)
-        mlflow.log_metrics({f"{task}_{m}_{k}": v for task, ms in result["tasks"].items() for m, vals in ms.items()
-                            for k, v in vals.items() if isinstance(v, float)})
-        mlflow.log_dict(result, "probe.json")
+        metrics = metrics_json(result)
+        for task, t in metrics["tasks"].items():
+            log.info("probe %s: %s; %s", task, t["verdict"],
+                     {a: f"TSS-avg {v['tss_avg']:.3f} [{v['tss_avg_lo']:.3f}, {v['tss_avg_hi']:.3f}]"
+                      for a, v in t.items() if a not in ("differences", "verdict")})
+        write_json(p.metrics, metrics)
+        write_json(p.detail, result)
+        write_text(p.table, markdown_table(metrics, result))
+        fig_path = figures.save(figure(metrics), p.figure)
+        mlflow.log_metrics({f"{task}_{arm}_{k}": v for task, arms in metrics["tasks"].items() for arm, vals in arms.items()
+                            if arm not in ("differences", "verdict") for k, v in vals.items() if isinstance(v, float)})
+        mlflow.log_metrics({f"{task}_diff_{pair.replace('-', '_minus_')}_{k}": v for task, arms in metrics["tasks"].items()
+                            for pair, d in arms["differences"].items() for k, v in d.items() if isinstance(v, float)})
+        mlflow.set_tags({f"verdict.{task}": t["verdict"] for task, t in metrics["tasks"].items()})
+        if result.get("tuned"):
+            mlflow.set_tag("probe.tuned_strategy", str(result["tuned"]["strategy"]))
+        mlflow.log_dict(result, "probe_detail.json")
         mlflow.log_artifact(str(p.table), "probe")
         mlflow.log_artifact(str(fig_path), "figures")
-    return result
+    return metrics

@@ -134,12 +134,10 @@ def fid_comparison(metrics: Mapping[str, dict], baseline: str = "cls", model: st
             f"overall_fid_{baseline}": metrics[baseline]["overall"], f"overall_fid_{model}": metrics[model]["overall"]}
 
 
-def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_result: dict | None,
+def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_table: str | None,
                train_metrics: Mapping[str, dict]) -> str:
     """reports/index.md: every figure and table of a pipeline run, with the settings that produced it and the
-    paper's figures beside ours."""
-    from medi import probe
-
+    paper's figures beside ours (the probe's table as the probe stage wrote it)."""
     out = Path(cfg.report.index).parent
 
     def rel(path: str) -> str:
@@ -176,9 +174,9 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_re
               f"{c['site_accuracy_real_cv']:.3f}; chance {c['class_chance']:.3f} / {c['site_chance']:.3f}."]
     if summary:
         lines += ["", f"MeDi better than CLS on {len(summary['medi_better_classes'])} of {summary['classes_compared']} classes."]
-    if probe_result is not None:
+    if probe_table is not None:
         lines += ["", "## Downstream bias: the linear probe (the paper's Table 1)", "",
-                  probe.markdown_table(probe_result), f"![probe]({rel(cfg.probe.figure)})"]
+                  probe_table, f"![probe]({rel(cfg.probe.figure)})"]
     return "\n".join(lines) + "\n"
 
 
@@ -201,11 +199,11 @@ def run_stage(cfg: Config) -> dict:
         sites_path = figures.save(sites_figure(cfg, train_index, tiles, sets), cfg.report.sites_figure)
         for p in (fid_path, sites_path):
             mlflow.log_artifact(str(p), "figures")
-        probe_path = Path(cfg.probe.metrics)
-        probe_result = read_json(probe_path) if probe_path.exists() else None
+        probe_path = Path(cfg.probe.table)
+        probe_table = probe_path.read_text() if probe_path.exists() else None
         train_metrics = {n: read_json(cfg.train.metrics.format(model=n)) for n in cfg.report.models
                          if Path(cfg.train.metrics.format(model=n)).exists()}
-        write_text(cfg.report.index, index_page(cfg, metrics, fid_comparison(metrics) or {}, probe_result, train_metrics))
+        write_text(cfg.report.index, index_page(cfg, metrics, fid_comparison(metrics) or {}, probe_table, train_metrics))
         mlflow.log_artifact(cfg.report.index, "report")
         summary = fid_comparison(metrics) or {}
         if summary:
