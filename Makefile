@@ -42,9 +42,9 @@ train: setup  ## the training stages only (both diffusion models, and what they 
 test: setup  ## the test suite (CI runs this)
 	python -m pytest -q
 
-sweep: setup  ## an Optuna study over params sweep.space; again = continue it (make sweep SWEEP="--trials 20 --workers 2")
+sweep: setup  ## Optuna studies (one per method, validation sites) over params sweep.space; again = continue them (make sweep SWEEP="--trials 20 --workers 2")
 	medi check
-	dvc repro train                    # the pipeline's models: trials with its model params reuse them
+	dvc repro probe                    # the pipeline's models and pools: trials with its settings reuse them
 	medi sweep $(SWEEP)
 
 dashboard: setup  ## optuna-dashboard on the sweep storage, http://127.0.0.1:8080

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import typing
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +50,12 @@ import numpy as np
 import pandas as pd
 
 from medi import clustered
-from medi.config import Config, ProbeConfig
+from medi.config import Config, ProbeConfig, ProbeStrategy
 from medi.errors import MediError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("grid", "unseen", "balanced", "uniform")
+STRATEGIES = typing.get_args(ProbeStrategy)
 BASELINES = ("none", "real")                  # arms without a generative model
 TUNED = "medi_tuned"
 PARTS = ("validation", "test")

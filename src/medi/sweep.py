@@ -138,7 +138,7 @@ def inert(cfg: Config, method: str) -> set[str]:
     """Params that cannot change a method's figures: the site strategy without site conditioning, attribute
     embeddings and their dropout without any attribute."""
     attributes = cfg.variant(cfg.probe.models[method])
-    out = set() if "tss" in attributes else {"probe.strategy", "probe.tuned_strategies"}
+    out = set() if "tss" in attributes else {"probe.strategy"}
     if not attributes:
         out |= {"model.d_e", "model.attribute_dropout", "model.continuous"}
     return out
@@ -157,7 +157,8 @@ def objective_value(tasks: dict[str, dict], objective: str, method: str) -> floa
     none's)."""
     figures = [t["validation"]["arms"] for t in tasks.values() if "arms" in t.get("validation", {})]
     if not figures:
-        raise MediError("sweep: no task has validation sites; lower split.validation_fraction's rounding or add sites")
+        raise MediError("sweep: no task has validation sites (a class needs two or more holdout sites to give one "
+                        "to validation; see split.validation_fraction and artifacts/splits/sites.csv)")
     if objective == "gain":
         return float(np.mean([m[method]["tss_avg"] - m["none"]["tss_avg"] for m in figures]))
     return float(np.mean([m[method][objective] for m in figures]))
