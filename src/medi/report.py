@@ -57,7 +57,8 @@ def fid_figure(metrics: Mapping[str, dict]):
     ax.set_ylabel("FID (lower is better)")
     ax.set_title("FID per class; dotted: mean over classes", fontsize=9)
     ax.legend(fontsize=8)
-    ax2.set_xscale("log")
+    if any(m["per_site"] for m in metrics.values()):   # no site with fid.min_count images: nothing to log-scale
+        ax2.set_xscale("log")
     ax2.set_xlabel("real training tiles of the site")
     ax2.set_ylabel("FID of the site's images")
     ax2.set_title(f"FID per site (n >= {first['min_count']} both sides)", fontsize=9)
