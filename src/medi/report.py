@@ -170,7 +170,8 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_re
     for name, m in metrics.items():
         c = m["conditioning"]
         stain = m.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
-        lines.append(f"| {name} | {m['overall']:.4g} | {m['mean_class_fid']:.4g} | {m['kid']:.3g} | {c['class_accuracy']:.3f} "
+        mean = "-" if m["mean_class_fid"] is None else f"{m['mean_class_fid']:.4g}"    # no class with fid.min_count images
+        lines.append(f"| {name} | {m['overall']:.4g} | {mean} | {m['kid']:.3g} | {c['class_accuracy']:.3f} "
                      f"| {c['site_accuracy']:.3f} | {'-' if stain is None else f'{stain:.3f}'} |")
     c = first["conditioning"]
     lines += ["", f"Ceilings (the classifiers on held-out real slides): class {c['class_accuracy_real_cv']:.3f}, site "
