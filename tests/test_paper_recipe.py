@@ -80,8 +80,10 @@ def test_profile_writes_params_that_read_back_keep_comments_and_mark_changes(tmp
     changes = profile.apply(params, ["paper"], directory=PROFILES)
     after = params.read_text()
     assert {c.key for c in changes} == set(profile.read_profile(PROFILES / "paper.yaml")) and len(changes) == 32
-    comments = lambda text: [ln.split("#", 1)[1].strip() for ln in text.splitlines() if ln.lstrip().startswith("#")]
-    assert comments(before) == comments(after)          # every comment line kept, in order
+    # line for line the same file, but for the changed keys (blank lines and comment lines all kept)
+    kept = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if "# profile paper (was" not in b]
+    assert len(before.splitlines()) == len(after.splitlines()) and all(a == b for a, b in kept) and len(kept) == len(
+        before.splitlines()) - 32
     lines = {ln.split(":")[0].strip(): ln for ln in after.splitlines() if ":" in ln}
     assert "# profile paper (was 0.001); " not in lines["lr"] and "# profile paper (was 0.001)" in lines["lr"]
     assert "# profile paper (was v_prediction); v-prediction + zero-terminal-SNR" in lines["prediction_type"]
@@ -93,6 +95,11 @@ def test_profile_writes_params_that_read_back_keep_comments_and_mark_changes(tmp
                      "profile", str(PROFILES / "paper.yaml"), "--output", str(tmp_path / "p2.yaml")]) == 0
     cfg = config.load(tmp_path / "p2.yaml")
     assert (cfg.train.max_steps, cfg.sample.steps, cfg.sample.scheduler) == (10, 20, "ddim")
+    # the last key of a section (a blank line below it) and the last key of the file
+    profile.apply(params, [], {"data.output": "artifacts/ds2", "tracking.artifact_location": "store"})
+    edged = params.read_text().splitlines()
+    assert len(edged) == len(after.splitlines()) and edged[edged.index("synthetic:") - 1] == ""
+    assert edged[-1] == "  artifact_location: store            # --set (was mlruns)"
 
 
 def test_profile_errors_name_the_file_and_key_and_write_nothing(tmp_path, capsys):
@@ -273,7 +280,7 @@ def test_paper_profile_end_to_end_through_dvc_repro(tmp_path, monkeypatch):
         print(repro.stdout[-6000:])
         check_smoke(work, repro)
     finally:       # a paper-128 checkpoint is 6.6 GB: leave none behind
-        for big in ("checkpoints", "models", "samples", "weights", ".dvc/cache"):
+        for big in ("checkpoints", "models", "weights", ".dvc/cache"):
             shutil.rmtree(work / big, ignore_errors=True)
 
 

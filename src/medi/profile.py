@@ -12,7 +12,7 @@ comment naming the profile and the value it replaced. The result is an ordinary,
 - `dvc exp run` runs whatever params.yaml holds: `medi profile paper && dvc exp run -n paper`.
 - `git diff params.yaml` shows the recipe; `git checkout params.yaml` returns to the defaults.
 
-Several profiles apply in order (`medi profile paper smoke`), then any `--set KEY=VALUE`, and the result is
+Several profiles apply in order (`medi profile paper my-site`), then any `--set KEY=VALUE`, and the result is
 validated like every params file before anything is written.
 """
 from __future__ import annotations
@@ -120,10 +120,15 @@ def _mark(section, key: str, note: str) -> None:
     """Prefix the key's end-of-line comment with `note` (or add one)."""
     entry = section.ca.items.get(key)
     token = entry[2] if entry and len(entry) > 2 else None
-    if token is None:
-        section.yaml_add_eol_comment(note, key, column=38)
+    if token is not None and token.value.startswith("#"):
+        token.value = f"# {note}; " + token.value[1:].lstrip()
         return
-    token.value = f"# {note}; " + token.value.lstrip("#").lstrip()
+    after = token.value if token is not None else ""        # blank lines or comment lines below the key
+    section.ca.items.pop(key, None)
+    section.yaml_add_eol_comment(note, key, column=38)
+    if after:
+        new = section.ca.items[key][2]
+        new.value = new.value.rstrip("\n") + after
 
 
 def apply(params: str | Path, profiles: Sequence[str], overrides: Mapping[str, Any] | None = None,
@@ -135,15 +140,17 @@ def apply(params: str | Path, profiles: Sequence[str], overrides: Mapping[str, A
         raise MediError(f"params file not found: {params}")
     base = yaml.safe_load(params.read_text())
     settings: dict[str, Any] = {}
-    label = " + ".join(Path(p).stem for p in profiles)
+    source: dict[str, str] = {}                    # key -> the profile (or --set) that set it last
     for name in profiles:
         path = profile_path(name, directory)
         profile = read_profile(path)
         resolve(base, profile, str(path))          # an unknown key is reported with the profile's file
         settings.update(profile)
+        source.update(dict.fromkeys(profile, f"profile {path.stem}"))
     settings.update(overrides or {})
+    source.update(dict.fromkeys(overrides or {}, "--set"))
     resolved = resolve(base, settings, "--set")
-    config.from_dict(resolved, f"{params} with profile {label}")
+    config.from_dict(resolved, f"{params} with {', '.join(dict.fromkeys(source.values())) or 'no change'}")
 
     rt = _yaml()
     doc = rt.load(params.read_text())
@@ -154,7 +161,7 @@ def apply(params: str | Path, profiles: Sequence[str], overrides: Mapping[str, A
         if old == value and isinstance(old, bool) == isinstance(value, bool):
             continue
         doc[section][key] = _node(value)
-        _mark(doc[section], key, f"profile {label} (was {_short(old)})")
+        _mark(doc[section], key, f"{source[dotted]} (was {_short(old)})")
         changes.append(Change(dotted, old, value))
     buf = io.StringIO()
     rt.dump(doc, buf)
@@ -162,6 +169,6 @@ def apply(params: str | Path, profiles: Sequence[str], overrides: Mapping[str, A
     written = yaml.safe_load(text)
     if written != resolved:        # what medi will read back must be what was resolved (a bug here, not bad input)
         bad = [f"{s}.{k}" for s in resolved for k in resolved[s] if written.get(s, {}).get(k) != resolved[s][k]]
-        raise RuntimeError(f"profile {label}: the written params would read back differently at {bad}")
+        raise RuntimeError(f"{params}: the written params would read back differently at {bad}")
     write_text(output, text)
     return changes
