@@ -25,8 +25,10 @@ PROFILES = REPO / "profiles"
 
 def recipe_table() -> list[dict[str, str]]:
     """The rows of the table under '## The recipe, setting by setting' in docs/paper-recipe.md."""
-    text = DOC.read_text().split("## The recipe, setting by setting", 1)[1]
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    text = DOC.read_text().split("## The recipe, setting by setting", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(text) if ln.startswith("|"))
+    end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
+    lines = text[start:end]                     # the first table after the heading
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = []
     for ln in lines[2:]:
