@@ -18,8 +18,9 @@ export PATH := $(BIN):$(PATH)
 CLASSES ?= LUAD LUSC KIRC KIRP KICH UCEC UCS
 
 SWEEP ?=
+PROFILE ?=
 
-.PHONY: setup repro train test sweep dashboard bench ui tcga-ut lock clean
+.PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui tcga-ut lock clean
 
 setup: $(STAMP)
 
@@ -31,11 +32,13 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-repro: setup  ## the whole pipeline on params.yaml (default: the embedded synthetic dataset)
+repro: setup  ## the whole pipeline on params.yaml (default: the embedded synthetic dataset); PROFILE=paper writes that profile into params.yaml first
+	$(if $(PROFILE),medi profile $(PROFILE))
 	medi check
 	dvc repro
 
-train: setup  ## the training stages only (both diffusion models, and what they need upstream)
+train: setup  ## the training stages only (both diffusion models, and what they need upstream); PROFILE= as for repro
+	$(if $(PROFILE),medi profile $(PROFILE))
 	medi check
 	dvc repro train
 
@@ -56,6 +59,12 @@ bench: setup  ## benchmarks (speed targets live here, not in tests); results go 
 	python bench/sample_speed.py --model medi --count 1000
 	dvc repro probe                    # the probe benchmark runs on its cached embeddings and pools
 	python bench/probe_speed.py --runs 200
+
+bench-gpu: setup  ## on a GPU: paper-128 training throughput and the paper recipe's GPU-hours (docs/paper-recipe.md)
+	cd bench && python paper_cost.py --device cuda
+
+smoke-paper: setup  ## the paper profile end to end at a tiny scale on the CPU, through dvc repro (several minutes)
+	python -m pytest -q -s -m paper_smoke tests/test_paper_recipe.py
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -160,6 +160,17 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> None:
     report.run_stage(cfg)
 
 
+def cmd_profile(cfg: Config, args: argparse.Namespace) -> None:
+    from medi import profile
+
+    output = args.output or args.params
+    changes = profile.apply(args.params, args.names, parse_overrides(args.set), output)
+    for c in changes:
+        log.info("%s: %s -> %s", c.key, c.old, c.new)
+    log.info("profile %s: %d param(s) changed in %s (git diff %s shows them; DVC re-runs the stages that read them)",
+             " + ".join(args.names), len(changes), output, output)
+
+
 COMMANDS = {
     "synthesize": (cmd_synthesize, "render the synthetic TCGA-UT world (the embedded default dataset)"),
     "prepare": (cmd_prepare, "read TCGA-UT tiles + GDC metadata, pack tiles at training resolution"),
@@ -170,6 +181,7 @@ COMMANDS = {
     "probe": (cmd_probe, "the linear probe under subpopulation shift (the paper's Table 1): none / cls / medi"),
     "report": (cmd_report, "comparison figures of the models (FID per class, real vs generated tiles per site)"),
     "sweep": (cmd_sweep, "an Optuna study over params sweep.space (continues on re-run), each trial an MLflow run"),
+    "profile": (cmd_profile, "write a profile's params (profiles/NAME.yaml, e.g. paper: the authors' recipe) into params.yaml"),
     "check": (cmd_check, "validate params.yaml and the presence of the input data"),
     "fetch-tcga-ut": (cmd_fetch_tcga_ut, "download, verify and unpack TCGA-UT classes from Zenodo into data/"),
 }
@@ -200,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=int, default=None, help="worker processes (default: params sweep.workers)")
             p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
             p.add_argument("--method", default=None, help=argparse.SUPPRESS)
+        if name == "profile":
+            p.add_argument("names", nargs="+", metavar="NAME", help="profiles/NAME.yaml (or a .yaml path), applied in order")
+            p.add_argument("--output", metavar="FILE", help="write the resolved params here (default: the --params file)")
         if name == "fetch-tcga-ut":
             p.add_argument("--classes", nargs="*", help="project codes (default: params data.classes)")
             p.add_argument("--data-dir", default="data", help="folder versioned by data.dvc (default: data)")

@@ -81,6 +81,8 @@ class ModelConfig:
     variants: dict[str, list[str]]  # model name -> conditioning metadata attributes (cls: none; medi: [tss])
     continuous: list[str]        # attributes encoded sinusoidally (e.g. age); the others are categorical
     d_e: int                     # embedding size per metadata attribute; d_class = d_t - k * d_e
+    embedding_split: Literal["d_e", "equal"]   # d_e: the paper's text (d_class = d_t - k * d_e); equal: the authors'
+                                 # code (d_t split equally between the class and each attribute; d_e unused)
     class_dropout: float         # condition dropout (trains the null tokens for classifier-free guidance)
     attribute_dropout: float
     prediction_type: Literal["epsilon", "v_prediction", "sample"]
@@ -97,10 +99,15 @@ class TrainConfig:
     batch_size: int              # per optimizer step, summed over processes and accumulation
     grad_accumulation: int
     lr: float
-    warmup_steps: int
+    adam_betas: list[float]      # AdamW (beta1, beta2)
+    warmup_steps: int            # linear warm-up steps of the cosine schedule (0: see warmup_fraction)
+    warmup_fraction: float       # warm-up as a fraction of max_steps (the authors': 0.01); only one of the two is > 0
     weight_decay: float
     max_grad_norm: float
-    ema_decay: float
+    ema_decay: float             # EMA decay (the maximum decay when ema_warmup is on)
+    ema_warmup: bool             # diffusers EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, capped
+    ema_inv_gamma: float         # (used when ema_warmup is on)
+    ema_power: float             # (used when ema_warmup is on)
     precision: Literal["no", "fp16", "bf16"]
     balanced: bool               # class-balanced sampling, weight 1 / count(class) as in the paper
     augment: bool                # random flips and 90-degree rotations (histology has no orientation)
@@ -378,6 +385,14 @@ def _validate(cfg: Config, where: str) -> None:
     if not cfg.model.variants:
         raise MediError(f"{where}: 'model.variants' is empty; name at least one model, e.g. cls: [] and medi: [tss]")
     t = cfg.train
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        raise MediError(f"{where}: 'train.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}")
+    if not 0.0 <= t.warmup_fraction < 1.0 or t.warmup_steps < 0 or (t.warmup_fraction > 0 and t.warmup_steps > 0):
+        raise MediError(f"{where}: 'train.warmup_fraction' must lie in [0, 1) and 'train.warmup_steps' be >= 0, "
+                        f"with at most one of them > 0; got {t.warmup_fraction} and {t.warmup_steps}")
+    if not 0.0 < t.ema_decay <= 1.0 or t.ema_inv_gamma <= 0 or t.ema_power <= 0:
+        raise MediError(f"{where}: 'train.ema_decay' must lie in (0, 1] and 'train.ema_inv_gamma', 'train.ema_power' "
+                        f"be > 0; got {t.ema_decay}, {t.ema_inv_gamma}, {t.ema_power}")
     if t.batch_size % t.grad_accumulation:
         raise MediError(f"{where}: 'train.batch_size' ({t.batch_size}) must be divisible by 'train.grad_accumulation' "
                         f"({t.grad_accumulation})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -224,7 +224,13 @@ class MediDiffusion(nn.Module):
         return model
 
 
-def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None = None) -> Architecture:
+def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None = None, split: str = "d_e",
+                 attributes: int = 0) -> Architecture:
+    """The network of a preset. `split` sets the conditioning widths for `attributes` (k) metadata attributes:
+    'd_e' gives each attribute d_e and the class d_t - k * d_e (the paper's text); 'equal' splits d_t equally
+    between the class and each attribute, d_t // (k + 1) each with the remainder to the class (the authors' code)."""
+    if split not in ("d_e", "equal"):
+        raise MediError(f"model.embedding_split: unknown split '{split}'; known: d_e, equal")
     if preset == "custom":
         spec = dict(custom or {})
     elif preset in PRESETS:
@@ -235,4 +241,7 @@ def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None
     if sample_size % (2 ** need):
         raise MediError(f"model: {len(spec['block_out_channels'])} UNet levels need a resolution divisible by "
                         f"{2 ** need}; data.resolution is {sample_size}")
-    return Architecture(sample_size=sample_size, d_e=d_e, **spec)
+    arch = Architecture(sample_size=sample_size, d_e=d_e, **spec)
+    if split == "equal" and attributes > 0:
+        arch = replace(arch, d_e=arch.d_t // (attributes + 1))
+    return arch

@@ -57,7 +57,8 @@ def fid_figure(metrics: Mapping[str, dict]):
     ax.set_ylabel("FID (lower is better)")
     ax.set_title("FID per class; dotted: mean over classes", fontsize=9)
     ax.legend(fontsize=8)
-    ax2.set_xscale("log")
+    if any(m["per_site"] for m in metrics.values()):   # no site with fid.min_count images: nothing to log-scale
+        ax2.set_xscale("log")
     ax2.set_xlabel("real training tiles of the site")
     ax2.set_ylabel("FID of the site's images")
     ax2.set_title(f"FID per site (n >= {first['min_count']} both sides)", fontsize=9)
@@ -167,7 +168,8 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_ta
     for name, m in metrics.items():
         c = m["conditioning"]
         stain = m.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
-        lines.append(f"| {name} | {m['overall']:.4g} | {m['mean_class_fid']:.4g} | {m['kid']:.3g} | {c['class_accuracy']:.3f} "
+        mean = "-" if m["mean_class_fid"] is None else f"{m['mean_class_fid']:.4g}"    # no class with fid.min_count images
+        lines.append(f"| {name} | {m['overall']:.4g} | {mean} | {m['kid']:.3g} | {c['class_accuracy']:.3f} "
                      f"| {c['site_accuracy']:.3f} | {'-' if stain is None else f'{stain:.3f}'} |")
     c = first["conditioning"]
     lines += ["", f"Ceilings (the classifiers on held-out real slides): class {c['class_accuracy_real_cv']:.3f}, site "

@@ -183,11 +183,13 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
 
     torch.manual_seed(t.seed)
     vocab = Vocabulary.from_frame(train_index, "class", attributes, m.continuous)
-    arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom)
+    arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom, m.embedding_split, len(vocab.attributes))
     model = MediDiffusion(arch, vocab)
-    ema = EMAModel(model.parameters(), decay=t.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+    ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, inv_gamma=t.ema_inv_gamma,
+                   power=t.ema_power)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    warmup = t.warmup_steps or int(t.max_steps * t.warmup_fraction)     # the authors': int(0.01 * steps)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, t.max_steps)
     noise = training_scheduler(m)
 
     root = checkpoint_root(cfg, name, train_index)
