@@ -11,9 +11,11 @@ A collective (`shard` + `gather`, `broadcast`, `barrier`) must be reached by eve
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence, TypeVar
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -48,10 +50,15 @@ def describe() -> dict[str, Any]:
             "num_processes": s.num_processes, "process_index": s.process_index, "device": str(s.device)}
 
 
-def shard(units: Sequence[T]) -> list[T]:
-    """This process's units: every `num_processes`-th, starting at its rank."""
-    s = state() if launched() else None
-    return list(units) if s is None else list(units)[s.process_index::s.num_processes]
+def shard(units: Sequence[T], what: str = "") -> list[T]:
+    """This process's units: every `num_processes`-th, starting at its rank (logged as `what` under a launch)."""
+    if not launched():
+        return list(units)
+    s = state()
+    mine = list(units)[s.process_index::s.num_processes]
+    if what:
+        log.info("%s: process %d of %d takes %d of %d", what, s.process_index, s.num_processes, len(mine), len(units))
+    return mine
 
 
 def gather(mine: list) -> list:

@@ -224,7 +224,7 @@ def embed(images: np.ndarray, spec: EncoderSpec, cache_dir: str = "", batch_size
         model = (model or build(spec)).to(device)
         batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
         mine = []
-        for b in tqdm(distributed.shard(range(len(batches))), desc=f"embedding ({spec.name})", unit="batch",
+        for b in tqdm(distributed.shard(range(len(batches)), "embedding batches"), desc=f"embedding ({spec.name})", unit="batch",
                       disable=not (progress and distributed.is_main())):
             batch = torch.from_numpy(np.stack([images[i] for i in batches[b]])).to(device)
             mine.append((b, model(preprocess(batch, spec)).float().cpu().numpy()))

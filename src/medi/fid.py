@@ -158,7 +158,7 @@ class Extractor:
             return out[self.feature].double()
         size = min(self.batch_size, len(images))
         batches = [np.arange(lo, min(lo + size, len(images))) for lo in range(0, len(images), size)]
-        mine = distributed.shard(range(len(batches)))
+        mine = distributed.shard(range(len(batches)), "feature batches")
         parts = []
         if mine:
             subset = torch.utils.data.Subset(_Images(images), np.concatenate([batches[b] for b in mine]).tolist())

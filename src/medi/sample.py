@@ -260,7 +260,7 @@ def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, schedu
     todo = distributed.broadcast(todo)          # what the main process saw, before anyone writes
     if len(todo) < rows["batch"].nunique() and distributed.is_main():
         log.info("resuming: %d of %d batches already on disk", rows["batch"].nunique() - len(todo), rows["batch"].nunique())
-    mine = distributed.shard(todo)
+    mine = distributed.shard(todo, "sampling batches")
     made, t0 = 0, time.perf_counter()
     with tqdm(total=int(rows["batch"].isin(mine).sum()), unit="img", desc=f"sampling ({scheduler} {steps})",
               disable=not distributed.is_main()) as bar:

@@ -29,6 +29,9 @@ for _var, _val in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.item
 import mlflow  # noqa: E402  (after the telemetry switches)
 
 
+SERVERS = ("http://", "https://", "databricks")      # tracking URIs of a server, which owns its store and artifacts
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
 
@@ -38,7 +41,7 @@ def store_lock(uri: str):
     SQLite database, else one under the temporary folder named by the URI's hash. None needed for a server."""
     from filelock import FileLock
 
-    if uri.startswith(("http://", "https://", "databricks")):
+    if uri.startswith(SERVERS):
         return nullcontext()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
         db = Path(uri[len("sqlite:///"):].split("?")[0]).resolve()
@@ -59,7 +62,9 @@ def configure(cfg: TrackingConfig) -> str:
             experiment_id = experiment.experiment_id
         else:
             location = cfg.artifact_location
-            if "://" not in location:  # a local folder: MLflow wants an absolute URI
+            if uri.startswith(SERVERS):   # a tracking server keeps the artifacts (where its machines all reach them)
+                location = None
+            elif "://" not in location:  # a local folder: MLflow wants an absolute URI
                 location = Path(location).resolve().as_uri()
             try:
                 experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
