@@ -316,7 +316,8 @@ def _fail_stale_run(study, trial) -> None:
         client = MlflowClient()
         client.set_terminated(run_id, "FAILED")
         client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_tag(run_id, "medi.error", f"its worker ({trial.user_attrs.get('worker', '?')}) stopped sending heartbeats")
+        worker = trial.user_attrs.get("worker", "?")
+        client.set_tag(run_id, "medi.error", f"its worker ({worker}) stopped sending heartbeats")
     log.warning("trial %d of %s failed: its worker stopped sending heartbeats", trial.number, study.study_name)
 
 
