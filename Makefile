@@ -20,7 +20,7 @@ CLASSES ?= LUAD LUSC KIRC KIRP KICH UCEC UCS
 SWEEP ?=
 PROFILE ?=
 
-.PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui tcga-ut lock clean
+.PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui mlflow-server tcga-ut lock clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,16 @@ smoke-paper: setup  ## the paper profile end to end at a tiny scale on the CPU, 
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+PG_DATA ?= .postgres
+PG_PORT ?= 5433
+MLFLOW_PORT ?= 5000
+MLFLOW_ARTIFACTS ?= mlartifacts
+mlflow-server: setup  ## MLflow tracking server on http://127.0.0.1:5000, PostgreSQL backend (.postgres/), artifacts in mlartifacts/ (docs/scaling.md)
+	python -m medi.postgres start --data $(PG_DATA) --port $(PG_PORT) --database mlflow
+	trap 'python -m medi.postgres stop --data $(PG_DATA)' EXIT; \
+	mlflow server --backend-store-uri postgresql://postgres@127.0.0.1:$(PG_PORT)/mlflow \
+	  --artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 tcga-ut: setup  ## download TCGA-UT classes from Zenodo into data/ and version them with DVC
 	medi fetch-tcga-ut --classes $(CLASSES)

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from medi import train
+from medi.errors import MediError
 from medi.model import MediDiffusion
 
 
@@ -148,11 +149,21 @@ def test_balanced_batches_are_a_pure_function_of_the_step(tiny_world):
     cfg = tiny_world()
     index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
     weights = train.sampling_weights(index["class"], True)
-    make = lambda start: train.StepBatches(str(Path(cfg.data.output) / "tiles.npy"), index["idx"].to_numpy(), weights,
-                                           256, 0, start, 6, 1, 0, True)
+    make = lambda start, rank=0, processes=1: train.StepBatches(
+        str(Path(cfg.data.output) / "tiles.npy"), index["idx"].to_numpy(), weights, 256, 0, start, 6, 1, augment=True,
+        rank=rank, processes=processes)
     full, tail = list(make(0)), list(make(3))
     for x, y in zip(full[3:], tail):
         assert torch.equal(x["pixels"], y["pixels"]) and torch.equal(x["pos"], y["pos"])
+    # Two processes' shards of every step, side by side, are the one-process batch (tiles, order and positions).
+    shards = list(zip(make(0, 0, 2), make(0, 1, 2)))
+    for x, (a, b) in zip(full, shards):
+        assert len(a["pixels"]) == len(b["pixels"]) == 128
+        for key in ("pixels", "pos", "index"):
+            assert torch.equal(x[key], torch.cat([a[key], b[key]])), key
+    assert full[2]["index"].tolist() == list(range(256))
+    with pytest.raises(MediError, match="256 tiles does not split over 3 processes"):
+        make(0, 0, 3)
     counts = pd.Series(index["class"].to_numpy()[np.concatenate([b["pos"].numpy() for b in full])]).value_counts()
     assert counts.max() / counts.min() < 1.6         # balanced across classes despite their skew
     assert index["class"].value_counts().max() / index["class"].value_counts().min() > 2

@@ -139,8 +139,11 @@ def cmd_fid(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_probe(cfg: Config, args: argparse.Namespace) -> None:
-    from medi import probe
+    from medi import distributed, probe
 
+    if not distributed.is_main():     # the other processes of a launch: their share of the embeddings and pools
+        probe.prepare(cfg)
+        return
     probe.run_stage(cfg)
 
 
@@ -185,6 +188,10 @@ COMMANDS = {
     "check": (cmd_check, "validate params.yaml and the presence of the input data"),
     "fetch-tcga-ut": (cmd_fetch_tcga_ut, "download, verify and unpack TCGA-UT classes from Zenodo into data/"),
 }
+
+
+# Commands that split their work over the processes of `accelerate launch` / `torchrun` (docs/scaling.md).
+LAUNCHABLE = ("train", "sample", "fid", "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = config_mod.load(args.params, parse_overrides(args.set))
+        from medi import distributed
+
+        if distributed.launched():
+            if args.command not in LAUNCHABLE or getattr(args, "from_manifest", None):
+                raise MediError(f"this command runs in one process; launch only {', '.join(LAUNCHABLE)} with "
+                                "accelerate launch / torchrun (docs/scaling.md)")
+            distributed.state()             # one process group for the whole command (gloo without CUDA)
         COMMANDS[args.command][0](cfg, args)
     except MediError as exc:
         print(f"medi {args.command}: error: {exc}", file=sys.stderr)

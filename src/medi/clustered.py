@@ -100,8 +100,8 @@ def summarise(arms: Mapping[str, np.ndarray], design: Design, pairs: Sequence[tu
               seed: int, extra: Mapping[str, np.ndarray] | None = None, chunk: int = 250) -> dict:
     """Per arm: the mean over runs of every metric, its standard error over runs (the contract's `*_sem`;
     it ignores the clustering) and a 95 % clustered-bootstrap interval; per pair (a, b): the paired difference
-    a - b with its interval. `extra` adds per-run figures (R,) of each arm (e.g. seen-site accuracy) whose
-    interval only resamples training sites. Percentile intervals of `n_boot` worlds drawn with `seed`."""
+    a - b with its interval. `extra` adds per-run figures (R,) of each arm (e.g. seen-site accuracy; NaN: the
+    run has none) whose interval only resamples training sites. Percentile intervals of `n_boot` worlds drawn with `seed`."""
     names = list(arms)
     runs = design.run_sites.shape[0]
     obs = {a: point(arms[a], design.site_class) for a in names}
@@ -122,8 +122,9 @@ def summarise(arms: Mapping[str, np.ndarray], design: Design, pairs: Sequence[tu
         for a in names:
             for m, values in per_run(arms[a], design.site_class, site_w).items():
                 draws[a][m].append((norm * values).sum(axis=1))
-        for a, values in (extra or {}).items():
-            extra_draws[a].append(norm @ values)
+        for a, values in (extra or {}).items():           # runs without a value (NaN) weigh nothing
+            w = run_w * ~np.isnan(values)
+            extra_draws[a].append(np.nan_to_num(values) @ w.T / np.maximum(w.sum(axis=1), 1e-12))
         done += len(run_w)
     draws = {a: {m: np.concatenate(v)[:n_boot] for m, v in ms.items()} for a, ms in draws.items()}
     lo_q, hi_q = (1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2
@@ -139,11 +140,13 @@ def summarise(arms: Mapping[str, np.ndarray], design: Design, pairs: Sequence[tu
             fig[m] = float(values.mean())
             fig[f"{m}_sem"] = float(values.std(ddof=1) / np.sqrt(runs)) if runs > 1 else 0.0
             fig[f"{m}_lo"], fig[f"{m}_hi"] = interval(draws[a][m])
-        if extra and a in extra:
-            values = extra[a]
+        if extra and a in extra and not np.isnan(extra[a]).all():
+            values = extra[a][~np.isnan(extra[a])]
             fig["seen_sites"] = float(values.mean())
-            fig["seen_sites_sem"] = float(values.std(ddof=1) / np.sqrt(runs)) if runs > 1 else 0.0
-            fig["seen_sites_lo"], fig["seen_sites_hi"] = interval(np.concatenate(extra_draws[a])[:n_boot])
+            fig["seen_sites_runs"] = int(len(values))
+            fig["seen_sites_sem"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+            drawn = np.concatenate(extra_draws[a])[:n_boot]
+            fig["seen_sites_lo"], fig["seen_sites_hi"] = interval(drawn[np.isfinite(drawn)])
         out["arms"][a] = fig
     for a, b in pairs:
         diff: dict = {}

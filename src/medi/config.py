@@ -216,6 +216,8 @@ class SweepConfig:
     trials: int                  # trials one `medi sweep` adds to the study (all its workers together)
     workers: int                 # worker processes `medi sweep` runs on the storage
     timeout: int                 # seconds before no new trial starts (0 = no limit)
+    heartbeat: int               # seconds between a running trial's heartbeats in the storage
+    grace_period: int            # seconds without a heartbeat after which a trial (its worker died) is failed
     seed: int
     sampler: Literal["tpe", "random", "grid"]
     pruner: Literal["quartile", "median", "none"]   # prune below the lower quartile / the median of earlier trials
@@ -441,6 +443,9 @@ def _validate(cfg: Config, where: str) -> None:
     sw = cfg.sweep
     if min(sw.trials, sw.workers) < 1 or min(sw.timeout, sw.startup_trials, sw.fid_count) < 0:
         raise MediError(f"{where}: sweep.trials and workers must be >= 1, sweep.timeout, startup_trials and fid_count >= 0")
+    if sw.heartbeat < 1 or sw.grace_period <= sw.heartbeat:
+        raise MediError(f"{where}: sweep.heartbeat must be >= 1 and sweep.grace_period longer than it, got "
+                        f"{sw.heartbeat} and {sw.grace_period}")
     if sw.objective == "fid" and sw.fid_count < 2:
         raise MediError(f"{where}: sweep.objective is 'fid' but sweep.fid_count is {sw.fid_count}; give it images (e.g. 256)")
     bad = [m for m in sw.methods if m not in pr.models]

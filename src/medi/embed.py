@@ -207,26 +207,32 @@ class EmbeddingCache:
 def embed(images: np.ndarray, spec: EncoderSpec, cache_dir: str = "", batch_size: int = 64,
           model: torch.nn.Module | None = None, progress: bool = True) -> np.ndarray:
     """Embeddings (N, D) float32 of uint8 images (N, H, W, 3): looked up in the cache by content, the rest
-    encoded in batches on accelerate's device (with a progress bar) and added to the cache."""
-    from accelerate import PartialState
+    encoded in batches on accelerate's device (with a progress bar) and added to the cache.
+
+    Under a launch this is a collective: the processes encode every N-th batch of what the main process
+    found missing, gather the vectors, and the main process alone writes them to the cache."""
     from tqdm import tqdm
+
+    from medi import distributed
 
     keys = image_keys(images)
     cache = EmbeddingCache(cache_dir, spec) if cache_dir else None
     table = cache.table if cache is not None else {}
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in table}.values())
+    todo = distributed.broadcast(sorted({k: i for i, k in enumerate(keys) if k not in table}.values()))
     if todo:
-        device = PartialState().device
+        device = distributed.state().device
         model = (model or build(spec)).to(device)
-        out = []
-        for lo in tqdm(range(0, len(todo), batch_size), desc=f"embedding ({spec.name})", unit="batch",
-                       disable=not progress):
-            batch = torch.from_numpy(np.stack([images[i] for i in todo[lo:lo + batch_size]])).to(device)
-            out.append(model(preprocess(batch, spec)).float().cpu().numpy())
-        fresh, new_keys = np.concatenate(out), [keys[i] for i in todo]
-        if cache is not None:
+        batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
+        mine = []
+        for b in tqdm(distributed.shard(range(len(batches)), "embedding batches"), desc=f"embedding ({spec.name})", unit="batch",
+                      disable=not (progress and distributed.is_main())):
+            batch = torch.from_numpy(np.stack([images[i] for i in batches[b]])).to(device)
+            mine.append((b, model(preprocess(batch, spec)).float().cpu().numpy()))
+        done = dict(distributed.gather(mine))
+        fresh, new_keys = np.concatenate([done[b] for b in range(len(batches))]), [keys[i] for i in todo]
+        if cache is not None and distributed.is_main():
             cache.put(new_keys, fresh)
-        else:
-            table.update(zip(new_keys, fresh))
+        table.update(zip(new_keys, fresh))
+        distributed.barrier()                 # the cache is written before any process reads it again
     log.info("embeddings of %d images: %d from the cache, %d encoded", len(keys), len(keys) - len(todo), len(todo))
     return np.stack([table[k] for k in keys])

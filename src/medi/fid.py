@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from medi import embed
+from medi import distributed, embed
 from medi.config import Config, FidConfig
 from medi.errors import MediError
 from medi.io import atomic_path
@@ -128,10 +128,9 @@ class Extractor:
 
     @classmethod
     def from_config(cls, cfg: FidConfig) -> "Extractor":
-        from accelerate import PartialState
         from torch_fidelity.utils import create_feature_extractor
 
-        cuda = PartialState().device.type == "cuda"
+        cuda = distributed.state().device.type == "cuda"
         if cfg.extractor == INCEPTION:
             weights = inception_weights(cfg.weights)
             try:
@@ -145,30 +144,50 @@ class Extractor:
         module = create_feature_extractor(TIMM_EXTRACTOR, ["pooled"], cuda=cuda, encoder_spec=spec, verbose=False)
         return cls(module, "pooled", cfg.extractor, spec.describe(), cuda, cfg.batch_size, spec.identity())
 
-    def features(self, images: np.ndarray, verbose: bool = True) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> float64 features (N, D), batched with a progress bar."""
+    def features(self, images: np.ndarray, verbose: bool = True, split: bool = False) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> float64 features (N, D), batched with a progress bar.
+
+        `split`: a collective of a launch; each process extracts every N-th batch (the batches one process
+        would make, so each feature is computed as one process computes it) and all get every feature."""
         from torch_fidelity.utils import get_featuresdict_from_dataset
 
         if len(images) == 0:
             raise MediError("no images to extract features from")
-        out = get_featuresdict_from_dataset(_Images(images), self.module, self.batch_size, self.cuda, True, verbose)
-        return out[self.feature].double()
+        if not (split and distributed.launched()):
+            out = get_featuresdict_from_dataset(_Images(images), self.module, self.batch_size, self.cuda, True, verbose)
+            return out[self.feature].double()
+        size = min(self.batch_size, len(images))
+        batches = [np.arange(lo, min(lo + size, len(images))) for lo in range(0, len(images), size)]
+        mine = distributed.shard(range(len(batches)), "feature batches")
+        parts = []
+        if mine:
+            subset = torch.utils.data.Subset(_Images(images), np.concatenate([batches[b] for b in mine]).tolist())
+            feats = get_featuresdict_from_dataset(subset, self.module, size, self.cuda, True,
+                                                  verbose and distributed.is_main())[self.feature].double()
+            parts = list(zip(mine, torch.split(feats, [len(batches[b]) for b in mine])))
+        done = dict(distributed.gather(parts))
+        return torch.cat([done[b] for b in range(len(batches))])
 
-    def cached_features(self, images: np.ndarray, cache_dir: str, verbose: bool = True) -> torch.Tensor:
+    def cached_features(self, images: np.ndarray, cache_dir: str, verbose: bool = True,
+                        split: bool = False) -> torch.Tensor:
         """`features`, kept on disk under `cache_dir` keyed by this extractor and the images' bytes, so the
-        real tiles are encoded once for every model's evaluation ("" = no cache)."""
+        real tiles are encoded once for every model's evaluation ("" = no cache). With `split`, the main
+        process alone writes the cache."""
         if not cache_dir:
-            return self.features(images, verbose)
+            return self.features(images, verbose, split)
         digest = hashlib.sha256(f"{self.identity}|{self.description}|{images.shape}".encode())
         digest.update(np.ascontiguousarray(images).tobytes())
         path = Path(cache_dir) / f"{self.name.replace(':', '-').replace('/', '-')}-{digest.hexdigest()[:20]}.npy"
-        if path.exists():
+        if (distributed.broadcast(path.exists()) if split else path.exists()):
             log.info("features of %d images from the cache %s", len(images), path)
             return torch.from_numpy(np.load(path))
-        feats = self.features(images, verbose)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, feats.numpy())
+        feats = self.features(images, verbose, split)
+        if not split or distributed.is_main():
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, feats.numpy())
+        if split:
+            distributed.barrier()
         return feats
 
 
@@ -272,8 +291,9 @@ def stain_vs_truth(cfg: Config, manifest: pd.DataFrame, gen: np.ndarray, train_i
 
 
 # ----------------------------------------------------------------------------------------------- the stage
-def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict:
-    """Every figure of `metrics/fid_NAME.json` for the sample set of model NAME."""
+def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict | None:
+    """Every figure of `metrics/fid_NAME.json` for the sample set of model NAME. Under a launch the processes
+    split the feature extraction; the main process alone computes the figures (the others return None)."""
     from medi import data
     from medi.sample import load_images, read_manifest
 
@@ -289,9 +309,11 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
                         "the model was trained at another data.resolution")
     extractor = extractor or Extractor.from_config(cfg.fid)
     t0 = time.perf_counter()
-    real = extractor.cached_features(real_images, cfg.fid.cache)
-    gen = extractor.features(gen_images)
+    real = extractor.cached_features(real_images, cfg.fid.cache, split=True)
+    gen = extractor.features(gen_images, split=True)
     feature_seconds = time.perf_counter() - t0
+    if not distributed.is_main():
+        return None
     site_conditioned = "tss" in str(manifest["conditioned_on"].iloc[0]).split(",")
     per_class = group_scores(real, train_index["class"].to_numpy(str), gen, manifest["class"].to_numpy(str), cfg.fid)
     per_site = group_scores(real, train_index["tss"].to_numpy(str), gen, manifest["tss"].to_numpy(str), cfg.fid)
@@ -334,6 +356,9 @@ def run_stage(cfg: Config, name: str) -> dict:
     from medi.io import write_json
 
     cfg.variant(name)
+    if not distributed.is_main():           # the other processes of a launch: their share of the features
+        evaluate(cfg, name)
+        return {}
     with tracking.stage_run(cfg, f"fid@{name}", ("fid", "sample"), run_name=f"fid-{name}"):
         t0 = time.perf_counter()
         metrics = evaluate(cfg, name)

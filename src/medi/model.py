@@ -109,12 +109,17 @@ def null_condition(cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def drop_conditions(cond: Mapping[str, torch.Tensor], p_class: float, p_attribute: float,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Condition dropout: each entry independently replaced by its null token (class and each attribute)."""
+                    generator: torch.Generator | Sequence[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+    """Condition dropout: each entry independently replaced by its null token (class and each attribute).
+    `generator` is one generator for the batch, or one per row (a row's draws then depend on it alone)."""
     out = {}
     for k, v in cond.items():
         p = p_class if k == "class" else p_attribute
-        drop = torch.rand(v.shape, generator=generator).to(v.device) < p   # drawn on the CPU: same on any device
+        if isinstance(generator, Sequence):
+            u = torch.stack([torch.rand(v.shape[1:], generator=g) for g in generator])
+        else:
+            u = torch.rand(v.shape, generator=generator)
+        drop = u.to(v.device) < p                                          # drawn on the CPU: same on any device
         null = torch.full_like(v, float("nan")) if v.is_floating_point() else torch.zeros_like(v)
         out[k] = torch.where(drop, null, v)
     return out

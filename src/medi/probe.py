@@ -391,8 +391,7 @@ def summarise_part(task: TaskData, runs: Sequence[RunResult], arms: Mapping[str,
                                         for t in task.sites]), len(task.classes),
                               np.array([r.generator for r in runs]), n_generators(task))
     counts = {name: np.stack([r.counts[arm][part] for r in runs]) for name, arm in arms.items()}
-    seen = {name: np.array([r.seen[arm] for r in runs]) for name, arm in arms.items()}
-    seen = {name: v for name, v in seen.items() if not np.isnan(v).any()}
+    seen = {name: np.array([r.seen[arm] for r in runs]) for name, arm in arms.items()}   # NaN: no other slides
     pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
     if n_boot:
         out = clustered.summarise(counts, design, pairs, n_boot, p.seed, extra=seen)
@@ -401,8 +400,8 @@ def summarise_part(task: TaskData, runs: Sequence[RunResult], arms: Mapping[str,
         for name, c in counts.items():
             per = clustered.point(c, design.site_class)
             out["arms"][name] = {"runs": len(runs), **{m: float(v.mean()) for m, v in per.items()}}
-            if name in seen:
-                out["arms"][name]["seen_sites"] = float(seen[name].mean())
+            if not np.isnan(seen[name]).all():
+                out["arms"][name]["seen_sites"] = float(np.nanmean(seen[name]))
     out["design"] = {"runs": len(runs), "training_sites_per_class": {c: len(s) for c, s in zip(task.classes, task.candidates)},
                      f"{part}_sites_per_class": {c: int((ev.site_class == k).sum()) for k, c in enumerate(task.classes)},
                      f"{part}_tiles": int(len(ev.y))}

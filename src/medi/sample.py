@@ -32,6 +32,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
+from medi import distributed
 from medi.config import Config, ModelConfig, SampleConfig
 from medi.errors import MediError
 from medi.io import atomic_path, read_json, write_json
@@ -248,15 +249,22 @@ def load_images(sample_dir: str | Path, manifest: pd.DataFrame) -> np.ndarray:
 def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, scheduler: str, steps: int, guidance: float,
                  precision: str, model_cfg: ModelConfig) -> float:
     """Generate the plan's images batch by batch as PNGs under `out_dir`; batches whose images all exist
-    already (an interrupted run of the same plan) are skipped. Returns images per second of this run."""
+    already (an interrupted run of the same plan) are skipped. Returns images per second of this run.
+
+    Under a launch this is a collective: the main process lists the batches to do, each process generates
+    every N-th of them (whole batches, so each image is computed as one process computes it), and all
+    return once every batch is on disk."""
     from tqdm import tqdm
 
     todo = [b for b, g in rows.groupby("batch", sort=True) if not all((out_dir / p).exists() for p in g["path"])]
-    if len(todo) < rows["batch"].nunique():
+    todo = distributed.broadcast(todo)          # what the main process saw, before anyone writes
+    if len(todo) < rows["batch"].nunique() and distributed.is_main():
         log.info("resuming: %d of %d batches already on disk", rows["batch"].nunique() - len(todo), rows["batch"].nunique())
+    mine = distributed.shard(todo, "sampling batches")
     made, t0 = 0, time.perf_counter()
-    with tqdm(total=int(rows["batch"].isin(todo).sum()), unit="img", desc=f"sampling ({scheduler} {steps})") as bar:
-        for b in todo:
+    with tqdm(total=int(rows["batch"].isin(mine).sum()), unit="img", desc=f"sampling ({scheduler} {steps})",
+              disable=not distributed.is_main()) as bar:
+        for b in mine:
             g = rows[rows["batch"] == b]
             images = generate(model, make_sampler(scheduler, model_cfg), conditions_of(g, model), g["seed"].tolist(),
                               steps, guidance, precision, batch_size=len(g))
@@ -265,7 +273,8 @@ def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, schedu
             made += len(g)
             bar.update(len(g))
             bar.set_postfix(img_s=f"{made / (time.perf_counter() - t0):.1f}")
-    return made / max(time.perf_counter() - t0, 1e-9)
+    distributed.barrier()
+    return int(rows["batch"].isin(todo).sum()) / max(time.perf_counter() - t0, 1e-9)
 
 
 def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelConfig) -> np.ndarray:
@@ -287,15 +296,15 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelCon
 
 
 def run_stage(cfg: Config, name: str) -> dict:
-    """`medi sample --model NAME`: the sample set of params `sample` for model NAME, logged to MLflow."""
+    """`medi sample --model NAME`: the sample set of params `sample` for model NAME, logged to MLflow. Under a
+    launch the processes split the batches; the main process alone writes the manifest and logs."""
     import mlflow
-    from accelerate import PartialState
 
     from medi import tracking
 
     cfg.variant(name)
     model_dir = Path(cfg.model.output) / name
-    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
+    model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
     split = Path(cfg.split.output) / "train.parquet"
     if not split.exists():
         raise MediError(f"{split} not found; run `medi split` first")
@@ -309,14 +318,19 @@ def run_stage(cfg: Config, name: str) -> dict:
     info = {"model": name, "model_dir": str(model_dir), "weights_sha256_16": weights_digest(model_dir),
             "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),
             "plan_sha256_16": hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]}
-    previous = read_json(out / INFO) if (out / INFO).exists() else None
-    if out.exists() and (previous is None or {k: previous.get(k) for k in info} != info):
-        log.info("%s holds another (or an unidentified) sample set; starting afresh", out)
-        for f in (out / MANIFEST, out / INFO):
-            f.unlink(missing_ok=True)
-        shutil.rmtree(out / "images", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / INFO, {**info, "complete": False})
+    if distributed.is_main():
+        previous = read_json(out / INFO) if (out / INFO).exists() else None
+        if out.exists() and (previous is None or {k: previous.get(k) for k in info} != info):
+            log.info("%s holds another (or an unidentified) sample set; starting afresh", out)
+            for f in (out / MANIFEST, out / INFO):
+                f.unlink(missing_ok=True)
+            shutil.rmtree(out / "images", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / INFO, {**info, "complete": False})
+    distributed.barrier()
+    if not distributed.is_main():           # the other processes of a launch: their share of the batches
+        generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model)
+        return {"images": len(rows), "output": str(out)}
     with tracking.stage_run(cfg, f"sample@{name}", ("sample",), run_name=f"sample-{name}"):
         mlflow.log_params({"model_name": name, "conditioned_on": conditioned, "weights_sha256_16": info["weights_sha256_16"]})
         t0 = time.perf_counter()
@@ -348,8 +362,6 @@ def preview(sample_dir: Path, rows: pd.DataFrame, title: str, per_class: int = 8
 
 def regenerate_stage(cfg: Config, name: str, manifest_path: str, output: str | None) -> dict:
     """`medi sample --model NAME --from-manifest PATH`: regenerate a set and compare it with the files on disk."""
-    from accelerate import PartialState
-
     manifest_path = Path(manifest_path)
     manifest = read_manifest(manifest_path)
     model_dir = Path(cfg.model.output) / name
@@ -357,7 +369,7 @@ def regenerate_stage(cfg: Config, name: str, manifest_path: str, output: str | N
     if info_path.exists() and read_json(info_path)["weights_sha256_16"] != weights_digest(model_dir):
         raise MediError(f"{model_dir} is not the model that generated {manifest_path} (weights differ); "
                         "regenerating would not reproduce the set")
-    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
+    model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
     images = regenerate(manifest, model, cfg.model)
     out = Path(output) if output else manifest_path.parent.with_name(manifest_path.parent.name + "_regenerated")
     for p, img in zip(manifest["path"], images):

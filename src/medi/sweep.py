@@ -35,6 +35,7 @@ coordinates, also written to `sweep.reports`/STUDY/ with a table of the trials (
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -355,16 +356,22 @@ def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Worksp
 
 
 # ----------------------------------------------------------------------------------------------- the study
-def storage(url: str):
-    """The RDB storage, with a heartbeat so a trial whose worker died is failed (and its MLflow run with it)."""
+@functools.lru_cache(maxsize=None)
+def storage(url: str, heartbeat: int = 30, grace_period: int = 120):
+    """The RDB storage (one per process and URL: one connection pool), with a heartbeat so a trial whose worker died is failed (and its MLflow run with it):
+    a running trial writes one every `heartbeat` s, and one silent for `grace_period` s is failed by the next
+    worker that starts a trial. Its tables are created (or upgraded) under `tracking.store_lock`, so workers
+    starting together on a fresh storage wait for the first instead of racing it."""
     import optuna
 
-    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():
+    from medi import tracking
+
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings(), tracking.store_lock(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120,
-                                              heartbeat_stale_trial_callback=_fail_stale_run)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                              grace_period=grace_period, heartbeat_stale_trial_callback=_fail_stale_run)
         except Exception as exc:  # noqa: BLE001  (sqlalchemy: a bad URL, a missing driver, a server down)
             raise MediError(f"sweep.storage {url!r}: cannot open the Optuna storage: {exc}") from None
 
@@ -377,6 +384,8 @@ def _fail_stale_run(study, trial) -> None:
         client = MlflowClient()
         client.set_terminated(run_id, "FAILED")
         client.set_tag(run_id, "optuna.state", "FAIL")
+        worker = trial.user_attrs.get("worker", "?")
+        client.set_tag(run_id, "medi.error", f"its worker ({worker}) stopped sending heartbeats")
     log.warning("trial %d of %s failed: its worker stopped sending heartbeats", trial.number, study.study_name)
 
 
@@ -413,7 +422,7 @@ def open_study(cfg: Config, method: str, dims: list[Dimension]):
 
     sw, name = cfg.sweep, study_name(cfg, method)
     direction = "maximize" if sw.objective in MAXIMISE else "minimize"
-    store = storage(sw.storage)
+    store = storage(sw.storage, sw.heartbeat, sw.grace_period)
     sampler, pruner = make_sampler(cfg, dims), make_pruner(cfg)
     tracking.configure(cfg.tracking)
     try:
@@ -474,6 +483,7 @@ def run(cfg: Config, params_args: list[str], trials: int | None = None, workers:
         study = open_study(cfg, method, dims)
         MlflowClient().update_run(study.user_attrs[RUN_ATTR], status="RUNNING")
         t0 = time.perf_counter()
+        dead: dict[str, int] = {}
         if workers == 1:
             optimise(cfg, method, trials)
         else:                               # the trials split between processes; the cores too
@@ -484,9 +494,13 @@ def run(cfg: Config, params_args: list[str], trials: int | None = None, workers:
                                        "sweep", "--method", method, "--worker", str(w), "--trials", str(n)], env=env)
                      for w, n in enumerate(shares) if n]
             codes = [p.wait() for p in procs]
-            if any(codes):
-                raise MediError(f"sweep workers exited with {codes}")
+            names = [f"{socket.gethostname()}:{p.pid}" for p in procs]       # trial user attr "worker"
+            dead = {name: code for name, code in zip(names, codes) if code}
+            if dead:
+                replace_dead_workers(cfg, method, dims, trials, names, dead)
         summary = summarise(cfg, method)
+        if dead:
+            summary["dead_workers"] = dead
         summary["call_seconds"] = time.perf_counter() - t0
         summaries[method] = summary
         log.info("study %s: %d trials (%s); best validation %s = %s, on the test sites %s, with %s; reports in %s",
@@ -494,6 +508,30 @@ def run(cfg: Config, params_args: list[str], trials: int | None = None, workers:
                  summary.get("best_value"), summary.get("best_test", {}).get("value"), summary.get("best_params"),
                  Path(cfg.sweep.reports) / summary["study"])
     return summaries
+
+
+def replace_dead_workers(cfg: Config, method: str, dims: list[Dimension], trials: int, names: list[str],
+                         dead: dict[str, int]) -> None:
+    """Worker processes of this call died (killed, out of memory): wait until the heartbeat has failed the
+    trials they left running (in Optuna and MLflow), then run the trials they did not do here, so the call
+    still adds `trials` trials to the study."""
+    import optuna
+
+    log.warning("sweep worker(s) %s exited with %s; their running trials fail after %d s without a heartbeat, then "
+                "their remaining trials run here", ", ".join(dead), list(dead.values()), cfg.sweep.grace_period)
+    study = open_study(cfg, method, dims)
+    deadline = time.time() + cfg.sweep.grace_period + 3 * cfg.sweep.heartbeat + 60
+    while [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+           if t.user_attrs.get("worker") in dead]:
+        if time.time() > deadline:
+            raise MediError(f"trials of the dead sweep workers {sorted(dead)} are still RUNNING after the grace period")
+        time.sleep(cfg.sweep.heartbeat)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    done = sum(t.user_attrs.get("worker") in names for t in study.get_trials(deepcopy=False))
+    if trials > done:
+        optimise(cfg, method, trials - done, worker=len(names))
 
 
 # ----------------------------------------------------------------------------------------------- the summary
@@ -565,7 +603,8 @@ def summarise(cfg: Config, method: str) -> dict:
 
     tracking.configure(cfg.tracking)
     name = study_name(cfg, method)
-    study = optuna.load_study(study_name=name, storage=storage(cfg.sweep.storage))
+    study = optuna.load_study(study_name=name, storage=storage(cfg.sweep.storage, cfg.sweep.heartbeat,
+                                                               cfg.sweep.grace_period))
     client, run_id = MlflowClient(), study.user_attrs[RUN_ATTR]
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):

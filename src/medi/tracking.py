@@ -4,12 +4,20 @@ Default store: `sqlite:///mlflow.db` with artifacts under `mlruns/`; `MLFLOW_TRA
 pipeline at any tracking server instead. Each run is tagged with the git commit, the DVC stage, a hash of
 the params it used, and a pipeline id (commit + full params hash) shared by all stages of one `dvc repro`,
 so a whole pipeline run can be filtered in the UI with `tags.medi.pipeline = '<id>'`.
+
+A database store is created and migrated once, under a file lock, before a process uses it: stages started
+together (`dvc exp run` queues, sweep workers, the ranks of a launch) on a fresh `sqlite:///mlflow.db` would
+otherwise run MLflow's migrations at the same moment and break the file for good. The lock is a file beside
+a SQLite database, else under the temporary folder keyed by the URI (it serialises the processes of one
+machine; machines sharing one store go through `make mlflow-server`, which migrates it once at start).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
-from contextlib import contextmanager
+import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,21 +29,49 @@ for _var, _val in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.item
 import mlflow  # noqa: E402  (after the telemetry switches)
 
 
+SERVERS = ("http://", "https://", "databricks")      # tracking URIs of a server, which owns its store and artifacts
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
 
 
+def store_lock(uri: str):
+    """A lock held while a database store (MLflow's or Optuna's) is created or migrated: a file beside a
+    SQLite database, else one under the temporary folder named by the URI's hash. None needed for a server."""
+    from filelock import FileLock
+
+    if uri.startswith(SERVERS):
+        return nullcontext()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
+        db = Path(uri[len("sqlite:///"):].split("?")[0]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(f"{db}.lock")
+    return FileLock(str(Path(tempfile.gettempdir()) / f"medi-store-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"))
+
+
 def configure(cfg: TrackingConfig) -> str:
-    """Point MLflow at the store and make sure the experiment exists; return its id."""
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        location = cfg.artifact_location
-        if "://" not in location:  # a local folder: MLflow wants an absolute URI
-            location = Path(location).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    """Point MLflow at the store and make sure the experiment exists; return its id. The first use of the
+    store by this process (which creates or migrates it) and the experiment's creation happen under
+    `store_lock`, so processes starting together on a fresh store wait for one another."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            location = cfg.artifact_location
+            if uri.startswith(SERVERS):   # a tracking server keeps the artifacts (where its machines all reach them)
+                location = None
+            elif "://" not in location:  # a local folder: MLflow wants an absolute URI
+                location = Path(location).resolve().as_uri()
+            try:
+                experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:   # another machine created it meanwhile
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment_id = mlflow.get_experiment_by_name(cfg.experiment).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

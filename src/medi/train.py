@@ -1,11 +1,17 @@
 """Training a diffusion model (`medi train --model NAME`): accelerate loop, EMA, checkpoints, auto-resume.
 
-- Devices, mixed precision and distribution come from accelerate (`accelerate launch -m medi.cli train ...`
-  runs the same code on many GPUs); the default is the CPU with bf16 autocast.
-- Batches are a pure function of (seed, step, micro-batch, process): class-balanced indices (weight
-  1 / count(class)), flips/rotations, noise and timesteps all come from generators seeded by the step.
-  Resuming therefore needs no data-loader state, and a run killed at any moment and restarted ends with the
-  same weights as an uninterrupted one.
+- Devices, mixed precision and distribution come from accelerate: `accelerate launch` / `torchrun` with N
+  processes train one model data-parallel (NCCL on GPUs, gloo on CPUs; `medi.distributed`), gradients
+  averaged over the processes; the default is one process on the CPU.
+- The global batch of a step (`train.batch_size` tiles, in `grad_accumulation` micro-batches) is a pure
+  function of (seed, step): class-balanced indices (weight 1 / count(class)) and flips/rotations come from a
+  generator seeded by (step, micro-batch), and each tile's noise, timestep and condition dropout from one
+  seeded by its position in the step. Each process trains on its contiguous share of every micro-batch, so N
+  processes see the same tiles and noise as one and end with the same weights (to float rounding).
+  Resuming therefore needs no data-loader state, and a run killed at any moment and restarted (with as many
+  processes) ends with the same weights as an uninterrupted one.
+- EMA, checkpoints, the saved model, MLflow and figures are the main process's alone; every process resumes
+  from the checkpoint the main process chose (checkpoints must be on a file system all processes see).
 - Checkpoints (every `train.checkpoint_every` steps, the last `keep_checkpoints` kept) live in
   `<checkpoints>/<NAME>-<params hash>/checkpoint-<step>/`, outside the DVC output (DVC deletes outputs
   before a stage runs), written to a temporary folder and renamed. Weights and EMA are safetensors; the
@@ -29,12 +35,14 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from medi import distributed
 from medi.config import Config
 from medi.errors import MediError
 from medi.io import write_json
@@ -52,24 +60,35 @@ class TrainingDiverged(MediError):
 
 # ----------------------------------------------------------------------------------------------- data
 class StepBatches(torch.utils.data.IterableDataset):
-    """Micro-batches for steps [start, stop): batch (step, micro) depends only on the seed and those numbers."""
+    """This process's share of the micro-batches of steps [start, stop).
 
-    def __init__(self, tiles_file: str, rows: np.ndarray, weights: np.ndarray, micro_batch: int, seed: int,
-                 start: int, stop: int, accumulation: int, rank: int, augment: bool):
+    Micro-batch (step, micro) of the whole run depends only on the seed and those numbers: `global_micro`
+    tiles drawn and augmented by a generator seeded with (seed, step, micro), of which process `rank` of
+    `processes` takes the contiguous slice [rank * n, (rank + 1) * n), n = global_micro / processes. `index`
+    is each tile's position in the step's global batch (what its noise is seeded by)."""
+
+    def __init__(self, tiles_file: str, rows: np.ndarray, weights: np.ndarray, global_micro: int, seed: int,
+                 start: int, stop: int, accumulation: int, augment: bool, rank: int = 0, processes: int = 1):
         super().__init__()
+        if global_micro % processes:
+            raise MediError(f"a micro-batch of {global_micro} tiles does not split over {processes} processes")
         self.tiles_file, self.rows, self.p = tiles_file, rows, weights / weights.sum()
-        self.micro_batch, self.seed, self.start, self.stop = micro_batch, seed, start, stop
-        self.accumulation, self.rank, self.augment = accumulation, rank, augment
+        self.global_micro, self.seed, self.start, self.stop = global_micro, seed, start, stop
+        self.accumulation, self.augment, self.rank, self.processes = accumulation, augment, rank, processes
 
     def batch(self, tiles: np.ndarray, step: int, micro: int) -> dict[str, torch.Tensor]:
-        g = np.random.default_rng([self.seed, step, micro, self.rank])
-        pick = np.sort(g.choice(len(self.rows), self.micro_batch, p=self.p))
+        g = np.random.default_rng([self.seed, step, micro])
+        pick = np.sort(g.choice(len(self.rows), self.global_micro, p=self.p))
+        k, flip = g.integers(0, 4, len(pick)), g.random(len(pick)) < 0.5
+        n = self.global_micro // self.processes
+        mine = slice(self.rank * n, (self.rank + 1) * n)
+        pick, k, flip = pick[mine], k[mine], flip[mine]
         x = tiles[self.rows[pick]]                            # (B, H, W, 3) uint8, sorted rows read sequentially
         if self.augment:                                      # the 8 symmetries of the square
-            k, flip = g.integers(0, 4, len(x)), g.random(len(x)) < 0.5
             x = np.stack([np.rot90(t[:, ::-1] if f else t, int(r)) for t, r, f in zip(x, k, flip)])
+        index = micro * self.global_micro + np.arange(self.rank * n, (self.rank + 1) * n)
         return {"pixels": torch.from_numpy(np.ascontiguousarray(x)), "pos": torch.from_numpy(pick),
-                "step": torch.tensor(step), "micro": torch.tensor(micro)}
+                "index": torch.from_numpy(index), "step": torch.tensor(step), "micro": torch.tensor(micro)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -78,6 +97,13 @@ class StepBatches(torch.utils.data.IterableDataset):
         for i, (step, micro) in enumerate((s, m) for s in range(self.start, self.stop) for m in range(self.accumulation)):
             if i % nw == wid:
                 yield self.batch(tiles, step, micro)
+
+
+def tile_generators(seed: int, step: int, index: Sequence[int]) -> list[torch.Generator]:
+    """One generator per tile, seeded by its position in the step's global batch: its noise, timestep and
+    condition dropout are the same whichever process trains it."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, int(j), 1]).generate_state(1)[0]))
+            for j in index]
 
 
 def sampling_weights(classes: pd.Series, balanced: bool) -> np.ndarray:
@@ -144,12 +170,14 @@ def save_checkpoint(root: Path, state: TrainState, model: MediDiffusion, ema: EM
     return final
 
 
-def load_checkpoint(folder: Path, model: MediDiffusion, ema: EMAModel, optimizer, scheduler) -> TrainState:
-    """Restore everything `save_checkpoint` wrote. Nothing here unpickles arbitrary objects."""
+def load_checkpoint(folder: Path, model: MediDiffusion, ema: EMAModel | None, optimizer, scheduler) -> TrainState:
+    """Restore everything `save_checkpoint` wrote (the EMA only where there is one). Nothing here unpickles
+    arbitrary objects."""
     meta = json.loads((folder / "state.json").read_text())
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    shadow = load_file(str(folder / "ema.safetensors"))
-    ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[n] for n, _ in model.named_parameters()]})
+    if ema is not None:
+        shadow = load_file(str(folder / "ema.safetensors"))
+        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[n] for n, _ in model.named_parameters()]})
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(meta["lr_scheduler"])
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
@@ -163,7 +191,7 @@ class TrainResult:
     steps: int
     final_loss: float
     images_per_second: float
-    model: MediDiffusion            # with EMA weights
+    model: MediDiffusion            # with EMA weights (the other processes of a launch: the trained weights)
 
 
 def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | Path,
@@ -176,17 +204,24 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     """
     t, m = cfg.train, cfg.model
     attributes = cfg.variant(name)
-    accelerator = Accelerator(mixed_precision=t.precision, gradient_accumulation_steps=t.grad_accumulation)
-    micro = t.batch_size // (t.grad_accumulation * accelerator.num_processes)
-    if micro < 1:
-        raise MediError(f"train.batch_size {t.batch_size} is smaller than grad_accumulation x processes")
+    distributed.state()                  # the process group of a launch (gloo on CPUs), before the Accelerator
+    # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
+    accelerator = Accelerator(mixed_precision=t.precision, gradient_accumulation_steps=t.grad_accumulation,
+                              cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+    processes, main = accelerator.num_processes, accelerator.is_main_process
+    if t.batch_size % (t.grad_accumulation * processes):
+        raise MediError(f"train.batch_size {t.batch_size} does not split into train.grad_accumulation "
+                        f"{t.grad_accumulation} x {processes} process(es) equal micro-batches")
+    global_micro = t.batch_size // t.grad_accumulation
+    if processes > 1:
+        log.info("training %s on a process group: %s", name, distributed.describe())
 
     torch.manual_seed(t.seed)
     vocab = Vocabulary.from_frame(train_index, "class", attributes, m.continuous)
     arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom, m.embedding_split, len(vocab.attributes))
     model = MediDiffusion(arch, vocab)
     ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, inv_gamma=t.ema_inv_gamma,
-                   power=t.ema_power)
+                   power=t.ema_power) if main else None     # the main process's alone
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     warmup = t.warmup_steps or int(t.max_steps * t.warmup_fraction)     # the authors': int(0.01 * steps)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, t.max_steps)
@@ -194,18 +229,20 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
 
     root = checkpoint_root(cfg, name, train_index)
     state = TrainState(mlflow_run_id=mlflow_run_id)
-    ckpt = latest_checkpoint(root)
+    ckpt = distributed.broadcast(latest_checkpoint(root))      # every process resumes from the same one
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, ema, optimizer, lr_scheduler)
         state.mlflow_run_id = mlflow_run_id or state.mlflow_run_id
         log.info("resuming %s from %s (step %d of %d)", name, ckpt, state.step, t.max_steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema.to(accelerator.device)
+    if ema is not None:
+        ema.to(accelerator.device)
     core: MediDiffusion = accelerator.unwrap_model(model)
 
     conditions = vocab.encode(train_index["class"].tolist(), {a: train_index[a].tolist() for a in vocab.attributes})
     data = StepBatches(str(tiles_file), train_index["idx"].to_numpy(), sampling_weights(train_index["class"], t.balanced),
-                       micro, t.seed, state.step, t.max_steps, t.grad_accumulation, accelerator.process_index, t.augment)
+                       global_micro, t.seed, state.step, t.max_steps, t.grad_accumulation, t.augment,
+                       accelerator.process_index, processes)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=t.workers, prefetch_factor=4 if t.workers else None,
                                          generator=torch.Generator().manual_seed(t.seed))  # leaves the global RNG alone
 
@@ -220,19 +257,19 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
             core.train()
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc=f"train {name}", unit="step", mininterval=1.0,
-               disable=not accelerator.is_main_process)
+               disable=not main)
     window_images, window_t0, loss_sum, loss_n, last_loss = 0, time.perf_counter(), 0.0, 0, float("nan")
     run_t0, hook_seconds = time.perf_counter() - state.seconds, 0.0
     model.train()
     for batch in loader:
         step, mb = int(batch["step"]), int(batch["micro"])
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([t.seed, step, mb, accelerator.process_index, 1])
-                                              .generate_state(1)[0]))
+        gens = tile_generators(t.seed, step, batch["index"].tolist())
         x0 = batch["pixels"].to(accelerator.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        eps = torch.randn(x0.shape, generator=g).to(accelerator.device)
-        timesteps = torch.randint(0, noise.config.num_train_timesteps, (len(x0),), generator=g).to(accelerator.device)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(accelerator.device)
+        timesteps = torch.cat([torch.randint(0, noise.config.num_train_timesteps, (1,), generator=g) for g in gens])
+        timesteps = timesteps.to(accelerator.device)
         cond = {k: v[batch["pos"]].to(accelerator.device) for k, v in conditions.items()}
-        cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=g)
+        cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=gens)
         x_t = noise.add_noise(x0, eps, timesteps)
         if m.prediction_type == "v_prediction":
             target = noise.get_velocity(x0, eps, timesteps)
@@ -242,8 +279,10 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
             with accelerator.autocast():
                 pred = model(x_t, timesteps, cond)
             loss = torch.nn.functional.mse_loss(pred.float(), target)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training {name}: loss is {loss.item()} at step {step}; the last good "
+            # all processes stop together: the check is on the loss summed over them
+            checked = accelerator.reduce(loss.detach(), "sum") if processes > 1 else loss
+            if not torch.isfinite(checked):
+                raise TrainingDiverged(f"training {name}: loss is {checked.item()} at step {step}; the last good "
                                        f"checkpoint is kept in {root} (try a lower train.lr or precision: no)")
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm > 0:
@@ -252,41 +291,45 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        window_images += len(x0) * accelerator.num_processes
+        window_images += len(x0) * processes
         if mb < t.grad_accumulation - 1:
             continue
 
         # one optimizer step done
-        ema.step(core.parameters())
-        state.step, state.images = step + 1, state.images + micro * t.grad_accumulation * accelerator.num_processes
+        if main:
+            ema.step(core.parameters())
+        state.step, state.images = step + 1, state.images + t.batch_size
         bar.update(1)
         metrics: dict[str, float] = {}
         if state.step % t.log_every == 0 or state.step == t.max_steps:
             elapsed = time.perf_counter() - window_t0
             last_loss = loss_sum / loss_n
+            if processes > 1:                                  # the mean over the global batch
+                last_loss = accelerator.reduce(torch.tensor(last_loss, device=accelerator.device), "mean").item()
             metrics.update(loss=last_loss, lr=lr_scheduler.get_last_lr()[0], images_per_second=window_images / elapsed)
             bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{window_images / elapsed:.1f}")
             window_images, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
         hook_t0 = time.perf_counter()
-        for every, hook in hooks:  # every = 0: only at the last step
+        for every, hook in hooks if main else ():  # every = 0: only at the last step
             if (every and state.step % every == 0) or state.step == t.max_steps:
                 metrics.update(with_ema(lambda mdl: hook(state.step, mdl)) or {})
         hook_seconds += time.perf_counter() - hook_t0
         window_t0 += time.perf_counter() - hook_t0      # throughput counts training time only
-        if metrics and on_log and accelerator.is_main_process:
+        if metrics and on_log and main:
             on_log(state.step, metrics)
         if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
             state.seconds = time.perf_counter() - run_t0 - hook_seconds
-            if accelerator.is_main_process:
+            if main:
                 save_checkpoint(root, state, core, ema, optimizer, lr_scheduler, t.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
 
-    ema.copy_to(core.parameters())
+    if main:
+        ema.copy_to(core.parameters())
     core.eval()
     model_dir = Path(m.output) / name
     seconds = time.perf_counter() - run_t0 - hook_seconds
-    if accelerator.is_main_process:
+    if main:
         core.save(model_dir, extra={"name": name, "attributes": attributes, "model_params": asdict(m),
                                     "steps": state.step, "run_hash": run_hash(cfg, name, train_index)})
     ips = (state.images / seconds) if seconds > 0 else math.nan
@@ -374,12 +417,15 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
     train_index = pd.read_parquet(split_dir / "train.parquet")
     tiles_file = Path(cfg.data.output) / "tiles.npy"
     attributes = cfg.variant(name)
-    if not PartialState().is_main_process:   # other processes of a distributed run: train, nothing else
+    if not distributed.is_main():   # the other processes of a launch: train, nothing else
         return train(cfg, name, train_index, tiles_file)
     vocab = Vocabulary.from_frame(train_index, "class", attributes, cfg.model.continuous)
     run_id = resumable_run_id(cfg, name, train_index)
     with tracking.stage_run(cfg, f"train@{name}", ("data", "model", "train"), run_name=f"train-{name}",
                             run_id=run_id) as run:
+        group = distributed.describe()
+        mlflow.log_params({"processes": group["num_processes"], "distributed_type": group["distributed_type"],
+                           "backend": group["backend"]})
         mlflow.log_params({"model_name": name, "attributes": ",".join(attributes) or "none",
                            "train_tiles": len(train_index), "vocab_sizes": json.dumps({a: len(v) for a, v in vocab.categorical.items()})})
         last_grid: dict = {}
@@ -391,7 +437,8 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
             grid(result.steps, result.model)
         for f in ("config.json", "vocab.json"):
             mlflow.log_artifact(str(result.model_dir / f), "model")
-        metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second}
+        metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second,
+                   "processes": group["num_processes"]}
         stains = stain_check(cfg, result.model, train_index, np.load(tiles_file, mmap_mode="r"))
         if stains is not None:
             for kind in ("seen", "unseen"):
