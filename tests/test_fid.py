@@ -14,7 +14,7 @@ import torch
 
 from medi import data, embed, fid, report, sample, train
 from medi.errors import MediError
-from test_sample import save_untrained, train_index
+from helpers import save_untrained, train_index
 
 
 def real_tiles(cfg) -> np.ndarray:
