@@ -27,7 +27,11 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 def configure(cfg: TrackingConfig) -> str:
     """Point MLflow at the store and make sure the experiment exists; return its id."""
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    # set_tracking_uri exports MLFLOW_TRACKING_URI; left there, it would outrank the next config's tracking.uri
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         experiment_id = experiment.experiment_id
