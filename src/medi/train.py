@@ -177,6 +177,9 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     t, m = cfg.train, cfg.model
     attributes = cfg.variant(name)
     accelerator = Accelerator(mixed_precision=t.precision, gradient_accumulation_steps=t.grad_accumulation)
+    if t.precision != "no" and not accelerator.native_amp:
+        log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
+                    t.precision, accelerator.device.type)
     micro = t.batch_size // (t.grad_accumulation * accelerator.num_processes)
     if micro < 1:
         raise MediError(f"train.batch_size {t.batch_size} is smaller than grad_accumulation x processes")
