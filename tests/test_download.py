@@ -86,39 +86,38 @@ def test_zip_slip_is_refused_and_nothing_lands_outside(tmp_path, member):
     assert files_under(tmp_path) == before                       # not a byte written anywhere, the good member neither
 
 
+def corrupt_zip(path):
+    """A zip whose one member fails its CRC (same size, one byte changed): a damaged download."""
+    payload = b"JPEG bytes of a tile" * 10
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("0/TCGA-05-4244-01Z-00-DX1/0_0_1.jpg", payload)
+    path.write_bytes(path.read_bytes().replace(payload, payload[:-1] + b"?"))
+    return path
+
+
 def test_garbage_corrupt_and_empty_zips_are_refused_and_leave_nothing(tmp_path):
     tiles_root = tmp_path / "data/tcga-ut"
     garbage = tmp_path / "garbage.zip"
     garbage.write_bytes(b"not a zip")
-    with pytest.raises(MediError, match=r"garbage.zip: not a valid zip .*; delete it and download again"):
-        download.unpack(garbage, tiles_root, "Lung_adenocarcinoma")
-
-    corrupt = tmp_path / "corrupt.zip"
-    payload = b"JPEG bytes of a tile" * 10
-    with zipfile.ZipFile(corrupt, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("0/TCGA-05-4244-01Z-00-DX1/0_0_1.jpg", payload)
-    raw = corrupt.read_bytes()
-    corrupt.write_bytes(raw.replace(payload, payload[:-1] + b"?"))   # same size, wrong CRC: a damaged download
-    with pytest.raises(MediError, match=r"corrupt.zip: member 0/TCGA-05-4244-01Z-00-DX1/0_0_1.jpg is corrupt; delete"):
-        download.unpack(corrupt, tiles_root, "Lung_adenocarcinoma")
-
+    corrupt = corrupt_zip(tmp_path / "corrupt.zip")
     no_tiles = tmp_path / "no_tiles.zip"
     with zipfile.ZipFile(no_tiles, "w") as zf:
         zf.writestr("0/TCGA-05-4244-01Z-00-DX1/notes.txt", b"no tiles here")
         zf.writestr("__MACOSX/0/._0_0_1.jpg", b"resource fork")
+    before = files_under(tmp_path)
+    with pytest.raises(MediError, match=r"garbage.zip: not a valid zip .*; delete it and download again"):
+        download.unpack(garbage, tiles_root, "Lung_adenocarcinoma")
+    with pytest.raises(MediError, match=r"corrupt.zip: member 0/TCGA-05-4244-01Z-00-DX1/0_0_1.jpg is corrupt; delete"):
+        download.unpack(corrupt, tiles_root, "Lung_adenocarcinoma")
     with pytest.raises(MediError, match=r"no_tiles.zip: no JPEG tiles inside; expected <level>/<slide_barcode>/<tile>.jpg"):
         download.unpack(no_tiles, tiles_root, "Lung_adenocarcinoma")
-    assert files_under(tmp_path) == ["corrupt.zip", "garbage.zip", "no_tiles.zip"]
+    assert files_under(tmp_path) == before
 
 
 def test_a_corrupt_download_with_the_published_checksum_is_not_unpacked(tmp_path):
     """Zenodo's MD5 matches what was downloaded, yet a member fails its CRC: fetch stops before unpacking."""
-    corrupt = tmp_path / "zenodo/Lung_adenocarcinoma.zip"
-    corrupt.parent.mkdir()
-    payload = b"JPEG bytes of a tile" * 10
-    with zipfile.ZipFile(corrupt, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("0/TCGA-05-4244-01Z-00-DX1/0_0_1.jpg", payload)
-    corrupt.write_bytes(corrupt.read_bytes().replace(payload, payload[:-1] + b"?"))
+    (tmp_path / "zenodo").mkdir()
+    corrupt = corrupt_zip(tmp_path / "zenodo/Lung_adenocarcinoma.zip")
     with pytest.raises(MediError, match="is corrupt; delete the zip and download again"):
         fetch_luad(tmp_path, corrupt, checksums(corrupt))
     assert files_under(tmp_path / "data") == [".downloads/Lung_adenocarcinoma.zip"]

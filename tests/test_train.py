@@ -100,25 +100,25 @@ def test_resume_only_under_the_same_training_params_and_into_a_new_mlflow_store(
     assert failed.info.status == "FAILED"
 
     # Params of other stages changed and the MLflow store is a new one, where the checkpoint's run id is unknown:
-    # training resumes at step 2, in a new run of the new store.
+    # training resumes at step 2, in a new run of the new store (stopped again after step 5).
     moved = tiny_world(sample__steps=3, fid__min_count=5, tracking__uri=f"sqlite:///{tmp_path / 'new.db'}")
     steps: list = []
-    with caplog.at_level(logging.INFO, logger="medi.train"):
-        result = train.run_stage(moved, "medi", extra_hooks=[(1, hook_recording(steps))])
-    assert steps == [3, 4, 5, 6, 7, 8] and result.steps == 8
+    with caplog.at_level(logging.INFO, logger="medi.train"), pytest.raises(Stop):
+        train.run_stage(moved, "medi", extra_hooks=[(1, hook_recording(steps, stop_at=5))])
+    assert steps == [3, 4, 5]
     assert f"resuming medi from {root / 'checkpoint-0000002'} (step 2 of 8)" in caplog.text
     new = mlflow.MlflowClient(moved.tracking.uri)
     (run,) = new.search_runs([new.get_experiment_by_name("medi").experiment_id])
-    assert run.info.run_id != failed.info.run_id and run.info.status == "FINISHED"
-    assert [m.step for m in new.get_metric_history(run.info.run_id, "loss")] == [4, 6, 8]
+    assert run.info.run_id != failed.info.run_id and run.data.tags["medi.stage"] == "train@medi"
+    assert [m.step for m in new.get_metric_history(run.info.run_id, "loss")] == [4]
     assert len(old.search_runs([old.get_experiment_by_name("medi").experiment_id])) == 1
 
     # A training param changed: training starts again at step 0 in a checkpoint folder of its own.
     steps = []
+    other = tiny_world(train__lr=cfg.train.lr / 2)
     with pytest.raises(Stop):
-        train.run_stage(tiny_world(train__lr=cfg.train.lr / 2), "medi", extra_hooks=[(1, hook_recording(steps, 1))])
-    assert steps == [1]
-    assert train.latest_checkpoint(root).name == "checkpoint-0000008"
+        train.run_stage(other, "medi", extra_hooks=[(1, hook_recording(steps, 1))])
+    assert steps == [1] and train.checkpoint_root(other, "medi", train_index(cfg)) != root
 
 
 def test_a_rerun_from_the_final_checkpoint_writes_every_output_again(tiny_world):
