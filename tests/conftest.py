@@ -78,6 +78,15 @@ def _empty_mlflow_store(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def mlflow_store(_empty_mlflow_store):
+    """Make an empty MLflow SQLite store at a path; returns its tracking URI."""
+    def make(path: Path) -> str:
+        shutil.copy(_empty_mlflow_store, path)
+        return f"sqlite:///{path}"
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_store: Path):
     """Each test starts in its own folder with MLflow pointing at its own (empty) store, no active run or

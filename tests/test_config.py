@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 
 import pytest
 import yaml
@@ -172,31 +171,22 @@ def test_a_params_file_that_is_no_mapping_is_named_with_or_without_overrides(tmp
 
 
 def test_the_matrix_reaches_every_check_of_validate():
-    """Each `raise` of config._validate and of the helpers it calls is hit by a row of BAD_PARAMS."""
+    """Each `raise` of config._validate and of the helpers it calls is where a row of BAD_PARAMS stops."""
     import ast
     import inspect
 
+    checks = (config._validate, config._at_least, config._check_custom_unet)
     reached = set()
     for sets, _, _ in BAD_PARAMS:
-        overrides = cli.parse_overrides(sets)
-        trace = []
-
-        def tracer(frame, event, arg):
-            if event == "exception" and frame.f_code.co_name in ("_validate", "_at_least", "_check_custom_unet"):
-                trace.append((frame.f_code.co_name, frame.f_lineno))
-            return tracer
-
-        sys.settrace(tracer)
-        try:
-            config.load(REPO / "params.yaml", overrides)
-        except MediError:
-            pass
-        finally:
-            sys.settrace(None)
-        reached.update(trace[:1])
+        with pytest.raises(MediError) as err:
+            config.load(REPO / "params.yaml", cli.parse_overrides(sets))
+        frame = err.tb.tb_next
+        while frame.tb_next is not None:                          # the frame that raised
+            frame = frame.tb_next
+        reached.add((frame.tb_frame.f_code.co_name, frame.tb_lineno))
     raises = set()
-    for fn in (config._validate, config._at_least, config._check_custom_unet):
-        lines, start = inspect.getsourcelines(fn)
-        tree = ast.parse(inspect.getsource(fn))
-        raises |= {(fn.__name__, start + n.lineno - 1) for n in ast.walk(tree) if isinstance(n, ast.Raise)}
+    for fn in checks:
+        start = inspect.getsourcelines(fn)[1]
+        raises |= {(fn.__name__, start + node.lineno - 1) for node in ast.walk(ast.parse(inspect.getsource(fn)))
+                   if isinstance(node, ast.Raise)}
     assert raises <= reached, sorted(raises - reached)

@@ -39,22 +39,22 @@ def run_ids(uri: str) -> list[str]:
     return [] if experiment is None else [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
 
 
-def test_env_uri_wins(make_cfg, tmp_path, monkeypatch):
-    other = f"sqlite:///{tmp_path / 'other.db'}"
+def test_env_uri_wins(make_cfg, tmp_path, monkeypatch, mlflow_store):
+    other = mlflow_store(tmp_path / "other.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
     cfg = make_cfg()
     with tracking.stage_run(cfg, "split", ("split",)) as run:
         pass
     assert run_ids(other) == [run.info.run_id] and run_ids(cfg.tracking.uri) == []
-    with tracking.stage_run(make_cfg(tracking__uri=f"sqlite:///{tmp_path / 'third.db'}"), "split", ("split",)) as second:
+    with tracking.stage_run(make_cfg(tracking__uri=mlflow_store(tmp_path / "third.db")), "split", ("split",)) as second:
         pass
     assert run_ids(other) == [second.info.run_id, run.info.run_id]          # still the environment's store
 
 
-def test_each_config_logs_to_its_own_store(make_cfg, tmp_path):
+def test_each_config_logs_to_its_own_store(make_cfg, tmp_path, mlflow_store):
     """MLflow exports the URI it is given as MLFLOW_TRACKING_URI; that must not outrank the next config's store."""
     a = make_cfg()
-    b = make_cfg(tracking__uri=f"sqlite:///{tmp_path / 'b.db'}")
+    b = make_cfg(tracking__uri=mlflow_store(tmp_path / "b.db"))
     with tracking.stage_run(a, "split", ("split",)) as run_a:
         pass
     with tracking.stage_run(b, "split", ("split",)) as run_b:

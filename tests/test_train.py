@@ -89,7 +89,8 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tiny_world, tmp_path
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint-0000009", "checkpoint-0000012"]
 
 
-def test_resume_only_under_the_same_training_params_and_into_a_new_mlflow_store(tiny_world, tmp_path, caplog):
+def test_resume_only_under_the_same_training_params_and_into_a_new_mlflow_store(tiny_world, tmp_path, caplog,
+                                                                                mlflow_store):
     cfg = tiny_world()                      # 8 steps, a checkpoint every 2
     with pytest.raises(Stop):
         train.run_stage(cfg, "medi", extra_hooks=[(3, hook_recording([], stop_at=3))])
@@ -101,7 +102,7 @@ def test_resume_only_under_the_same_training_params_and_into_a_new_mlflow_store(
 
     # Params of other stages changed and the MLflow store is a new one, where the checkpoint's run id is unknown:
     # training resumes at step 2, in a new run of the new store (stopped again after step 5).
-    moved = tiny_world(sample__steps=3, fid__min_count=5, tracking__uri=f"sqlite:///{tmp_path / 'new.db'}")
+    moved = tiny_world(sample__steps=3, fid__min_count=5, tracking__uri=mlflow_store(tmp_path / "new.db"))
     steps: list = []
     with caplog.at_level(logging.INFO, logger="medi.train"), pytest.raises(Stop):
         train.run_stage(moved, "medi", extra_hooks=[(1, hook_recording(steps, stop_at=5))])
@@ -117,7 +118,7 @@ def test_resume_only_under_the_same_training_params_and_into_a_new_mlflow_store(
     steps = []
     other = tiny_world(train__lr=cfg.train.lr / 2)
     with pytest.raises(Stop):
-        train.run_stage(other, "medi", extra_hooks=[(1, hook_recording(steps, 1))])
+        train.train(other, "medi", train_index(cfg), Path(cfg.data.output) / "tiles.npy", [(1, hook_recording(steps, 1))])
     assert steps == [1] and train.checkpoint_root(other, "medi", train_index(cfg)) != root
 
 
