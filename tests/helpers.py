@@ -31,3 +31,13 @@ def write_params(cfg, path: Path) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def save_pipeline_model(cfg, name: str = "medi", seed: int = 0) -> MediDiffusion:
+    """An untrained model saved where the train stage puts `name`, with the run hash of `cfg` (so a sweep or a
+    probe takes it for the pipeline's model instead of training one)."""
+    from medi import train
+
+    model = save_untrained(cfg, name, seed)
+    model.save(Path(cfg.model.output) / name, {"run_hash": train.run_hash(cfg, name, train_index(cfg))})
+    return model

@@ -13,7 +13,7 @@ from PIL import Image
 
 from medi import clustered, embed, pools, probe, sample
 from medi.errors import MediError
-from helpers import save_untrained
+from helpers import save_untrained, write_params
 
 
 def test_a_real_jpeg_tile_and_its_pixels_as_a_generated_png_embed_identically(tmp_path):
@@ -390,9 +390,7 @@ def test_runs_spread_over_generator_seeds_and_their_variance_enters_the_interval
     cfg = tiny_world(probe__generator_seeds=[1], probe__tuned_strategies=[])
     for name in ("cls", "medi"):
         save_untrained(cfg, name, seed=len(name))
-    params = tmp_path / "params.yaml"
-    params.write_text(__import__("yaml").safe_dump({n: cfg.section_dict(n) for n in (
-        "data", "synthetic", "split", "model", "train", "sample", "fid", "encoder", "probe", "report", "sweep", "tracking")}))
+    params = write_params(cfg, tmp_path / "params.yaml")
     with pytest.raises(MediError, match=r"models/cls-seed1 not found; train it with `medi train --model cls --seed 1`"):
         probe.prepare(cfg)
     assert cli.main(["--params", str(params), "train", "--model", "cls", "--seed", "1"]) == 0

@@ -17,16 +17,11 @@ import numpy as np
 import psutil
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-SECTIONS = ("data", "synthetic", "split", "model", "train", "sample", "fid", "encoder", "probe", "report", "sweep",
-            "tracking")
+from helpers import save_pipeline_model, save_untrained, train_index, write_params
 
 
-def write_params(cfg, path: Path) -> Path:
-    path.write_text(yaml.safe_dump({name: cfg.section_dict(name) for name in SECTIONS}))
-    return path
 
 
 def launch(processes: int, params: Path, *args: str, cwd: Path) -> subprocess.Popen:
@@ -121,7 +116,6 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
     from threadpoolctl import threadpool_limits
 
     from medi import fid, probe, sample
-    from test_sample import save_untrained, train_index
 
     cfg = tiny_world(sample__batch_size=8, fid__batch_size=8, encoder__batch_size=8)   # several batches each
     for name in ("cls", "medi"):
@@ -250,10 +244,7 @@ def test_a_study_on_postgresql_survives_a_worker_killed_mid_trial(tiny_world, tm
     heartbeat fails that trial (Optuna FAIL, MLflow FAILED) and the call still adds its 6 trials."""
     import mlflow
     import optuna
-    import pandas as pd
-
-    from medi import sweep, train
-    from test_sample import save_untrained
+    from medi import sweep
 
     _, database = postgres
     url = database("optuna_kill")
@@ -261,8 +252,7 @@ def test_a_study_on_postgresql_survives_a_worker_killed_mid_trial(tiny_world, tm
         "probe.strategy": ["grid", "unseen", "balanced", "uniform"], "probe.ratio": {"low": 0.5, "high": 2.0, "step": 0.5}},
         sweep__sampler="random", sweep__pruner="none", sweep__fid_count=0, sweep__trials=6, sweep__workers=2,
         sweep__heartbeat=1, sweep__grace_period=3, sweep__methods=["medi"])
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     params = write_params(cfg, tmp_path / "params.yaml")
     call = subprocess.Popen([sys.executable, "-m", "medi.cli", "--params", str(params), "sweep"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

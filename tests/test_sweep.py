@@ -11,11 +11,10 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
-import yaml
 
-from medi import cli, config, sweep, train
+from medi import cli, config, sweep
 from medi.errors import MediError
-from helpers import save_untrained
+from helpers import save_pipeline_model, write_params
 
 PROBE_SPACE = {"probe.strategy": ["grid", "unseen", "balanced", "uniform"],
                "probe.ratio": {"low": 0.5, "high": 2.0, "step": 0.5}, "sample.steps": [1, 2]}
@@ -79,15 +78,10 @@ def test_pruners_stop_trials_below_the_lower_quartile_or_the_median(make_cfg, pr
     assert [v for v, prune in verdicts.items() if prune] == pruned
 
 
-def write_params(cfg, path: Path) -> str:
-    raw = {name: cfg.section_dict(name) for name in ("data", "synthetic", "split", "model", "train", "sample", "fid",
-                                                       "encoder", "probe", "report", "sweep", "tracking")}
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
 
 
 def sweep_cli(params: str, *args: str) -> int:
-    return cli.main(["--params", params, "sweep", *args])
+    return cli.main(["--params", str(params), "sweep", *args])
 
 
 def study_runs(cfg, study: str) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
@@ -101,8 +95,7 @@ def study_runs(cfg, study: str) -> tuple[mlflow.entities.Run, list[mlflow.entiti
 def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_trial(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space=PROBE_SPACE, sweep__trials=4, sweep__startup_trials=2, sweep__fid_count=8,
                      sweep__pruner="median", sweep__methods=["medi"])
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     params = write_params(cfg, tmp_path / "params.yaml")
 
     assert sweep_cli(params) == 0
@@ -157,8 +150,7 @@ def test_a_failed_trial_is_failed_in_optuna_and_mlflow_and_the_study_goes_on(tin
     cfg = tiny_world(sweep__space={"probe.real_per_class": [3, 100000], "probe.strategy": ["grid", "unseen"]},
                      sweep__sampler="grid", sweep__trials=10, sweep__fid_count=0, sweep__study="failing",
                      sweep__methods=["medi"])
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
     study = optuna.load_study(study_name="failing-medi", storage=cfg.sweep.storage)
     by_state = {s: [t for t in study.trials if t.state.name == s] for s in ("COMPLETE", "FAIL")}
@@ -202,13 +194,10 @@ def test_the_objective_never_reads_a_test_site(tiny_world, tmp_path):
     (the search reads validation sites only); only the best trial's separate test score sees the change."""
     import numpy as np
 
-    from medi import data
-
     space = {"probe.ratio": [1.0]}
     cfg = tiny_world(sweep__space=space, sweep__sampler="grid", sweep__trials=1, sweep__fid_count=0,
                      sweep__methods=["medi"], sweep__study="clean", probe__bootstrap=0)
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
     clean = json.loads((Path(cfg.sweep.reports) / "clean-medi/study.json").read_text())
 
@@ -232,10 +221,8 @@ def test_cls_and_medi_get_studies_of_equal_budget_over_the_params_that_can_chang
                      sweep__pruner="none", sweep__study="both", probe__bootstrap=0)
     assert [d.name for d in sweep.parse_space(cfg, "cls")] == ["probe.ratio"]      # no sites, no attributes
     assert [d.name for d in sweep.parse_space(cfg, "medi")] == list(space)
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
     for name in ("cls", "medi"):
-        c = config.override(cfg, {"model.d_e": 16})
-        save_untrained(c, name).save(Path(cfg.model.output) / name, {"run_hash": train.run_hash(c, name, ti)})
+        save_pipeline_model(config.override(cfg, {"model.d_e": 16}), name)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
     studies = {m: optuna.load_study(study_name=f"both-{m}", storage=cfg.sweep.storage) for m in ("cls", "medi")}
     assert {m: len(s.trials) for m, s in studies.items()} == {"cls": 2, "medi": 2}
@@ -252,8 +239,7 @@ def test_a_trial_below_the_median_of_earlier_trials_is_pruned_in_optuna_and_kill
     cfg = tiny_world(sweep__space={"probe.ratio": [1.0, 2.0]}, sweep__sampler="random", sweep__trials=1,
                      sweep__fid_count=0, sweep__methods=["medi"], sweep__study="prune", sweep__pruner="median",
                      sweep__startup_trials=2, probe__bootstrap=0)
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     params = write_params(cfg, tmp_path / "params.yaml")
     assert sweep_cli(params) == 0
     study = optuna.load_study(study_name="prune-medi", storage=cfg.sweep.storage)
@@ -276,8 +262,7 @@ def test_two_workers_run_their_trials_at_the_same_time(tiny_world, tmp_path, mon
     cfg = tiny_world(sweep__space={"probe.ratio": [1.0, 2.0]}, sweep__sampler="random", sweep__trials=2,
                      sweep__workers=2, sweep__fid_count=0, sweep__methods=["medi"], sweep__study="pair",
                      sweep__pruner="none", probe__bootstrap=0)
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     hook, barrier = tmp_path / "hook", tmp_path / "barrier"
     hook.mkdir(), barrier.mkdir()
     (hook / "sitecustomize.py").write_text(BARRIER_HOOK)
@@ -324,8 +309,7 @@ def test_objectives_gain_and_fid(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space={"sample.guidance": [1.0, 2.0]}, sweep__sampler="grid", sweep__trials=2,
                      sweep__objective="fid", sweep__fid_count=8, sweep__methods=["medi"], sweep__study="fid",
                      sweep__pruner="none", probe__bootstrap=0)
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
     study = optuna.load_study(study_name="fid-medi", storage=cfg.sweep.storage)
     assert study.direction.name == "MINIMIZE" and len(study.trials) == 2
@@ -341,8 +325,7 @@ def test_a_bad_storage_url_is_one_error_and_a_timeout_stops_the_study(tiny_world
     bad = write_params(config.override(cfg, {"sweep.storage": "nosuchdb://x"}), tmp_path / "bad.yaml")
     assert sweep_cli(bad) == 2
     assert "sweep.storage 'nosuchdb://x': cannot open the Optuna storage" in capsys.readouterr().err
-    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
-    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    save_pipeline_model(cfg)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
     study = optuna.load_study(study_name="short-medi", storage=cfg.sweep.storage)
     assert len(study.trials) == 1            # a trial takes longer than the 1 s budget: no second one starts
