@@ -141,7 +141,8 @@ def inert(cfg: Config, method: str) -> set[str]:
     attributes = cfg.variant(cfg.probe.models[method])
     out = set() if "tss" in attributes else {"probe.strategy"}
     if not attributes:
-        out |= {"model.d_e", "model.attribute_dropout", "model.continuous"}
+        out |= {"model.d_e", "model.attribute_dropout", "model.continuous", "model.nested_dropout",
+                "model.metadata_route", "sample.metadata_guidance"}
     return out
 
 
@@ -222,7 +223,8 @@ class Workspace:
             self._embeddings[spec.identity()] = probe.real_embeddings(cfg, spec, self.train_index, self.holdout_index,
                                                                       self.parts)
         s = cfg.sample
-        sampler = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed)
+        sampler = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.metadata_guidance,
+                          s.precision, s.seed)
         key = _digest(sampler, probe.pool_size(cfg.probe), cfg.probe.real_per_class, cfg.probe.tasks, spec.identity())
         if key not in self._pools:
             out = self.root / "pools" / f"{model_dir.name}-{sampler}"
@@ -257,7 +259,8 @@ class Workspace:
         from medi.model import MediDiffusion
 
         s, n = cfg.sample, cfg.sweep.fid_count
-        key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed, n,
+        key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.metadata_guidance,
+                      s.precision, s.seed, n,
                       {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")})
         path = self.root / "fid" / f"{model_dir.name}-{key}.json"
         if key not in self._fid:
