@@ -7,8 +7,10 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_T
                "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}.items():
     os.environ[_k] = _v
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import mlflow  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -20,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def params_dict(tmp_path: Path) -> dict:
     """The repo's params.yaml with every output redirected under tmp_path."""
+    return redirected_params(tmp_path)
+
+
+def redirected_params(tmp_path: Path) -> dict:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["synthetic"]["output"] = str(tmp_path / "artifacts/synthetic")
     raw["synthetic"]["figure"] = str(tmp_path / "reports/synthetic_tiles.png")
@@ -64,10 +70,43 @@ def make_cfg(params_dict: dict):
     return build
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made: creating them takes seconds, copying the file does not."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(_empty_mlflow_store):
+    """Make an empty MLflow SQLite store at a path; returns its tracking URI."""
+    def make(path: Path) -> str:
+        shutil.copy(_empty_mlflow_store, path)
+        return f"sqlite:///{path}"
+    return make
+
+
 @pytest.fixture(autouse=True)
-def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_store: Path):
+    """Each test starts in its own folder with MLflow pointing at its own (empty) store, no active run or
+    experiment, and leaves none behind."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
+    shutil.copy(_empty_mlflow_store, tmp_path / "mlflow.db")
+    _reset_mlflow(tmp_path)
+    yield
+    _reset_mlflow(tmp_path)
+
+
+def _reset_mlflow(tmp_path: Path) -> None:
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")     # (sets MLFLOW_TRACKING_URI: dropped below)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    mlflow.tracking.fluent._active_experiment_id = None      # no public way to forget the experiment
 
 
 TINY = {
@@ -83,16 +122,36 @@ TINY = {
 }
 
 
-@pytest.fixture
-def tiny_world(make_cfg, tmp_path):
-    """A tiny synthetic world, prepared and split (about 2 s): returns a config builder over it."""
+WORLD_SECTIONS = ("synthetic__", "data__", "split__")       # what the tiny world is made of
+
+
+@pytest.fixture(scope="session")
+def _tiny_world_once(tmp_path_factory) -> Path:
+    """The tiny synthetic world, synthesized, prepared and split once per session (about 2 s)."""
     from medi import data, splits, synthetic
 
-    def build(**overrides):
-        return make_cfg(**{**TINY, **overrides})
-
-    cfg = build()
+    root = tmp_path_factory.mktemp("tiny_world")
+    raw = redirected_params(root)
+    for key, value in TINY.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    cfg = config.from_dict(raw, "tiny-world")
     synthetic.synthesize(cfg, workers=1)
     data.prepare(cfg)
     splits.write_split(cfg.split, data.load_index(cfg.data.output), data.load_slides(cfg.data.output))
+    return root
+
+
+@pytest.fixture
+def tiny_world(make_cfg, tmp_path, _tiny_world_once):
+    """A tiny synthetic world, prepared and split (built once per session, copied under tmp_path): returns a config
+    builder over it. Overrides may change any section but those the world is made of."""
+    shutil.copytree(_tiny_world_once / "artifacts", tmp_path / "artifacts")
+
+    def build(**overrides):
+        shaping = sorted(k for k in overrides if k.startswith(WORLD_SECTIONS))
+        if shaping:
+            raise ValueError(f"tiny_world is built once per session; {shaping} would change it (use make_cfg)")
+        return make_cfg(**{**TINY, **overrides})
+
     return build

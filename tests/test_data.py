@@ -164,3 +164,50 @@ def test_packing_resumes_after_a_crash(real_cfg, tmp_path, monkeypatch):
     assert data.prepare(cfg) == reference
     assert len(seen) - calls_before == -(-(800 - 2 * data.CHUNK) // data.CHUNK)  # only the remaining chunks
     assert np.array_equal(np.array(data.load_tiles(cfg.data.output)), expected)
+
+
+def test_packing_starts_again_when_a_tile_or_the_resolution_changed(real_cfg, tmp_path, monkeypatch, caplog):
+    """A half-packed dataset is resumed only for the same tiles at the same resolution."""
+    fx = tf.build(tmp_path / "data", [tf.FixtureSlide("LUAD", "05", f"{1000 + i}", tiles=20) for i in range(8)] +
+                  [tf.FixtureSlide("LUSC", "18", f"{2000 + i}", tiles=20) for i in range(7)])      # 300 tiles: 2 chunks
+    cfg = real_cfg(data__classes=["LUAD", "LUSC"])
+    calls = []
+    real_decode = data._decode_chunk
+
+    def crash_on_second_chunk(args):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_decode(args)
+
+    def crashed_after_one_chunk(c):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(data, "_decode_chunk", crash_on_second_chunk)
+            with pytest.raises(KeyboardInterrupt):
+                data.prepare(c)
+        assert json.loads((tmp_path / "artifacts/dataset.partial/state.json").read_text())["done"] == data.CHUNK
+
+    def prepare_counting(c):
+        calls.clear()
+        caplog.clear()
+        with monkeypatch.context() as m, caplog.at_level("INFO", logger="medi.data"):
+            m.setattr(data, "_decode_chunk", lambda args: calls.append(args[2]) or real_decode(args))
+            data.prepare(c)
+        return data.load_index(c.data.output), np.array(data.load_tiles(c.data.output))
+
+    crashed_after_one_chunk(cfg)
+    changed = tf.tile_path(fx, fx.slides[0], 0)                      # a tile of the chunk already packed
+    Image.fromarray(np.full((16, 16, 3), (200, 30, 90), np.uint8)).save(changed, quality=95)
+    index, tiles = prepare_counting(cfg)
+    assert calls == [8, 8] and "resuming prepare" not in caplog.text   # both chunks decoded again
+    row = int(index[index.path == str(changed.relative_to(fx.tiles_root))]["idx"].iloc[0])
+    assert np.array_equal(tiles[row], data._decode(changed, 8))
+
+    crashed_after_one_chunk(cfg)
+    index16, tiles16 = prepare_counting(real_cfg(data__classes=["LUAD", "LUSC"], data__resolution=16))
+    assert calls == [16, 16] and "resuming prepare" not in caplog.text and tiles16.shape == (300, 16, 16, 3)
+    assert np.array_equal(tiles16[row], data._decode(changed, 16))
+
+    crashed_after_one_chunk(cfg)                                      # nothing changed: only the second chunk is left
+    assert prepare_counting(cfg)[0].equals(index) and calls == [8] and "resuming prepare at tile 256 of 300" in caplog.text

@@ -11,10 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
+from helpers import save_untrained, train_index
 from medi import data, embed, fid, report, sample, train
 from medi.errors import MediError
-from test_sample import save_untrained, train_index
+from medi.groundtruth import GroundTruth
+from medi.model import MediDiffusion
 
 
 def real_tiles(cfg) -> np.ndarray:
@@ -123,44 +126,76 @@ def test_small_groups_are_flagged_with_their_n_not_reported(make_cfg):
 
 
 def test_conditioning_accuracy_tells_right_from_wrong_conditions():
+    """Sites far apart in feature space (every classifier separates them): accuracies are exactly 1 or 0."""
     rng = np.random.default_rng(0)
     sites = {"s1": "A", "s2": "A", "s3": "B", "s4": "B"}
-    centres = {s: rng.normal(0, 4, 8) for s in sites}
+    centres = {s: 50.0 * np.eye(8)[i] for i, s in enumerate(sites)}
     rows = [(f"{s}-{k // 5}", sites[s], s) for s in sites for k in range(30)]
     index = pd.DataFrame(rows, columns=["slide", "class", "tss"])
     real = np.stack([centres[s] + rng.normal(0, 1, 8) for s in index["tss"]])
     gen_rows = pd.DataFrame([(sites[s], s) for s in sites for _ in range(10)], columns=["class", "tss"])
     gen = np.stack([centres[s] + rng.normal(0, 1, 8) for s in gen_rows["tss"]])
     good = fid.conditioning_accuracy(real, index, gen, gen_rows, True, seed=0)
-    assert good["class_accuracy"] > 0.9 and good["site_accuracy"] > 0.9 and good["site_accuracy_real_cv"] > 0.9
-    assert good["site_accuracy_unseen_pairs"] is None and good["seen_pairs_images"] == 40
+    assert {k: v for k, v in good.items() if k != "classifier"} == {
+        "site_conditioned": True, "class_accuracy": 1.0, "class_accuracy_real_cv": 1.0, "class_chance": 0.5,
+        "class_accuracy_per_class": {"A": 1.0, "B": 1.0}, "site_accuracy": 1.0, "site_accuracy_real_cv": 1.0,
+        "site_chance": 0.25, "site_accuracy_per_class": {"A": 1.0, "B": 1.0}, "site_accuracy_seen_pairs": 1.0,
+        "seen_pairs_images": 40, "site_accuracy_unseen_pairs": None, "unseen_pairs_images": 0}
+    # the images of s1 asked for as s3 (a site of the other class): the class is right, every site wrong
     wrong = gen_rows.assign(tss=gen_rows["tss"].map({"s1": "s3", "s2": "s4", "s3": "s1", "s4": "s2"}))
     bad = fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0)
-    assert bad["site_accuracy"] < 0.1 and bad["unseen_pairs_images"] == 40
+    assert (bad["class_accuracy"], bad["site_accuracy"], bad["site_accuracy_per_class"]) == (1.0, 0.0, {"A": 0.0, "B": 0.0})
+    assert (bad["seen_pairs_images"], bad["unseen_pairs_images"], bad["site_accuracy_unseen_pairs"]) == (0, 40, 0.0)
 
 
 def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     cfg = tiny_world()
+    idx = train_index(cfg).sort_values("idx")
+    real_classes = idx["class"].to_numpy(str)
+    extractor = fid.Extractor.from_config(cfg.fid)
+    real = extractor.features(real_tiles(cfg)[idx["idx"].to_numpy()], verbose=False)
+    truth = GroundTruth.load(cfg.data.root)
+    k = min(4, cfg.fid.stain_tiles)
     for name in ("cls", "medi"):
         save_untrained(cfg, name, seed=len(name))
         sample.run_stage(cfg, name)
         metrics = fid.run_stage(cfg, name)
         on_disk = json.loads(Path(cfg.fid.metrics.format(model=name)).read_text())
-        assert {"extractor", "overall", "per_class", "per_site", "kid", "n_real", "n_generated"} <= set(on_disk)
         assert on_disk["extractor"].startswith("random:resnet18") and "offline default" in on_disk["extractor"]
-        assert on_disk["n_generated"] == 42 and on_disk["n_real"] == len(train_index(cfg))
-        assert set(on_disk["n_per_class"]) == set(train_index(cfg)["class"])
-        reported = set(on_disk["per_class"]) | set(on_disk["below_min_count"]["class"])
-        assert reported == set(on_disk["n_per_class"])            # every class is either reported or flagged
-        assert all(min(on_disk["n_per_class"][c].values()) >= cfg.fid.min_count for c in on_disk["per_class"])
-        cond = on_disk["conditioning"]
-        assert 0 <= cond["class_accuracy"] <= 1 and cond["site_conditioned"] == (name == "medi")
-        assert on_disk["stain"]["summary"]["seen"]["pairs"] >= 1 and on_disk["stain"]["real"]["pairs"] >= 1
         assert metrics["overall"] == on_disk["overall"]
+        # every figure again from the files on disk: the PNGs against all real training tiles
+        folder = Path(cfg.sample.output.format(model=name))
+        manifest = sample.read_manifest(folder / sample.MANIFEST)
+        gen = extractor.features(np.stack([np.asarray(Image.open(folder / p)) for p in manifest["path"]]), verbose=False)
+        gen_classes = manifest["class"].to_numpy(str)
+        assert (on_disk["n_real"], on_disk["n_generated"]) == (len(idx), 42)
+        assert on_disk["overall"] == fid.frechet(real, gen)
+        n = {c: {"real": int((real_classes == c).sum()), "generated": int((gen_classes == c).sum())}
+             for c in sorted(set(real_classes) | set(gen_classes))}
+        reported = [c for c in n if min(n[c].values()) >= cfg.fid.min_count]
+        assert on_disk["n_per_class"] == n and sorted(on_disk["below_min_count"]["class"]) == sorted(set(n) - set(reported))
+        assert on_disk["per_class"] == {c: fid.frechet(real[real_classes == c], gen[gen_classes == c]) for c in reported}
+        assert on_disk["mean_class_fid"] == float(np.mean([on_disk["per_class"][c] for c in reported]))
+        cond = on_disk["conditioning"]
+        assert cond["site_conditioned"] == (name == "medi") and cond["class_chance"] == 1 / len(set(real_classes))
+        per_class = cond["class_accuracy_per_class"]                    # the overall accuracy is their weighted mean
+        assert cond["class_accuracy"] == pytest.approx(sum(per_class[c] * n[c]["generated"] for c in per_class) / 42)
+        # the stain check scores each (class, site) group of >= 4 tiles at a site of the ground truth; the match
+        # plan only has training pairs, so every cell is a pair seen in training
+        groups = manifest.groupby(["class", "tss"]).size()
+        cells = [(c, s) for (c, s), size in groups.items() if s in truth.stains and size >= k]
+        real_cells = [(c, s) for c, s in cells if ((idx["class"] == c) & (idx["tss"] == s)).sum() >= k]
+        assert all(truth.site_class[s] == c for c, s in cells)
+        assert on_disk["stain"]["summary"]["seen"]["pairs"] == len(cells) and "unseen" not in on_disk["stain"]["summary"]
+        assert on_disk["stain"]["real"]["pairs"] == len(real_cells)
     assert len(list(Path(cfg.fid.cache).glob("*.npy"))) == 1      # the real tiles were encoded once for both
     summary = report.run_stage(cfg)
-    assert summary["classes_compared"] >= 1
+    cls, medi = (json.loads(Path(cfg.fid.metrics.format(model=m)).read_text())["per_class"] for m in ("cls", "medi"))
+    common = sorted(set(cls) & set(medi))
+    assert summary["classes_compared"] == len(common) >= 1
+    assert summary["medi_better_classes"] == [c for c in common if medi[c] < cls[c]]
     page = Path(cfg.report.index).read_text()
+    assert f"MeDi better than CLS on {len(summary['medi_better_classes'])} of {len(common)} classes." in page
     assert "## Fidelity" in page and "offline default" in page and "](fid_per_class.png)" in page
     assert "Table 1" not in page                                   # no probe metrics yet: no probe section
     for fig in (cfg.report.fid_figure, cfg.report.sites_figure):
@@ -168,7 +203,34 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     stages = {r.data.tags["medi.stage"]: r for r in runs}
     assert {"sample@cls", "sample@medi", "fid@cls", "fid@medi", "report"} <= set(stages)
-    assert "fid" in stages["fid@medi"].data.metrics and "class_accuracy" in stages["fid@medi"].data.metrics
+    logged = stages["fid@medi"].data.metrics
+    medi_metrics = json.loads(Path(cfg.fid.metrics.format(model="medi")).read_text())
+    assert logged["fid"] == medi_metrics["overall"]
+    assert logged["class_accuracy"] == medi_metrics["conditioning"]["class_accuracy"]
+
+
+def hand_metrics(per_class: dict, mean: float | None, overall: float, site_accuracy: float | None) -> dict:
+    """The fields of metrics/fid_<model>.json that the report reads."""
+    return {"extractor": "random:resnet18", "overall": overall, "per_class": per_class, "mean_class_fid": mean,
+            "kid": 0.0125, "n_generated": 10, "n_real": 20,
+            "sampling": {"strategy": "match", "scheduler": "ddim", "steps": 2, "guidance": 1.0},
+            "conditioning": {"class_accuracy": 0.5, "site_accuracy": site_accuracy, "class_accuracy_real_cv": 0.9,
+                             "site_accuracy_real_cv": 0.8, "class_chance": 0.5, "site_chance": 0.25}}
+
+
+def test_the_report_names_the_classes_medi_wins_and_dashes_what_a_stage_could_not_compute(make_cfg):
+    cfg = make_cfg()
+    metrics = {"cls": hand_metrics({"LUAD": 10.0, "LUSC": 5.0, "UCS": 7.0}, 22 / 3, 12.0, 0.25),
+               "medi": hand_metrics({"LUAD": 8.0, "LUSC": 6.0, "KIRC": 1.0}, None, 11.0, None)}
+    summary = report.fid_comparison(metrics)
+    assert summary == {"mean_class_fid_cls": 7.5, "mean_class_fid_medi": 7.0, "medi_better_classes": ["LUAD"],
+                       "classes_compared": 2, "overall_fid_cls": 12.0, "overall_fid_medi": 11.0}
+    page = report.index_page(cfg, metrics, summary, None, {})
+    assert "| cls | 12 | 7.333 | 0.0125 | 0.500 | 0.250 | - |" in page
+    assert "| medi | 11 | - | 0.0125 | 0.500 | - | - |" in page          # every class below fid.min_count
+    assert "MeDi better than CLS on 1 of 2 classes." in page
+    apart = report.fid_comparison({"cls": metrics["cls"], "medi": hand_metrics({"KIRC": 1.0}, 1.0, 11.0, None)})
+    assert (apart["classes_compared"], apart["medi_better_classes"], apart["mean_class_fid_medi"]) == (0, [], None)
 
 
 def test_report_refuses_metrics_from_different_feature_spaces(tiny_world):
@@ -188,9 +250,21 @@ def test_training_logs_an_fid_curve(tiny_world):
     cfg = tiny_world(train__max_steps=6, train__eval_every=3)
     idx = train_index(cfg)
     hook = fid.curve_hook(cfg, "medi", idx, real_tiles(cfg))
-    train.run_stage(cfg, "medi", extra_hooks=[(cfg.train.eval_every, hook)])
+    result = train.run_stage(cfg, "medi", extra_hooks=[(cfg.train.eval_every, hook)])
     client = mlflow.tracking.MlflowClient()
     run = next(r for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
                if r.data.tags["medi.stage"] == "train@medi")
     history = client.get_metric_history(run.info.run_id, "fid")
-    assert [m.step for m in history] == [3, 6] and all(m.value > 0 for m in history)
+    assert [m.step for m in history] == [3, 6]
+    # the last point by hand: the saved model (the EMA weights of step 6) samples the curve's plan, against all
+    # real training tiles
+    model = MediDiffusion.load(result.model_dir)
+    rows = sample.plan(dataclasses.replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), idx,
+                       sorted(idx["class"].unique()))
+    s = cfg.sample
+    images = sample.generate(model, sample.make_sampler(s.scheduler, cfg.model), sample.conditions_of(rows, model),
+                             rows["seed"].tolist(), s.steps, s.guidance, s.precision, batch_size=s.batch_size)
+    extractor = fid.Extractor.from_config(cfg.fid)
+    real = extractor.features(real_tiles(cfg)[np.sort(idx["idx"].to_numpy())], verbose=False)
+    assert history[1].value == fid.frechet(real, extractor.features(images, verbose=False))
+    assert history[0].value != history[1].value

@@ -67,12 +67,16 @@ def test_deterministic_by_seed():
     assert H.render_tile(morph, site, rng).tobytes() != H.render_tile(morph, site, rng).tobytes()
 
 
-def test_generic_morphology_renders():
+def test_generic_morphology_renders_stained_tissue_with_nuclei():
     m = H.generic_morphology(np.random.default_rng(11))
     assert m == H.generic_morphology(np.random.default_rng(11)) != H.generic_morphology(np.random.default_rng(12))
-    assert m.elongation >= 1 and 0 <= m.glands <= 1 and m.nuclear_density > 0
-    t = H.render_tile(m, STANDARD, np.random.default_rng(0))
-    assert t.shape == (64, 64, 3) and 20 < t.mean() < 250
+    assert m.elongation >= 1 and 0 <= m.glands <= 1 and m.nuclear_density > 0 and m not in H.CLASS_MORPHOLOGY.values()
+    for site, other in ((STANDARD, BLUE), (BLUE, STANDARD)):   # the tiles carry the site's H and E, not another's
+        batch = np.stack([H.render_tile(m, site, np.random.default_rng([0, i])) for i in range(4)])
+        est = H.estimate_stain_vectors(batch, site.illumination)
+        assert angles(est, H.stain_od_matrix(site)).max() < 5 < angles(est, H.stain_od_matrix(other)).min()
+    h, _ = H.render_concentrations(m, np.random.default_rng(0), 128, 0.5)
+    assert ndimage.label(h > 0.45)[1] >= 10                    # nuclei (hematoxylin blobs), as the classes have
 
 
 def test_stain_is_json_serialisable_and_unit():

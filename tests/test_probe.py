@@ -13,7 +13,7 @@ from PIL import Image
 
 from medi import clustered, embed, pools, probe, sample
 from medi.errors import MediError
-from test_sample import save_untrained
+from helpers import save_untrained
 
 
 def test_a_real_jpeg_tile_and_its_pixels_as_a_generated_png_embed_identically(tmp_path):

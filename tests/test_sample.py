@@ -9,23 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
+from helpers import save_untrained, train_index, write_params
 from medi import cli, sample
 from medi.errors import MediError
 from medi.model import MediDiffusion, Vocabulary, architecture
-
-
-def train_index(cfg) -> pd.DataFrame:
-    return pd.read_parquet(Path(cfg.split.output) / "train.parquet")
-
-
-def save_untrained(cfg, name: str, seed: int = 0) -> MediDiffusion:
-    """A randomly initialised model saved like a trained one (sampling does not care how good it is)."""
-    torch.manual_seed(seed)
-    vocab = Vocabulary.from_frame(train_index(cfg), "class", cfg.variant(name), cfg.model.continuous)
-    model = MediDiffusion(architecture(cfg.model.preset, cfg.data.resolution, cfg.model.d_e), vocab)
-    model.save(Path(cfg.model.output) / name, {"name": name})
-    return model
 
 
 def test_match_reproduces_the_training_frequencies(tiny_world):
@@ -78,7 +67,7 @@ def test_manifest_keeps_site_code_NA_as_text(tmp_path):
     assert back["tss"].tolist() == ["NA"] and np.isnan(back["age"].iloc[0])
 
 
-def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(tiny_world, caplog):
+def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(tiny_world, caplog, capsys):
     cfg = tiny_world(sample__count=40, sample__batch_size=16, sample__guidance=2.0)
     save_untrained(cfg, "medi")
     result = sample.run_stage(cfg, "medi")
@@ -106,15 +95,27 @@ def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(ti
     assert (out / manifest["path"].iloc[0]).stat().st_mtime_ns == before
     assert np.array_equal(sample.load_images(out, manifest), images)
 
-    # the CLI checks a regeneration against the files on disk
-    params = Path("params.yaml")
-    from test_train import write_params
-    write_params(params, cfg)
-    assert cli.main(["--params", str(params), "sample", "--model", "medi", "--from-manifest",
-                     str(out / sample.MANIFEST), "--output", "regen"]) == 0
+    # a manifest this model cannot replay: sampler settings mixed within a batch, other conditioning attributes
+    mixed = manifest.assign(steps=np.where(np.arange(40) == 3, cfg.sample.steps + 1, cfg.sample.steps))
+    with pytest.raises(MediError, match=r"manifest batch 0 mixes sampler settings"):
+        sample.regenerate(mixed, model, cfg.model)
+    class_only = MediDiffusion(architecture(cfg.model.preset, cfg.data.resolution, cfg.model.d_e),
+                               Vocabulary.from_frame(train_index(cfg), "class", [], cfg.model.continuous))
+    with pytest.raises(MediError, match=r"the manifest was conditioned on \['tss'\], this model on the class only"):
+        sample.regenerate(manifest, class_only, cfg.model)
+
+    # the CLI checks a regeneration against the files on disk: exit 0 when identical, 2 when a file differs
+    params = str(write_params(cfg, Path("params.yaml")))
+    regen = ["--params", params, "sample", "--model", "medi", "--from-manifest", str(out / sample.MANIFEST)]
+    assert cli.main([*regen, "--output", "regen"]) == 0
     assert np.array_equal(sample.load_images("regen", manifest), images)
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert any(r.data.tags["medi.stage"] == "sample@medi" and r.data.metrics["images"] == 40 for r in runs)
+    Image.fromarray(255 - images[7]).save(out / manifest["path"].iloc[7])      # one file on disk altered
+    capsys.readouterr()
+    assert cli.main([*regen, "--output", "regen2"]) == 2
+    assert capsys.readouterr().err == (f"medi sample: error: 1 of 40 regenerated images differ from the files beside "
+                                       f"{out / sample.MANIFEST}\n")
 
 
 def test_other_weights_cannot_regenerate_a_set(tiny_world, capsys):
@@ -133,3 +134,72 @@ def test_unknown_site_in_explicit_pairs_names_the_known_ones(tiny_world):
     save_untrained(cfg, "medi")
     with pytest.raises(MediError, match="unknown value of 'tss' 'ZZ'.*known values"):
         sample.run_stage(cfg, "medi")
+
+
+def test_a_changed_setting_or_other_weights_start_the_set_afresh(tiny_world, caplog):
+    cfg = tiny_world(sample__count=8, sample__batch_size=8)
+    out = Path(cfg.sample.output.format(model="cls"))
+    model = save_untrained(cfg, "cls")
+    sample.run_stage(cfg, "cls")
+    first = sample.load_images(out, sample.read_manifest(out / sample.MANIFEST))
+
+    def again(c, model) -> np.ndarray:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="medi.sample"):
+            sample.run_stage(c, "cls")
+        manifest = sample.read_manifest(out / sample.MANIFEST)
+        images = sample.load_images(out, manifest)
+        assert np.array_equal(images, sample.regenerate(manifest, model, c.model))   # what this model makes now
+        return images
+
+    assert np.array_equal(again(cfg, model), first) and "starting afresh" not in caplog.text   # same set: kept
+    fewer_steps = tiny_world(sample__count=8, sample__batch_size=8, sample__steps=1)
+    second = again(fewer_steps, model)
+    assert "holds another (or an unidentified) sample set; starting afresh" in caplog.text
+    assert not np.array_equal(second, first)
+    other = save_untrained(cfg, "cls", seed=1)                    # retrained: same settings, other weights
+    third = again(fewer_steps, other)
+    assert "starting afresh" in caplog.text and not np.array_equal(third, second)
+
+
+def test_one_ddim_step_is_the_models_prediction_of_the_clean_image(tiny_world):
+    """v-prediction with zero terminal SNR: DDIM's single (trailing) step from t = T-1 to the clean image returns
+    x0 = sqrt(a) x - sqrt(1 - a) v, a the last cumulative alpha (0 here)."""
+    cfg = tiny_world()
+    model = save_untrained(cfg, "medi").eval()
+    rows = sample.plan(dataclasses.replace(cfg.sample, count=6), train_index(cfg), model.vocab.classes)
+    cond, seeds = sample.conditions_of(rows, model), rows["seed"].tolist()
+    images = sample.generate(model, sample.make_sampler("ddim", cfg.model), cond, seeds, 1)
+
+    size = cfg.data.resolution
+    x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    a = sample.make_sampler("ddim", cfg.model).alphas_cumprod[-1]
+    with torch.no_grad():
+        v = model(x, torch.full((len(x),), cfg.model.timesteps - 1), cond)
+    x0 = a.sqrt() * x - (1 - a).sqrt() * v
+    assert np.array_equal(images, ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    manifest = rows.assign(conditioned_on="class,tss", scheduler="ddim", steps=1, guidance=1.0, precision="no")
+    assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
+    assert not np.array_equal(sample.generate(model, sample.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2), images)
+
+
+def test_bf16_and_fp16_sampling_autocast_on_the_cpu_and_regenerate(tiny_world, monkeypatch):
+    cfg = tiny_world()
+    model = save_untrained(cfg, "cls").eval()
+    rows = sample.plan(dataclasses.replace(cfg.sample, count=4), train_index(cfg), model.vocab.classes)
+    cond, seeds = sample.conditions_of(rows, model), rows["seed"].tolist()
+    seen = []
+    real_forward = MediDiffusion.forward
+
+    def spy(self, x, t, c):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real_forward(self, x, t, c)
+
+    monkeypatch.setattr(MediDiffusion, "forward", spy)
+    images = {p: sample.generate(model, sample.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2, precision=p)
+              for p in ("no", "bf16", "fp16")}
+    assert seen == [None] * 2 + [torch.bfloat16] * 2 + [torch.float16] * 2
+    assert not np.array_equal(images["bf16"], images["no"]) and not np.array_equal(images["fp16"], images["no"])
+    for p, expected in images.items():
+        manifest = rows.assign(conditioned_on="class", scheduler="dpmsolver++", steps=2, guidance=1.0, precision=p)
+        assert np.array_equal(sample.regenerate(manifest, model, cfg.model), expected), p

@@ -14,7 +14,7 @@ import yaml
 
 from medi import cli, config, sweep, train
 from medi.errors import MediError
-from test_sample import save_untrained
+from helpers import save_untrained
 
 PROBE_SPACE = {"probe.strategy": ["grid", "unseen", "balanced", "uniform"],
                "probe.ratio": {"low": 0.5, "high": 2.0, "step": 0.5}, "sample.steps": [1, 2]}

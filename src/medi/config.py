@@ -359,6 +359,36 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _at_least(where: str, minimum: float, values: dict[str, float]) -> None:
+    """Stop at the first key whose value is below `minimum`, naming it."""
+    for key, value in values.items():
+        if value < minimum:
+            raise MediError(f"{where}: '{key}' must be >= {minimum}, got {value}")
+
+
+# The UNet spec `model.custom` gives when model.preset is custom (the fields of model.Architecture a preset fixes).
+CUSTOM_UNET: dict[str, Any] = {"block_out_channels": list[int], "layers_per_block": int, "attention": bool,
+                               "norm_num_groups": int}
+
+
+def _check_custom_unet(spec: dict[str, Any], where: str) -> None:
+    missing, unknown = [k for k in CUSTOM_UNET if k not in spec], sorted(set(spec) - set(CUSTOM_UNET))
+    if missing or unknown:
+        raise MediError(f"{where}: 'model.custom' (model.preset is 'custom') lacks {missing} and has unknown {unknown}; "
+                        f"it takes {', '.join(CUSTOM_UNET)}")
+    for key, tp in CUSTOM_UNET.items():
+        _check(spec[key], tp, f"model.custom.{key}", where)
+    channels = spec["block_out_channels"]
+    if not channels:
+        raise MediError(f"{where}: 'model.custom.block_out_channels' is empty; give the channels of each UNet level")
+    _at_least(where, 1, {"model.custom.layers_per_block": spec["layers_per_block"],
+                         "model.custom.norm_num_groups": spec["norm_num_groups"],
+                         **{f"model.custom.block_out_channels[{i}]": c for i, c in enumerate(channels)}})
+    if any(c % spec["norm_num_groups"] for c in channels):
+        raise MediError(f"{where}: 'model.custom.norm_num_groups' ({spec['norm_num_groups']}) must divide every "
+                        f"block_out_channels {channels}")
+
+
 def _validate(cfg: Config, where: str) -> None:
     folders = cfg.class_folders
     for section, classes in (("data.classes", cfg.data.classes), ("synthetic.classes", cfg.synthetic.classes)):
@@ -384,13 +414,15 @@ def _validate(cfg: Config, where: str) -> None:
                         ("synthetic.site_scale", cfg.synthetic.site_scale), ("synthetic.mpp", cfg.synthetic.mpp)):
         if value <= 0:
             raise MediError(f"{where}: '{name}' must be positive, got {value}")
-    if cfg.synthetic.tiles_per_slide < 1 or cfg.synthetic.tile_size < 16:
-        raise MediError(f"{where}: 'synthetic.tiles_per_slide' must be >= 1 and 'synthetic.tile_size' >= 16")
+    _at_least(where, 1, {"synthetic.tiles_per_slide": cfg.synthetic.tiles_per_slide})
+    _at_least(where, 16, {"synthetic.tile_size": cfg.synthetic.tile_size})
     for name in ("class_dropout", "attribute_dropout"):
         if not 0.0 <= getattr(cfg.model, name) < 1.0:
             raise MediError(f"{where}: 'model.{name}' must lie in [0, 1), got {getattr(cfg.model, name)}")
     if not cfg.model.variants:
         raise MediError(f"{where}: 'model.variants' is empty; name at least one model, e.g. cls: [] and medi: [tss]")
+    if cfg.model.preset == "custom":
+        _check_custom_unet(cfg.model.custom, where)
     t = cfg.train
     if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
         raise MediError(f"{where}: 'train.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}")
@@ -400,17 +432,17 @@ def _validate(cfg: Config, where: str) -> None:
     if not 0.0 < t.ema_decay <= 1.0 or t.ema_inv_gamma <= 0 or t.ema_power <= 0:
         raise MediError(f"{where}: 'train.ema_decay' must lie in (0, 1] and 'train.ema_inv_gamma', 'train.ema_power' "
                         f"be > 0; got {t.ema_decay}, {t.ema_inv_gamma}, {t.ema_power}")
+    _at_least(where, 1, {f"train.{k}": getattr(t, k) for k in ("max_steps", "batch_size", "grad_accumulation",
+                                                               "checkpoint_every", "keep_checkpoints", "log_every",
+                                                               "grid_steps", "grid_seeds")})
     if t.batch_size % t.grad_accumulation:
         raise MediError(f"{where}: 'train.batch_size' ({t.batch_size}) must be divisible by 'train.grad_accumulation' "
                         f"({t.grad_accumulation})")
-    if min(t.max_steps, t.batch_size, t.checkpoint_every, t.keep_checkpoints, t.log_every, t.grid_steps, t.grid_seeds) < 1:
-        raise MediError(f"{where}: train.max_steps, batch_size, checkpoint_every, keep_checkpoints, log_every, "
-                        "grid_steps and grid_seeds must be >= 1")
     if not cfg.split.key_columns:
         raise MediError(f"{where}: 'split.key_columns' is empty")
     smp = cfg.sample
-    if min(smp.steps, smp.per_pair, smp.batch_size) < 1 or smp.count < 0:
-        raise MediError(f"{where}: sample.steps, per_pair and batch_size must be >= 1 and sample.count >= 0")
+    _at_least(where, 1, {f"sample.{k}": getattr(smp, k) for k in ("steps", "per_pair", "batch_size")})
+    _at_least(where, 0, {"sample.count": smp.count})
     if smp.guidance < 1.0:
         raise MediError(f"{where}: 'sample.guidance' must be >= 1 (1 = no classifier-free guidance), got {smp.guidance}")
     for key, value in (("sample.metadata_guidance", smp.metadata_guidance),
@@ -423,9 +455,9 @@ def _validate(cfg: Config, where: str) -> None:
         if "class" not in pair:
             raise MediError(f"{where}: 'sample.pairs[{i}]' has no 'class': {pair}")
     f = cfg.fid
-    if min(f.batch_size, f.min_count, f.kid_subset_size, f.kid_subsets, f.curve_count, f.stain_tiles) < 1 or f.input_size < 0:
-        raise MediError(f"{where}: fid.batch_size, min_count, kid_subset_size, kid_subsets, curve_count and stain_tiles "
-                        "must be >= 1 and fid.input_size >= 0")
+    _at_least(where, 1, {f"fid.{k}": getattr(f, k) for k in ("batch_size", "min_count", "kid_subset_size", "kid_subsets",
+                                                             "curve_count", "stain_tiles")})
+    _at_least(where, 0, {"fid.input_size": f.input_size})
     pr = cfg.probe
     bad = [m for m in pr.methods if m not in PROBE_METHODS]
     if bad or not pr.methods or len(set(pr.methods)) != len(pr.methods):
@@ -434,10 +466,11 @@ def _validate(cfg: Config, where: str) -> None:
         if method not in ("none", "real") and pr.models.get(method) not in cfg.model.variants:
             raise MediError(f"{where}: 'probe.models.{method}' must name a model of model.variants "
                             f"({sorted(cfg.model.variants)}), got {pr.models.get(method)!r}")
-    if min(pr.real_per_class, pr.pool_per_pair, pr.max_iter, cfg.encoder.batch_size) < 1 or pr.ratio < 0 \
-            or pr.runs < 0 or pr.bootstrap < 0 or not pr.tasks:
-        raise MediError(f"{where}: probe.real_per_class, pool_per_pair, max_iter and encoder.batch_size must be >= 1, "
-                        "probe.ratio, runs and bootstrap >= 0, and probe.tasks not empty")
+    _at_least(where, 1, {"probe.real_per_class": pr.real_per_class, "probe.pool_per_pair": pr.pool_per_pair,
+                         "probe.max_iter": pr.max_iter, "encoder.batch_size": cfg.encoder.batch_size})
+    _at_least(where, 0, {"probe.ratio": pr.ratio, "probe.runs": pr.runs, "probe.bootstrap": pr.bootstrap})
+    if not pr.tasks:
+        raise MediError(f"{where}: 'probe.tasks' is empty; name at least one task, e.g. nsclc: [LUAD, LUSC]")
     if 0 < pr.bootstrap < 100:
         raise MediError(f"{where}: 'probe.bootstrap' must be 0 (no intervals) or >= 100 worlds for a 95 % interval, "
                         f"got {pr.bootstrap}")
@@ -450,11 +483,12 @@ def _validate(cfg: Config, where: str) -> None:
         if len(classes) < 2:
             raise MediError(f"{where}: 'probe.tasks.{task}' needs at least two classes, got {classes}")
     sw = cfg.sweep
-    if min(sw.trials, sw.workers) < 1 or min(sw.timeout, sw.startup_trials, sw.fid_count) < 0:
-        raise MediError(f"{where}: sweep.trials and workers must be >= 1, sweep.timeout, startup_trials and fid_count >= 0")
-    if sw.heartbeat < 1 or sw.grace_period <= sw.heartbeat:
-        raise MediError(f"{where}: sweep.heartbeat must be >= 1 and sweep.grace_period longer than it, got "
-                        f"{sw.heartbeat} and {sw.grace_period}")
+    _at_least(where, 1, {"sweep.trials": sw.trials, "sweep.workers": sw.workers, "sweep.heartbeat": sw.heartbeat})
+    _at_least(where, 0, {"sweep.timeout": sw.timeout, "sweep.startup_trials": sw.startup_trials,
+                         "sweep.fid_count": sw.fid_count})
+    if sw.grace_period <= sw.heartbeat:
+        raise MediError(f"{where}: 'sweep.grace_period' ({sw.grace_period}) must be longer than 'sweep.heartbeat' "
+                        f"({sw.heartbeat})")
     if sw.objective == "fid" and sw.fid_count < 2:
         raise MediError(f"{where}: sweep.objective is 'fid' but sweep.fid_count is {sw.fid_count}; give it images (e.g. 256)")
     bad = [m for m in sw.methods if m not in pr.models]
@@ -508,10 +542,18 @@ def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = No
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise MediError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MediError(f"{path}: expected a mapping of sections (data, synthetic, ...), got "
+                        f"{'an empty file' if raw is None else type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise MediError(f"{path}: --set {dotted}: '{'.'.join(parents[:i + 1])}' is a value ({node!r}), "
+                                "not a section")
         node[leaf] = value
     return from_dict(raw, str(path))

@@ -135,6 +135,12 @@ def fid_comparison(metrics: Mapping[str, dict], baseline: str = "cls", model: st
             f"overall_fid_{baseline}": metrics[baseline]["overall"], f"overall_fid_{model}": metrics[model]["overall"]}
 
 
+def _figure(value: float | None, spec: str) -> str:
+    """A figure of a report table; '-' where the stage had none (e.g. mean FID per class with every class
+    below fid.min_count)."""
+    return "-" if value is None else format(value, spec)
+
+
 def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_table: str | None,
                train_metrics: Mapping[str, dict]) -> str:
     """reports/index.md: every figure and table of a pipeline run, with the settings that produced it and the
@@ -168,9 +174,9 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_ta
     for name, m in metrics.items():
         c = m["conditioning"]
         stain = m.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
-        mean = "-" if m["mean_class_fid"] is None else f"{m['mean_class_fid']:.4g}"    # no class with fid.min_count images
-        lines.append(f"| {name} | {m['overall']:.4g} | {mean} | {m['kid']:.3g} | {c['class_accuracy']:.3f} "
-                     f"| {c['site_accuracy']:.3f} | {'-' if stain is None else f'{stain:.3f}'} |")
+        lines.append(f"| {name} | {m['overall']:.4g} | {_figure(m['mean_class_fid'], '.4g')} | {m['kid']:.3g} "
+                     f"| {_figure(c['class_accuracy'], '.3f')} | {_figure(c['site_accuracy'], '.3f')} "
+                     f"| {_figure(stain, '.3f')} |")
     c = first["conditioning"]
     lines += ["", f"Ceilings (the classifiers on held-out real slides): class {c['class_accuracy_real_cv']:.3f}, site "
               f"{c['site_accuracy_real_cv']:.3f}; chance {c['class_chance']:.3f} / {c['site_chance']:.3f}."]
@@ -211,8 +217,9 @@ def run_stage(cfg: Config) -> dict:
         if summary:
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, float)})
             mlflow.log_metric("medi_better_classes", len(summary["medi_better_classes"]))
-            log.info("mean FID per class: CLS %.4g, MeDi %.4g; MeDi better on %d of %d classes (%s)",
-                     summary["mean_class_fid_cls"], summary["mean_class_fid_medi"], len(summary["medi_better_classes"]),
+            log.info("mean FID per class: CLS %s, MeDi %s; MeDi better on %d of %d classes (%s)",
+                     _figure(summary["mean_class_fid_cls"], ".4g"), _figure(summary["mean_class_fid_medi"], ".4g"),
+                     len(summary["medi_better_classes"]),
                      summary["classes_compared"], ", ".join(summary["medi_better_classes"]))
         log.info("report figures: %s, %s", fid_path, sites_path)
     return summary

@@ -54,8 +54,12 @@ def configure(cfg: TrackingConfig) -> str:
     """Point MLflow at the store and make sure the experiment exists; return its id. The first use of the
     store by this process (which creates or migrates it) and the experiment's creation happen under
     `store_lock`, so processes starting together on a fresh store wait for one another."""
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
+    # set_tracking_uri exports MLFLOW_TRACKING_URI; left there, it would outrank the next config's tracking.uri
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     with store_lock(uri):
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
         if experiment is not None:

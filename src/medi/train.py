@@ -208,6 +208,9 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
     accelerator = Accelerator(mixed_precision=t.precision, gradient_accumulation_steps=t.grad_accumulation,
                               cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if t.precision != "no" and not accelerator.native_amp:
+        log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
+                    t.precision, accelerator.device.type)
     processes, main = accelerator.num_processes, accelerator.is_main_process
     if t.batch_size % (t.grad_accumulation * processes):
         raise MediError(f"train.batch_size {t.batch_size} does not split into train.grad_accumulation "
