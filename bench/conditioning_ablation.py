@@ -54,11 +54,15 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from medi import unseen
-    from medi.fid import Extractor
+    from medi import data, figures, unseen
+    from medi.fid import Extractor, condition_classifiers
 
     base = config.load(args.params)
     extractor = Extractor.from_config(base.fid)
+    train_index = pd.read_parquet(Path(base.split.output) / "train.parquet").sort_values("idx").reset_index(drop=True)
+    tiles = data.load_tiles(base.data.output)
+    real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], base.fid.cache, verbose=False)
+    classifiers = condition_classifiers(real.float().numpy(), train_index, base.fid.seed)   # once for all models
     for folder in sorted(ROOT.glob("*-seed*")):
         if not (folder / "models" / "medi" / "model.safetensors").exists():
             continue
@@ -70,10 +74,14 @@ def cmd_evaluate(args) -> None:
                 continue
             gcfg = config.override(cfg, {"sample.guidance": g_c, "sample.metadata_guidance": g_m})
             t0 = time.perf_counter()
-            headline, detail = unseen.evaluate(gcfg, "medi", extractor=extractor)
+            headline, cells, images = unseen.evaluate(gcfg, "medi", extractor=extractor, train_index=train_index,
+                                                      classifiers=classifiers)
             write_json(out, {"mechanism": info["mechanism"], "seed": info["seed"], "guidance": g_c,
-                             "metadata_guidance": g_m, "headline": headline, "detail": detail,
+                             "metadata_guidance": g_m, "headline": headline, "cells": cells.to_dict("records"),
                              "seconds": time.perf_counter() - t0})
+            figures.save(unseen.grid_figure(cells, images, f"{folder.name}, guidance {g_c:g} / site {g_m:g}: rows = "
+                                                           f"class, columns = the largest site of each class"),
+                         out.with_suffix(".png"))
             print(f"{folder.name} g {g_c} / {g_m}: {json.dumps(headline)}", flush=True)
 
 

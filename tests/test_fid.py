@@ -188,6 +188,14 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert all(truth.site_class[s] == c for c, s in cells)
         assert on_disk["stain"]["summary"]["seen"]["pairs"] == len(cells) and "unseen" not in on_disk["stain"]["summary"]
         assert on_disk["stain"]["real"]["pairs"] == len(real_cells)
+        # the unseen-pairs evaluation: headline figures in the metrics file, one cell per pair in the detail file
+        pairs, detail = on_disk["pairs"], json.loads(Path(cfg.fid.detail.format(model=name)).read_text())
+        c = len(set(real_classes))
+        assert pairs["pairs_per_kind"] == {"seen": c, "unseen": c * c - c} and "cells" not in on_disk
+        assert detail["pairs"] == pairs and len(detail["cells"]) == c * c
+        grid = pd.DataFrame(detail["cells"])
+        assert pairs["unseen_stain_rank"] == pytest.approx(grid.loc[~grid["seen"], "stain_rank"].mean())
+        assert pairs["site_conditioned"] == (name == "medi") and pairs["images_per_pair"] == cfg.fid.unseen_per_pair
     assert len(list(Path(cfg.fid.cache).glob("*.npy"))) == 1      # the real tiles were encoded once for both
     summary = report.run_stage(cfg)
     cls, medi = (json.loads(Path(cfg.fid.metrics.format(model=m)).read_text())["per_class"] for m in ("cls", "medi"))
@@ -207,6 +215,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     medi_metrics = json.loads(Path(cfg.fid.metrics.format(model="medi")).read_text())
     assert logged["fid"] == medi_metrics["overall"]
     assert logged["class_accuracy"] == medi_metrics["conditioning"]["class_accuracy"]
+    assert logged["pairs_unseen_site_accuracy"] == medi_metrics["pairs"]["unseen_site_accuracy"]
 
 
 def hand_metrics(per_class: dict, mean: float | None, overall: float, site_accuracy: float | None) -> dict:

@@ -353,8 +353,15 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
                     | {"steps": int(manifest["steps"].iloc[0]), "guidance": float(manifest["guidance"].iloc[0])},
         "feature_seconds": feature_seconds,
     }
+    classifiers = condition_classifiers(real.float().numpy(), train_index, cfg.fid.seed)
     out["conditioning"] = conditioning_accuracy(real.float().numpy(), train_index, gen.float().numpy(), manifest,
-                                                site_conditioned, cfg.fid.seed)
+                                                site_conditioned, cfg.fid.seed, classifiers=classifiers)
+    if cfg.fid.unseen_per_pair:             # the unseen-pairs evaluation (medi.unseen): headline here, cells apart
+        from medi import unseen
+
+        out["pairs"], cells, out["pairs_images"] = unseen.evaluate(cfg, name, extractor, train_index,
+                                                                   classifiers=classifiers)
+        out["pairs_cells"] = cells.to_dict("records")
     stain = stain_vs_truth(cfg, manifest, gen_images, train_index, tiles)
     if stain is not None:
         out["stain"] = {"summary": stain["summary"], "real": stain["real"], "cells": stain["cells"]}
@@ -376,6 +383,9 @@ def run_stage(cfg: Config, name: str) -> dict:
         t0 = time.perf_counter()
         metrics = evaluate(cfg, name)
         metrics["seconds"] = time.perf_counter() - t0
+        pair_images, pair_cells = metrics.pop("pairs_images", None), metrics.pop("pairs_cells", None)
+        if pair_cells is not None:
+            write_json(cfg.fid.detail.format(model=name), {"model": name, "pairs": metrics["pairs"], "cells": pair_cells})
         write_json(cfg.fid.metrics.format(model=name), metrics)
         mlflow.log_params({"model_name": name, "extractor_description": metrics["extractor"][:500]})
         flat = {"fid": metrics["overall"], "kid": metrics["kid"], "n_real": metrics["n_real"],
@@ -387,6 +397,15 @@ def run_stage(cfg: Config, name: str) -> dict:
         flat.update({k: v for k, v in cond.items() if isinstance(v, float)})
         for kind, summary in metrics.get("stain", {}).get("summary", {}).items():
             flat.update({f"stain_{kind}_{k}": float(v) for k, v in summary.items()})
+        if pair_cells is not None:
+            from medi import unseen
+
+            flat.update({f"pairs_{k}": v for k, v in metrics["pairs"].items() if k.startswith(("seen_", "unseen_"))})
+            mlflow.log_dict({"pairs": metrics["pairs"], "cells": pair_cells}, f"fid_{name}_detail.json")
+            mlflow.log_figure(unseen.grid_figure(pd.DataFrame(pair_cells), pair_images,
+                                                 f"{name}: rows = conditioned class, columns = the largest site of "
+                                                 f"each class (diagonal seen in training)"),
+                              f"figures/pairs_{name}.png")
         mlflow.log_metrics(flat)
         mlflow.log_dict(metrics, f"fid_{name}.json")
         mlflow.log_figure(report.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")

@@ -106,6 +106,11 @@ def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
             lambda e: e[2] + g_c * (e[1] - e[2]) + g_m * (e[0] - e[1]))
 
 
+def metadata_scale(s: SampleConfig) -> float:
+    """The metadata's guidance scale of sample settings `s` (None in params = the class's: joint guidance)."""
+    return s.guidance if s.metadata_guidance is None else s.metadata_guidance
+
+
 @torch.no_grad()
 def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], seeds: Sequence[int], steps: int,
              guidance: float = 1.0, precision: str = "no", batch_size: int = 64,
@@ -339,7 +344,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     rows = plan(s, train_index, model.vocab.classes)
     conditioned = ",".join(["class", *model.vocab.attributes])
     rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                       metadata_guidance=s.metadata_guidance, precision=s.precision, strategy=s.strategy)
+                       metadata_guidance=metadata_scale(s), precision=s.precision, strategy=s.strategy)
     out = Path(s.output.format(model=name))
     info = {"model": name, "model_dir": str(model_dir), "weights_sha256_16": weights_digest(model_dir),
             "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),

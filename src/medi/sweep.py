@@ -223,8 +223,8 @@ class Workspace:
             self._embeddings[spec.identity()] = probe.real_embeddings(cfg, spec, self.train_index, self.holdout_index,
                                                                       self.parts)
         s = cfg.sample
-        sampler = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.metadata_guidance,
-                          s.precision, s.seed)
+        sampler = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed,
+                          *([] if s.metadata_guidance is None else [s.metadata_guidance]))
         key = _digest(sampler, probe.pool_size(cfg.probe), cfg.probe.real_per_class, cfg.probe.tasks, spec.identity())
         if key not in self._pools:
             out = self.root / "pools" / f"{model_dir.name}-{sampler}"
@@ -259,9 +259,9 @@ class Workspace:
         from medi.model import MediDiffusion
 
         s, n = cfg.sample, cfg.sweep.fid_count
-        key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.metadata_guidance,
-                      s.precision, s.seed, n,
-                      {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")})
+        key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed, n,
+                      {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")},
+                      *([] if s.metadata_guidance is None else [s.metadata_guidance]))
         path = self.root / "fid" / f"{model_dir.name}-{key}.json"
         if key not in self._fid:
             with self._lock(path):
