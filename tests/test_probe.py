@@ -225,6 +225,14 @@ def test_metrics_from_site_counts_match_scikit_learn_and_hand_values():
     assert np.isclose(x["tss_avg"], 0.66666667) and x["runs"] == 2
     assert np.isclose(x["tss_avg_sem"], np.std([0.7, 0.63333333], ddof=1) / np.sqrt(2))
     assert x["tss_avg_lo"] <= x["tss_avg"] <= x["tss_avg_hi"]
+    # seen-site accuracy per run, NaN where a run has no other slides of its training sites
+    seen = clustered.summarise({"x": counts, "y": counts}, design, [("x", "y")], 200, 0,
+                               extra={"x": np.array([0.9, np.nan]), "y": np.array([0.5, 0.7])})["arms"]
+    assert (seen["x"]["seen_sites"], seen["x"]["seen_sites_runs"], seen["x"]["seen_sites_sem"]) == (0.9, 1, 0.0)
+    # worlds that drop run 0 have no value for x (not 0): its interval is the one value it has
+    assert (seen["x"]["seen_sites_lo"], seen["x"]["seen_sites_hi"]) == (0.9, 0.9)
+    assert np.isclose(seen["y"]["seen_sites"], 0.6) and np.isclose(seen["y"]["seen_sites_sem"], 0.1)
+    assert 0.5 <= seen["y"]["seen_sites_lo"] < seen["y"]["seen_sites_hi"] <= 0.7
     d = out["differences"]["x-y"]                                # identical arms: exactly 0 in every world
     assert (d["tss_avg"], d["tss_avg_lo"], d["tss_avg_hi"], d["verdict"]) == (0.0, 0.0, 0.0, "no difference shown")
 

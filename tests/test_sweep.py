@@ -3,6 +3,7 @@ runs, continuation, parallel workers, failed and pruned trials, trials that trai
 the validation sites only (the best trial is scored once on the test sites)."""
 from __future__ import annotations
 
+import os
 import json
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def test_a_trial_config_is_validated_like_params(make_cfg):
     cfg = make_cfg()
     trial = sweep.trial_config(cfg, {"model.d_e": 8, "probe.strategy": "unseen"})
     assert (trial.model.d_e, trial.probe.strategy, trial.probe.ratio) == (8, "unseen", cfg.probe.ratio)
+    with pytest.raises(MediError, match=r"sweep trial \{'probe.ratio': -1.0\}: 'probe.ratio' must be >= 0, got -1.0"):
+        sweep.trial_config(cfg, {"probe.ratio": -1.0})
+    with pytest.raises(MediError, match=r"key 'probe.strategy': expected one of .*got 'diagonal'"):
+        sweep.trial_config(cfg, {"probe.strategy": "diagonal"})
+    with pytest.raises(MediError, match=r"'probe.retio' is not a param|unknown key"):
+        sweep.trial_config(cfg, {"probe.retio": 1.0})
     with pytest.raises(MediError, match="sweep.methods"):
         make_cfg(sweep__methods=["none"])
     with pytest.raises(MediError, match="sweep.methods"):
@@ -139,7 +146,7 @@ def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_
     assert again.info.run_id == parent.info.run_id and len(children) == 8
     assert study.trials[6].user_attrs["work"] == "probe only"       # pools from disk, made by the first call
     states = {t.state.name for t in study.trials}
-    assert "PRUNED" in states and states <= {"COMPLETE", "PRUNED"}
+    assert states <= {"COMPLETE", "PRUNED"}                          # (pruning itself: test_a_trial_below_...)
     for t in study.trials:
         run = client.get_run(t.user_attrs[sweep.RUN_ATTR])
         assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
@@ -237,3 +244,105 @@ def test_cls_and_medi_get_studies_of_equal_budget_over_the_params_that_can_chang
         parent, children = study_runs(cfg, f"both-{m}")
         assert parent.data.params["method"] == m and parent.data.params["split"] == "validation"
         assert len(children) == 2 and all(c.data.tags["medi.method"] == m for c in children)
+
+
+def test_a_trial_below_the_median_of_earlier_trials_is_pruned_in_optuna_and_killed_in_mlflow(tiny_world, tmp_path):
+    """Earlier trials whose running objective (2.0) no probe can reach: the next trial is pruned after its first
+    task, whatever it samples."""
+    cfg = tiny_world(sweep__space={"probe.ratio": [1.0, 2.0]}, sweep__sampler="random", sweep__trials=1,
+                     sweep__fid_count=0, sweep__methods=["medi"], sweep__study="prune", sweep__pruner="median",
+                     sweep__startup_trials=2, probe__bootstrap=0)
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    params = write_params(cfg, tmp_path / "params.yaml")
+    assert sweep_cli(params) == 0
+    study = optuna.load_study(study_name="prune-medi", storage=cfg.sweep.storage)
+    dist = optuna.distributions.CategoricalDistribution([1.0, 2.0])
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(params={"probe.ratio": 1.0}, distributions={"probe.ratio": dist},
+                                                  value=2.0, intermediate_values={0: 2.0, 1: 2.0, 2: 2.0}))
+    assert sweep_cli(params) == 0
+    study = optuna.load_study(study_name="prune-medi", storage=cfg.sweep.storage)
+    last = study.trials[-1]
+    assert last.state.name == "PRUNED" and list(last.intermediate_values) == [0]   # stopped after the first task
+    run = mlflow.tracking.MlflowClient(cfg.tracking.uri).get_run(last.user_attrs[sweep.RUN_ATTR])
+    assert run.info.status == "KILLED"
+
+
+def test_two_workers_run_their_trials_at_the_same_time(tiny_world, tmp_path, monkeypatch):
+    """Each worker process waits at the start of its first trial until the other has started one (a barrier
+    of files, injected by a sitecustomize on PYTHONPATH): workers that ran one after the other would fail
+    their trials at the barrier's timeout."""
+    cfg = tiny_world(sweep__space={"probe.ratio": [1.0, 2.0]}, sweep__sampler="random", sweep__trials=2,
+                     sweep__workers=2, sweep__fid_count=0, sweep__methods=["medi"], sweep__study="pair",
+                     sweep__pruner="none", probe__bootstrap=0)
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    hook, barrier = tmp_path / "hook", tmp_path / "barrier"
+    hook.mkdir(), barrier.mkdir()
+    (hook / "sitecustomize.py").write_text(BARRIER_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MEDI_TEST_BARRIER", str(barrier))
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
+    study = optuna.load_study(study_name="pair-medi", storage=cfg.sweep.storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2 and len(list(barrier.iterdir())) == 2
+    a, b = study.trials
+    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete   # they overlap
+
+
+BARRIER_HOOK = """
+import os, pathlib, time
+if os.environ.get("MEDI_TEST_BARRIER"):
+    from medi import sweep
+    real, waited = sweep.run_trial, []
+
+    def run_trial(*args, **kwargs):
+        if not waited:
+            waited.append(1)
+            folder = pathlib.Path(os.environ["MEDI_TEST_BARRIER"])
+            (folder / str(os.getpid())).touch()
+            deadline = time.time() + 120
+            while len(list(folder.iterdir())) < 2:
+                if time.time() > deadline:
+                    raise RuntimeError("the other worker never started a trial")
+                time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    sweep.run_trial = run_trial
+"""
+
+
+def test_objectives_gain_and_fid(tiny_world, tmp_path):
+    tasks = {"a": {"validation": {"arms": {"medi": {"tss_avg": 0.8}, "none": {"tss_avg": 0.5}}}},
+             "b": {"validation": {"arms": {"medi": {"tss_avg": 0.6}, "none": {"tss_avg": 0.7}}}},
+             "c": {"test": {}}}                                       # no validation sites: not counted
+    assert sweep.objective_value(tasks, "gain", "medi") == pytest.approx(0.1)        # ((0.3) + (-0.1)) / 2
+    assert sweep.objective_value(tasks, "tss_avg", "medi") == pytest.approx(0.7)
+    with pytest.raises(MediError, match="no task has validation sites"):
+        sweep.objective_value({"c": {"test": {}}}, "tss_avg", "medi")
+    cfg = tiny_world(sweep__space={"sample.guidance": [1.0, 2.0]}, sweep__sampler="grid", sweep__trials=2,
+                     sweep__objective="fid", sweep__fid_count=8, sweep__methods=["medi"], sweep__study="fid",
+                     sweep__pruner="none", probe__bootstrap=0)
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
+    study = optuna.load_study(study_name="fid-medi", storage=cfg.sweep.storage)
+    assert study.direction.name == "MINIMIZE" and len(study.trials) == 2
+    for t in study.trials:
+        assert t.value == t.user_attrs["metrics"]["fid"] > 0
+    assert study.best_trial.value == min(t.value for t in study.trials)
+
+
+def test_a_bad_storage_url_is_one_error_and_a_timeout_stops_the_study(tiny_world, tmp_path, capsys):
+    cfg = tiny_world(sweep__space={"probe.ratio": [1.0, 2.0]}, sweep__sampler="random", sweep__trials=50,
+                     sweep__timeout=1, sweep__fid_count=0, sweep__methods=["medi"], sweep__study="short",
+                     sweep__pruner="none", probe__bootstrap=0)
+    bad = write_params(config.override(cfg, {"sweep.storage": "nosuchdb://x"}), tmp_path / "bad.yaml")
+    assert sweep_cli(bad) == 2
+    assert "sweep.storage 'nosuchdb://x': cannot open the Optuna storage" in capsys.readouterr().err
+    ti = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
+    save_untrained(cfg, "medi").save(Path(cfg.model.output) / "medi", {"run_hash": train.run_hash(cfg, "medi", ti)})
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
+    study = optuna.load_study(study_name="short-medi", storage=cfg.sweep.storage)
+    assert len(study.trials) == 1            # a trial takes longer than the 1 s budget: no second one starts

@@ -124,7 +124,9 @@ def summarise(arms: Mapping[str, np.ndarray], design: Design, pairs: Sequence[tu
                 draws[a][m].append((norm * values).sum(axis=1))
         for a, values in (extra or {}).items():           # runs without a value (NaN) weigh nothing
             w = run_w * ~np.isnan(values)
-            extra_draws[a].append(np.nan_to_num(values) @ w.T / np.maximum(w.sum(axis=1), 1e-12))
+            total = w.sum(axis=1)                           # 0: the world drew none of the runs with a value
+            extra_draws[a].append(np.where(total > 0, np.nan_to_num(values) @ w.T / np.where(total > 0, total, 1),
+                                           np.nan))
         done += len(run_w)
     draws = {a: {m: np.concatenate(v)[:n_boot] for m, v in ms.items()} for a, ms in draws.items()}
     lo_q, hi_q = (1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2
