@@ -66,6 +66,8 @@ def cmd_evaluate(args) -> None:
     for folder in sorted(ROOT.glob("*-seed*")):
         if not (folder / "models" / "medi" / "model.safetensors").exists():
             continue
+        if args.only and folder.name.rsplit("-seed", 1)[0] not in args.only:
+            continue
         info = read_json(folder / "train.json")
         cfg = model_cfg(args.params, info["mechanism"], info["seed"])
         for g_c, g_m in GUIDANCE:
@@ -118,7 +120,8 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("mechanism", choices=sorted(MECHANISMS))
     t.add_argument("seed", type=int)
-    sub.add_parser("evaluate")
+    e = sub.add_parser("evaluate")
+    e.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone (parallel workers)")
     sub.add_parser("table")
     args = ap.parse_args()
     {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table}[args.cmd](args)

@@ -140,12 +140,17 @@ def test_conditioning_accuracy_tells_right_from_wrong_conditions():
         "site_conditioned": True, "class_accuracy": 1.0, "class_accuracy_real_cv": 1.0, "class_chance": 0.5,
         "class_accuracy_per_class": {"A": 1.0, "B": 1.0}, "site_accuracy": 1.0, "site_accuracy_real_cv": 1.0,
         "site_chance": 0.25, "site_accuracy_per_class": {"A": 1.0, "B": 1.0}, "site_accuracy_seen_pairs": 1.0,
-        "seen_pairs_images": 40, "site_accuracy_unseen_pairs": None, "unseen_pairs_images": 0}
+        "seen_pairs_images": 40, "site_accuracy_unseen_pairs": None, "unseen_pairs_images": 0,
+        "class_accuracy_seen_pairs": 1.0, "class_accuracy_unseen_pairs": None}
     # the images of s1 asked for as s3 (a site of the other class): the class is right, every site wrong
     wrong = gen_rows.assign(tss=gen_rows["tss"].map({"s1": "s3", "s2": "s4", "s3": "s1", "s4": "s2"}))
     bad = fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0)
     assert (bad["class_accuracy"], bad["site_accuracy"], bad["site_accuracy_per_class"]) == (1.0, 0.0, {"A": 0.0, "B": 0.0})
     assert (bad["seen_pairs_images"], bad["unseen_pairs_images"], bad["site_accuracy_unseen_pairs"]) == (0, 40, 0.0)
+    assert (bad["class_accuracy_unseen_pairs"], bad["class_accuracy_seen_pairs"]) == (1.0, None)
+    # the classifiers fitted once and passed in give the same figures
+    once = fid.condition_classifiers(real, index, seed=0)
+    assert fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0, classifiers=once) == bad
 
 
 def test_sample_fid_and_report_stages_write_the_contract(tiny_world):

@@ -374,7 +374,7 @@ def run_stage(cfg: Config, name: str) -> dict:
         mlflow.log_metrics({"images": len(rows), "seconds": seconds, "images_per_second": ips})
         mlflow.log_artifact(str(out / MANIFEST), "samples")
         mlflow.log_figure(preview(out, rows, f"{name}: {s.strategy} samples, {s.scheduler} {s.steps} steps, "
-                                             f"guidance {s.guidance} / metadata {s.metadata_guidance}"),
+                                             f"guidance {s.guidance} / metadata {metadata_scale(s)}"),
                       f"samples/preview_{name}.png")
         log.info("sampled %d images of %s in %.1fs (%.1f images/s) -> %s", len(rows), name, seconds, ips, out)
     return {"images": len(rows), "seconds": seconds, "images_per_second": ips, "output": str(out)}

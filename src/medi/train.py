@@ -354,6 +354,7 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
     site_class = train_index.drop_duplicates("tss").set_index("tss")["class"].to_dict()
     labels = [f"TSS {s} ({site_class[s]})" if s else "class only" for s in sites]
     sampler = f"{cfg.train.grid_scheduler} {cfg.train.grid_steps} steps"
+    metadata = "" if cfg.train.grid_metadata_guidance is None else f" (site {cfg.train.grid_metadata_guidance})"
 
     def hook(step: int, model: MediDiffusion) -> dict[str, float]:
         images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, seeds, cfg.train.grid_steps,
@@ -364,7 +365,7 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
         cells = np.concatenate(list(cells.transpose(2, 0, 1, 3, 4, 5)), axis=3)   # seeds side by side in a cell
         title = (f"{name} at step {step}: rows = conditioned class, columns = conditioned site "
                  f"(diagonal = pairs seen in training, the rest never seen), {sampler}, "
-                 f"guidance {cfg.train.grid_guidance} (site {cfg.train.grid_metadata_guidance}), EMA")
+                 f"guidance {cfg.train.grid_guidance}{metadata}, EMA")
         if sites[0] is None:
             title = (f"{name} at step {step}: rows = conditioned class, {sampler}, "
                      f"guidance {cfg.train.grid_guidance}, EMA")
