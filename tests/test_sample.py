@@ -250,3 +250,5 @@ def test_metadata_guidance_in_the_sample_stage_regenerates_and_joint_is_unchange
     # a manifest written before the setting existed replays as joint guidance
     old = manifest.drop(columns="metadata_guidance")
     assert np.array_equal(sample.regenerate(old, model, cfg.model), draw(2.0, 2.0))
+    grown = manifest.assign(metadata_guidance=np.nan)      # older rows of a pool grown after it existed
+    assert np.array_equal(sample.regenerate(grown, model, cfg.model), draw(2.0, 2.0))

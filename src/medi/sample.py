@@ -311,7 +311,8 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelCon
     """Replay a manifest's batches: the images, in manifest order, bit for bit as first generated."""
     out = np.zeros((len(manifest), model.arch.sample_size, model.arch.sample_size, 3), np.uint8)
     for _, g in manifest.groupby("batch", sort=True):
-        g = g if "metadata_guidance" in g else g.assign(metadata_guidance=g["guidance"])   # sets made before it
+        # rows made before the setting existed (a whole set, or the older rows of a grown pool): joint guidance
+        g = g.assign(metadata_guidance=g.get("metadata_guidance", g["guidance"]).fillna(g["guidance"]))
         settings = g[["scheduler", "steps", "guidance", "metadata_guidance", "precision"]].drop_duplicates()
         if len(settings) != 1:
             raise MediError(f"manifest batch {g['batch'].iloc[0]} mixes sampler settings: {settings.to_dict('records')}")
