@@ -120,11 +120,18 @@ BAD_PARAMS = [
     (["sample.count=-1"], "sample.count", r"'sample.count' must be >= 0, got -1"),
     (["sample.guidance=0.5"], "sample.guidance", r"'sample.guidance' must be >= 1 \(1 = no classifier-free guidance\), "
                                                  r"got 0.5"),
+    *[([f"{k}=-1"], k, rf"'{k}' must be >= 0 \(0 = the metadata ignored, 1 = unguided\), got -1.0")
+      for k in ("sample.metadata_guidance", "train.grid_metadata_guidance")],
+    (["model.conditioning=film"], "model.conditioning",
+     r"key 'model.conditioning': expected one of 'additive', 'scale_shift', got 'film'"),
+    (["model.metadata_route=attention"], "model.metadata_route",
+     r"key 'model.metadata_route': expected one of 'embedding', 'output', got 'attention'"),
     (["sample.strategy=explicit"], "sample.pairs", r"sample.strategy is 'explicit' but 'sample.pairs' is empty"),
     (["sample.pairs=[{tss: '05'}]"], "sample.pairs[0]", r"'sample.pairs\[0\]' has no 'class': \{'tss': '05'\}"),
     *[([f"fid.{k}=0"], f"fid.{k}", rf"'fid.{k}' must be >= 1, got 0")
       for k in ("batch_size", "min_count", "kid_subset_size", "kid_subsets", "curve_count", "stain_tiles")],
     (["fid.input_size=-1"], "fid.input_size", r"'fid.input_size' must be >= 0, got -1"),
+    (["fid.unseen_per_pair=-1"], "fid.unseen_per_pair", r"'fid.unseen_per_pair' must be >= 0, got -1"),
     (["probe.methods=[none, foo]"], "probe.methods", r"'probe.methods' must list some of none, real, cls, medi once "
      r"each; got \['none', 'foo'\]"),
     (["probe.methods=[]"], "probe.methods", r"'probe.methods' must list some of none, real, cls, medi once each; got \[\]"),

@@ -140,12 +140,17 @@ def test_conditioning_accuracy_tells_right_from_wrong_conditions():
         "site_conditioned": True, "class_accuracy": 1.0, "class_accuracy_real_cv": 1.0, "class_chance": 0.5,
         "class_accuracy_per_class": {"A": 1.0, "B": 1.0}, "site_accuracy": 1.0, "site_accuracy_real_cv": 1.0,
         "site_chance": 0.25, "site_accuracy_per_class": {"A": 1.0, "B": 1.0}, "site_accuracy_seen_pairs": 1.0,
-        "seen_pairs_images": 40, "site_accuracy_unseen_pairs": None, "unseen_pairs_images": 0}
+        "seen_pairs_images": 40, "site_accuracy_unseen_pairs": None, "unseen_pairs_images": 0,
+        "class_accuracy_seen_pairs": 1.0, "class_accuracy_unseen_pairs": None}
     # the images of s1 asked for as s3 (a site of the other class): the class is right, every site wrong
     wrong = gen_rows.assign(tss=gen_rows["tss"].map({"s1": "s3", "s2": "s4", "s3": "s1", "s4": "s2"}))
     bad = fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0)
     assert (bad["class_accuracy"], bad["site_accuracy"], bad["site_accuracy_per_class"]) == (1.0, 0.0, {"A": 0.0, "B": 0.0})
     assert (bad["seen_pairs_images"], bad["unseen_pairs_images"], bad["site_accuracy_unseen_pairs"]) == (0, 40, 0.0)
+    assert (bad["class_accuracy_unseen_pairs"], bad["class_accuracy_seen_pairs"]) == (1.0, None)
+    # the classifiers fitted once and passed in give the same figures
+    once = fid.condition_classifiers(real, index, seed=0)
+    assert fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0, classifiers=once) == bad
 
 
 def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
@@ -188,6 +193,14 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert all(truth.site_class[s] == c for c, s in cells)
         assert on_disk["stain"]["summary"]["seen"]["pairs"] == len(cells) and "unseen" not in on_disk["stain"]["summary"]
         assert on_disk["stain"]["real"]["pairs"] == len(real_cells)
+        # the unseen-pairs evaluation: headline figures in the metrics file, one cell per pair in the detail file
+        pairs, detail = on_disk["pairs"], json.loads(Path(cfg.fid.detail.format(model=name)).read_text())
+        c = len(set(real_classes))
+        assert pairs["pairs_per_kind"] == {"seen": c, "unseen": c * c - c} and "cells" not in on_disk
+        assert detail["pairs"] == pairs and len(detail["cells"]) == c * c
+        grid = pd.DataFrame(detail["cells"])
+        assert pairs["unseen_stain_rank"] == pytest.approx(grid.loc[~grid["seen"], "stain_rank"].mean())
+        assert pairs["site_conditioned"] == (name == "medi") and pairs["images_per_pair"] == cfg.fid.unseen_per_pair
     assert len(list(Path(cfg.fid.cache).glob("*.npy"))) == 1      # the real tiles were encoded once for both
     summary = report.run_stage(cfg)
     cls, medi = (json.loads(Path(cfg.fid.metrics.format(model=m)).read_text())["per_class"] for m in ("cls", "medi"))
@@ -207,6 +220,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     medi_metrics = json.loads(Path(cfg.fid.metrics.format(model="medi")).read_text())
     assert logged["fid"] == medi_metrics["overall"]
     assert logged["class_accuracy"] == medi_metrics["conditioning"]["class_accuracy"]
+    assert logged["pairs_unseen_site_accuracy"] == medi_metrics["pairs"]["unseen_site_accuracy"]
 
 
 def hand_metrics(per_class: dict, mean: float | None, overall: float, site_accuracy: float | None) -> dict:

@@ -91,3 +91,69 @@ def test_condition_dropout_and_null_condition():
 def test_load_refuses_incomplete_folder(tmp_path):
     with pytest.raises(MediError, match="missing model.safetensors"):
         MediDiffusion.load(tmp_path)
+
+
+def test_nested_dropout_drops_the_attributes_with_the_class_and_nothing_else():
+    vocab = Vocabulary.from_frame(FRAME, "class", ["tss", "age"], ["age"])
+    cond = vocab.encode(["LUAD"] * 500, {"tss": ["05"] * 500, "age": [60] * 500})
+    plain = drop_conditions(cond, 0.3, 0.2, generator=torch.Generator().manual_seed(0))
+    nested = drop_conditions(cond, 0.3, 0.2, generator=torch.Generator().manual_seed(0), nested=True)
+    no_class = plain["class"] == 0
+    assert torch.equal(nested["class"], plain["class"]) and 100 < int(no_class.sum()) < 200
+    assert (nested["tss"][no_class] == 0).all() and nested["age"][no_class].isnan().all()
+    assert torch.equal(nested["tss"][~no_class], plain["tss"][~no_class])          # the same draws elsewhere
+    assert torch.equal(nested["age"][~no_class].isnan(), plain["age"][~no_class].isnan())
+    assert (plain["tss"][no_class] != 0).any()                     # without `nested` a site stays without its class
+
+
+def test_default_mechanism_builds_the_papers_network_parameter_for_parameter():
+    """The default (additive, metadata with the class) is the network built before the mechanisms existed:
+    the same UNet arguments and modules, drawing the same initial weights from the same seed."""
+    from diffusers import UNet2DModel
+
+    from medi.model import ConditionEncoder
+
+    vocab = Vocabulary.from_frame(FRAME, "class", ["tss"], [])
+    arch = architecture("tiny-cpu", 16, d_e=16)
+    assert (arch.conditioning, arch.metadata_route) == ("additive", "embedding")
+    torch.manual_seed(3)
+    model = MediDiffusion(arch, vocab)
+    torch.manual_seed(3)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=tuple(arch.block_out_channels),
+                       layers_per_block=arch.layers_per_block, down_block_types=tuple(model.unet.config.down_block_types),
+                       up_block_types=tuple(model.unet.config.up_block_types), add_attention=arch.attention,
+                       norm_num_groups=arch.norm_num_groups, class_embed_type="identity")
+    encoder = ConditionEncoder(vocab, arch.d_t, arch.d_e)
+    old = {**{f"unet.{k}": v for k, v in unet.state_dict().items()}, **{f"encoder.{k}": v for k, v in encoder.state_dict().items()}}
+    new = model.state_dict()
+    assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in old)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    cond = vocab.encode(["LUAD", "KIRC"], {"tss": ["05", "44"]})
+    assert torch.equal(model(x, t, cond), unet(x, t, class_labels=encoder(cond)).sample)
+
+
+@pytest.mark.parametrize("conditioning, route", [("scale_shift", "embedding"), ("additive", "output"),
+                                                 ("scale_shift", "output")])
+def test_other_mechanisms_reach_the_network_and_survive_save_and_load(tmp_path, conditioning, route):
+    vocab = Vocabulary.from_frame(FRAME, "class", ["tss"], [])
+    arch = architecture("tiny-cpu", 16, d_e=16, conditioning=conditioning, metadata_route=route)
+    torch.manual_seed(0)
+    model = MediDiffusion(arch, vocab)
+    block = model.unet.down_blocks[0].resnets[0]
+    channels = block.conv1.out_channels
+    # scale_shift: each block's projection gives a scale and a shift (2 x channels), additive a shift only
+    assert block.time_emb_proj.out_features == (2 if conditioning == "scale_shift" else 1) * channels
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 10])
+    cond = vocab.encode(["LUAD", "LUAD"], {"tss": ["05", "05"]})
+    other = {**cond, "tss": torch.tensor([2, 2])}
+    if route == "output":
+        assert model.encoder.d_class == arch.d_t              # the class alone fills the time embedding's width
+        assert torch.equal(model(x, t, cond), model(x, t, other))     # the output modulation starts as the identity
+        torch.nn.init.normal_(model.modulation.out.weight, std=0.1)
+    assert not torch.allclose(model(x, t, cond), model(x, t, other))      # the site reaches the output
+    model.save(tmp_path / "m")
+    back = MediDiffusion.load(tmp_path / "m")
+    assert (back.arch.conditioning, back.arch.metadata_route) == (conditioning, route)
+    assert torch.equal(back(x, t, cond), model(x, t, cond))
+    cls = MediDiffusion(arch, Vocabulary.from_frame(FRAME, "class", [], []))        # no attributes: no output route
+    assert cls.modulation is None and cls.encoder.d_class == arch.d_t

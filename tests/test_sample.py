@@ -203,3 +203,52 @@ def test_bf16_and_fp16_sampling_autocast_on_the_cpu_and_regenerate(tiny_world, m
     for p, expected in images.items():
         manifest = rows.assign(conditioned_on="class", scheduler="dpmsolver++", steps=2, guidance=1.0, precision=p)
         assert np.array_equal(sample.regenerate(manifest, model, cfg.model), expected), p
+
+
+def test_compositional_guidance_pushes_the_class_and_the_metadata_by_their_own_scales():
+    cond = {"class": torch.tensor([2, 3]), "tss": torch.tensor([4, 1])}
+    e_full, e_class, e_null = (torch.full((2, 3, 4, 4), v) for v in (5.0, 3.0, 1.0))
+
+    def evaluations(variants):      # the prediction each condition batch stands for, in the order asked
+        preds = {(True, True): e_full, (True, False): e_class, (False, False): e_null}
+        return [preds[(bool((v["class"] != 0).all()), bool((v["tss"] != 0).all()))] for v in variants]
+
+    # joint guidance (the metadata's scale unset or equal): e(null) + g (e(c, m) - e(null)), two evaluations
+    for metadata in (None, 2.0):
+        variants, combine = sample.guidance_conditions(cond, 2.0, metadata)
+        assert len(variants) == 2 and torch.equal(combine(evaluations(variants)), e_null + 2.0 * (e_full - e_null))
+    variants, combine = sample.guidance_conditions(cond, 1.0, None)
+    assert len(variants) == 1 and torch.equal(combine(evaluations(variants)), e_full)
+    # compositional: e(null) + g_c (e(c) - e(null)) + g_m (e(c, m) - e(c)); the class-only batch keeps the class
+    variants, combine = sample.guidance_conditions(cond, 2.0, 3.0)
+    assert torch.equal(variants[1]["class"], cond["class"]) and (variants[1]["tss"] == 0).all()
+    assert torch.equal(combine(evaluations(variants)), e_null + 2.0 * (e_class - e_null) + 3.0 * (e_full - e_class))
+    variants, combine = sample.guidance_conditions(cond, 1.0, 3.0)       # g_c = 1: e(null) cancels, two evaluations
+    assert len(variants) == 2 and torch.equal(combine(evaluations(variants)), e_class + 3.0 * (e_full - e_class))
+    # a class-only model has no metadata to guide: its scale is ignored
+    variants, _ = sample.guidance_conditions({"class": cond["class"]}, 2.0, 3.0)
+    assert len(variants) == 2
+
+
+def test_metadata_guidance_in_the_sample_stage_regenerates_and_joint_is_unchanged(tiny_world):
+    cfg = tiny_world(sample__count=8, sample__batch_size=8, sample__guidance=2.0, sample__metadata_guidance=4.0)
+    model = save_untrained(cfg, "medi")
+    sample.run_stage(cfg, "medi")
+    out = Path(cfg.sample.output.format(model="medi"))
+    manifest = sample.read_manifest(out / sample.MANIFEST)
+    assert (manifest["guidance"] == 2.0).all() and (manifest["metadata_guidance"] == 4.0).all()
+    images = sample.load_images(out, manifest)
+    assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
+    cond, seeds = sample.conditions_of(manifest, model), manifest["seed"].tolist()
+
+    def draw(guidance, metadata):
+        return sample.generate(model, sample.make_sampler(cfg.sample.scheduler, cfg.model), cond, seeds,
+                               cfg.sample.steps, guidance, metadata_guidance=metadata)
+
+    assert np.array_equal(draw(2.0, 4.0), images)
+    assert np.array_equal(draw(2.0, None), draw(2.0, 2.0)) and not np.array_equal(draw(2.0, 2.0), images)
+    # a manifest written before the setting existed replays as joint guidance
+    old = manifest.drop(columns="metadata_guidance")
+    assert np.array_equal(sample.regenerate(old, model, cfg.model), draw(2.0, 2.0))
+    grown = manifest.assign(metadata_guidance=np.nan)      # older rows of a pool grown after it existed
+    assert np.array_equal(sample.regenerate(grown, model, cfg.model), draw(2.0, 2.0))

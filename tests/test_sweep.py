@@ -110,8 +110,8 @@ def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_
     assert len(children) == 4 and parent.info.status == "FINISHED"
     assert {c.data.params["probe.strategy"] for c in children} <= set(PROBE_SPACE["probe.strategy"])
     done = [c for c in children if c.info.status == "FINISHED"]
-    assert done and all({"objective", "fid", "mean_tss_avg_validation", "nsclc_medi_tss_avg_validation"}
-                        <= set(c.data.metrics) for c in done)
+    assert done and all({"objective", "fid", "mean_tss_avg_validation", "nsclc_medi_tss_avg_validation",
+                         "pairs_unseen_site_accuracy", "pairs_unseen_stain_rank"} <= set(c.data.metrics) for c in done)
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)
     history = mlflow.tracking.MlflowClient().get_metric_history(parent.info.run_id, "trial_objective")
     assert {(m.step, m.value) for m in history} == {(t.number, t.value) for t in study.trials if t.state.name == "COMPLETE"}

@@ -85,6 +85,9 @@ class ModelConfig:
                                  # code (d_t split equally between the class and each attribute; d_e unused)
     class_dropout: float         # condition dropout (trains the null tokens for classifier-free guidance)
     attribute_dropout: float
+    nested_dropout: bool         # attributes dropped whenever the class is (never an attribute without the class)
+    conditioning: Literal["additive", "scale_shift"]   # additive (the paper's) | scale_shift (feature-wise modulation)
+    metadata_route: Literal["embedding", "output"]     # embedding (the paper's) | output (modulates the output norm)
     prediction_type: Literal["epsilon", "v_prediction", "sample"]
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
     rescale_zero_snr: bool       # rescale betas to zero terminal SNR (Lin et al. 2024)
@@ -120,6 +123,7 @@ class TrainConfig:
     grid_steps: int              # its steps
     grid_seeds: int              # images (seeds) per (class, site) cell of those grids
     grid_guidance: float         # classifier-free guidance scale for the grids and the stain check (1 = none)
+    grid_metadata_guidance: float | None  # their metadata scale (as sample.metadata_guidance; None = grid_guidance)
     eval_every: int              # steps between evaluation hooks (FID curve); 0 = off
     stain_check_seeds: int       # synthetic data: images per (class, site) for the ground-truth stain check
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
@@ -131,6 +135,7 @@ class SampleConfig:
     scheduler: Literal["ddim", "dpmsolver++"]
     steps: int
     guidance: float              # classifier-free guidance scale (1 = plain conditional sampling, the paper's)
+    metadata_guidance: float | None  # the metadata's own scale (compositional guidance; None = guidance: joint)
     strategy: Literal["match", "uniform", "grid", "explicit"]
     count: int                   # match / uniform: images in all (0 = as many as training tiles, the paper's FID setting)
     per_pair: int                # grid / explicit: images per (class, site) pair
@@ -155,8 +160,10 @@ class FidConfig:
     kid_subsets: int
     curve_count: int             # images generated per point of the training FID curve (train.eval_every)
     stain_tiles: int             # synthetic data: generated tiles per (class, site) cell for the ground-truth stain check
+    unseen_per_pair: int         # unseen-pairs evaluation (medi.unseen): images per (class, site) pair; 0 = off
     cache: str                   # features of real tiles, keyed by extractor and image bytes ("" = off)
     metrics: str                 # metrics/fid_{model}.json
+    detail: str                  # reports/fid_{model}_detail.json: per-pair figures of the unseen-pairs evaluation
 
 
 @dataclass(frozen=True)
@@ -440,6 +447,10 @@ def _validate(cfg: Config, where: str) -> None:
     _at_least(where, 0, {"sample.count": smp.count})
     if smp.guidance < 1.0:
         raise MediError(f"{where}: 'sample.guidance' must be >= 1 (1 = no classifier-free guidance), got {smp.guidance}")
+    for key, value in (("sample.metadata_guidance", smp.metadata_guidance),
+                       ("train.grid_metadata_guidance", t.grid_metadata_guidance)):
+        if value is not None and value < 0.0:
+            raise MediError(f"{where}: '{key}' must be >= 0 (0 = the metadata ignored, 1 = unguided), got {value}")
     if smp.strategy == "explicit" and not smp.pairs:
         raise MediError(f"{where}: sample.strategy is 'explicit' but 'sample.pairs' is empty")
     for i, pair in enumerate(smp.pairs):
@@ -448,7 +459,7 @@ def _validate(cfg: Config, where: str) -> None:
     f = cfg.fid
     _at_least(where, 1, {f"fid.{k}": getattr(f, k) for k in ("batch_size", "min_count", "kid_subset_size", "kid_subsets",
                                                              "curve_count", "stain_tiles")})
-    _at_least(where, 0, {"fid.input_size": f.input_size})
+    _at_least(where, 0, {"fid.input_size": f.input_size, "fid.unseen_per_pair": f.unseen_per_pair})
     pr = cfg.probe
     bad = [m for m in pr.methods if m not in PROBE_METHODS]
     if bad or not pr.methods or len(set(pr.methods)) != len(pr.methods):

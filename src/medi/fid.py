@@ -227,10 +227,9 @@ def group_scores(real: torch.Tensor, real_groups: np.ndarray, gen: torch.Tensor,
     return out
 
 
-def conditioning_accuracy(real: np.ndarray, train_index: pd.DataFrame, gen: np.ndarray, manifest: pd.DataFrame,
-                          site_conditioned: bool, seed: int, folds: int = 3) -> dict:
-    """How often generated tiles show the class (and site) they were conditioned on, by classifiers fitted on
-    real training tiles; the classifiers' cross-validated accuracy on real tiles (folds by slide) is the ceiling."""
+def condition_classifiers(real: np.ndarray, train_index: pd.DataFrame, seed: int, folds: int = 3) -> dict:
+    """Logistic regressions on the real training tiles' features predicting the class and the site, each with
+    its cross-validated accuracy on real tiles (folds by slide), the ceiling: {"class"|"tss": (fitted, cv)}."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -239,27 +238,41 @@ def conditioning_accuracy(real: np.ndarray, train_index: pd.DataFrame, gen: np.n
     def classifier():
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, tol=1e-3, random_state=seed))
 
-    out: dict = {"classifier": "logistic regression on the extractor's features of the real training tiles",
-                 "site_conditioned": site_conditioned}
     slides = train_index["slide"].to_numpy(str)
-    site_class = train_index.drop_duplicates("tss").set_index("tss")["class"].astype(str).to_dict()
+    out = {}
     for target in ("class", "tss"):
         y = train_index[target].to_numpy(str)
         cv = cross_val_score(classifier(), real, y, groups=slides, cv=GroupKFold(min(folds, len(set(slides)))))
-        clf = classifier().fit(real, y)
+        out[target] = (classifier().fit(real, y), float(cv.mean()))
+    return out
+
+
+def conditioning_accuracy(real: np.ndarray, train_index: pd.DataFrame, gen: np.ndarray, manifest: pd.DataFrame,
+                          site_conditioned: bool, seed: int, folds: int = 3, classifiers: dict | None = None) -> dict:
+    """How often generated tiles show the class (and site) they were conditioned on, by classifiers fitted on
+    real training tiles (`condition_classifiers`, fitted here unless given); the classifiers' cross-validated
+    accuracy on real tiles (folds by slide) is the ceiling. Both accuracies are also given on seen pairs (the
+    site sent that class in training) and unseen pairs."""
+    classifiers = classifiers or condition_classifiers(real, train_index, seed, folds)
+    out: dict = {"classifier": "logistic regression on the extractor's features of the real training tiles",
+                 "site_conditioned": site_conditioned}
+    site_class = train_index.drop_duplicates("tss").set_index("tss")["class"].astype(str).to_dict()
+    seen_all = np.array([site_class.get(s) == c for s, c in zip(manifest["tss"].astype(str), manifest["class"].astype(str))])
+    for target in ("class", "tss"):
+        clf, cv = classifiers[target]
         wanted = manifest[target].to_numpy(str)
         known = np.isin(wanted, clf.classes_)
         hit = clf.predict(gen[known]) == wanted[known]
         key = "class" if target == "class" else "site"
         out[f"{key}_accuracy"] = float(hit.mean()) if hit.size else None
-        out[f"{key}_accuracy_real_cv"] = float(cv.mean())
+        out[f"{key}_accuracy_real_cv"] = cv
         out[f"{key}_chance"] = 1.0 / len(clf.classes_)
         groups = manifest["class"].to_numpy(str)[known]
         out[f"{key}_accuracy_per_class"] = {c: float(hit[groups == c].mean()) for c in sorted(set(groups))}
-        if target == "tss":
-            seen = np.array([site_class.get(s) == c for s, c in zip(wanted[known], groups)])
-            for kind, sel in (("seen", seen), ("unseen", ~seen)):
-                out[f"site_accuracy_{kind}_pairs"] = float(hit[sel].mean()) if sel.any() else None
+        seen = seen_all[known]
+        for kind, sel in (("seen", seen), ("unseen", ~seen)):
+            out[f"{key}_accuracy_{kind}_pairs"] = float(hit[sel].mean()) if sel.any() else None
+            if target == "tss":
                 out[f"{kind}_pairs_images"] = int(sel.sum())
     return out
 
@@ -340,8 +353,15 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
                     | {"steps": int(manifest["steps"].iloc[0]), "guidance": float(manifest["guidance"].iloc[0])},
         "feature_seconds": feature_seconds,
     }
+    classifiers = condition_classifiers(real.float().numpy(), train_index, cfg.fid.seed)
     out["conditioning"] = conditioning_accuracy(real.float().numpy(), train_index, gen.float().numpy(), manifest,
-                                                site_conditioned, cfg.fid.seed)
+                                                site_conditioned, cfg.fid.seed, classifiers=classifiers)
+    if cfg.fid.unseen_per_pair:             # the unseen-pairs evaluation (medi.unseen): headline here, cells apart
+        from medi import unseen
+
+        out["pairs"], cells, out["pairs_images"] = unseen.evaluate(cfg, name, extractor, train_index,
+                                                                   classifiers=classifiers)
+        out["pairs_cells"] = cells.to_dict("records")
     stain = stain_vs_truth(cfg, manifest, gen_images, train_index, tiles)
     if stain is not None:
         out["stain"] = {"summary": stain["summary"], "real": stain["real"], "cells": stain["cells"]}
@@ -363,6 +383,9 @@ def run_stage(cfg: Config, name: str) -> dict:
         t0 = time.perf_counter()
         metrics = evaluate(cfg, name)
         metrics["seconds"] = time.perf_counter() - t0
+        pair_images, pair_cells = metrics.pop("pairs_images", None), metrics.pop("pairs_cells", None)
+        if pair_cells is not None:
+            write_json(cfg.fid.detail.format(model=name), {"model": name, "pairs": metrics["pairs"], "cells": pair_cells})
         write_json(cfg.fid.metrics.format(model=name), metrics)
         mlflow.log_params({"model_name": name, "extractor_description": metrics["extractor"][:500]})
         flat = {"fid": metrics["overall"], "kid": metrics["kid"], "n_real": metrics["n_real"],
@@ -374,6 +397,15 @@ def run_stage(cfg: Config, name: str) -> dict:
         flat.update({k: v for k, v in cond.items() if isinstance(v, float)})
         for kind, summary in metrics.get("stain", {}).get("summary", {}).items():
             flat.update({f"stain_{kind}_{k}": float(v) for k, v in summary.items()})
+        if pair_cells is not None:
+            from medi import unseen
+
+            flat.update({f"pairs_{k}": v for k, v in metrics["pairs"].items() if k.startswith(("seen_", "unseen_"))})
+            mlflow.log_dict({"pairs": metrics["pairs"], "cells": pair_cells}, f"fid_{name}_detail.json")
+            mlflow.log_figure(unseen.grid_figure(pd.DataFrame(pair_cells), pair_images,
+                                                 f"{name}: rows = conditioned class, columns = the largest site of "
+                                                 f"each class (diagonal seen in training)"),
+                              f"figures/pairs_{name}.png")
         mlflow.log_metrics(flat)
         mlflow.log_dict(metrics, f"fid_{name}.json")
         mlflow.log_figure(report.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
@@ -400,7 +432,7 @@ def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndar
                                                                cfg.fid.cache, verbose=False)
         s = cfg.sample
         images = generate(model, make_sampler(s.scheduler, cfg.model), conditions_of(rows, model), rows["seed"].tolist(),
-                          s.steps, s.guidance, s.precision, batch_size=s.batch_size)
+                          s.steps, s.guidance, s.precision, batch_size=s.batch_size, metadata_guidance=s.metadata_guidance)
         gen = state["extractor"].features(images, verbose=False)
         return {"fid": frechet(state["real"], gen), "kid": kid(state["real"], gen, cfg.fid)}
 

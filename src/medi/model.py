@@ -6,6 +6,16 @@ UNet is built with `class_embed_type="identity"`, so diffusers adds whatever vec
 `class_labels`; the embeddings live in `ConditionEncoder` and train jointly with the UNet. CLS is the same
 code with k = 0 (d_class = d_t), so both models have the same UNet.
 
+Two choices change how the condition reaches the network (params `model.conditioning`, `model.metadata_route`;
+docs/conditioning.md measures them):
+- `conditioning`: `additive` (the paper's: each ResNet block adds a projection of time + condition to its
+  features) or `scale_shift` (diffusers' `resnet_time_scale_shift="scale_shift"`: the projection scales and
+  shifts each block's normalised features, feature-wise modulation);
+- `metadata_route`: `embedding` (the paper's: the attributes travel in the vector above) or `output` (the class
+  alone fills d_t; the attributes, with the time, scale and shift the UNet's output normalisation only, a
+  per-channel transform just before the last convolution, so a site can change the look of a tile more
+  easily than its structure).
+
 Categorical attributes (tss, race, gender) use a learnable table; continuous ones (age) a sinusoidal
 encoding of the value to d_e followed by a linear map. Index 0 of every table, and a learned vector for
 continuous attributes, is the null token used by condition dropout and classifier-free guidance.
@@ -109,9 +119,12 @@ def null_condition(cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def drop_conditions(cond: Mapping[str, torch.Tensor], p_class: float, p_attribute: float,
-                    generator: torch.Generator | Sequence[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                    nested: bool = False) -> dict[str, torch.Tensor]:
     """Condition dropout: each entry independently replaced by its null token (class and each attribute).
-    `generator` is one generator for the batch, or one per row (a row's draws then depend on it alone)."""
+    `generator` is one generator for the batch, or one per row (a row's draws then depend on it alone).
+    `nested`: a row whose class is dropped loses its attributes too, so the model never sees an attribute
+    without the class (the draws are the same; only those rows change)."""
     out = {}
     for k, v in cond.items():
         p = p_class if k == "class" else p_attribute
@@ -122,6 +135,10 @@ def drop_conditions(cond: Mapping[str, torch.Tensor], p_class: float, p_attribut
         drop = u.to(v.device) < p                                          # drawn on the CPU: same on any device
         null = torch.full_like(v, float("nan")) if v.is_floating_point() else torch.zeros_like(v)
         out[k] = torch.where(drop, null, v)
+    if nested:
+        no_class = out["class"] == 0
+        out = {k: v if k == "class" else torch.where(no_class.view(-1, *[1] * (v.dim() - 1)), null_condition({k: v})[k], v)
+               for k, v in out.items()}
     return out
 
 
@@ -151,12 +168,15 @@ class ContinuousEmbedding(nn.Module):
 
 
 class ConditionEncoder(nn.Module):
-    """z_cond = concat(z_class, z_meta_1, ..., z_meta_k) in R^{d_t}, d_t = d_class + k * d_e."""
+    """z_cond = concat(z_class, z_meta_1, ..., z_meta_k) in R^{d_t}, d_t = d_class + k * d_e.
 
-    def __init__(self, vocab: Vocabulary, d_t: int, d_e: int):
+    With `separate` (metadata_route: output) the class embedding fills d_t and `parts` returns the metadata
+    embeddings (k * d_e) apart."""
+
+    def __init__(self, vocab: Vocabulary, d_t: int, d_e: int, separate: bool = False):
         super().__init__()
         k = len(vocab.attributes)
-        d_class = d_t - k * d_e
+        d_class = d_t if separate else d_t - k * d_e
         if d_class < 8:
             raise MediError(f"model.d_e = {d_e} with {k} attribute(s) leaves d_class = {d_class} of d_t = {d_t}; "
                             f"use d_e <= {(d_t - 8) // max(k, 1)}")
@@ -166,10 +186,31 @@ class ConditionEncoder(nn.Module):
         self.continuous = nn.ModuleDict({a: ContinuousEmbedding(d_e) for a in vocab.continuous})
 
     def forward(self, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self.class_embedding(cond["class"])]
-        parts += [emb(cond[a]) for a, emb in self.categorical.items()]
-        parts += [emb(cond[a]) for a, emb in self.continuous.items()]
-        return torch.cat(parts, dim=-1)
+        z_class, z_meta = self.parts(cond)
+        return z_class if z_meta is None else torch.cat([z_class, z_meta], dim=-1)
+
+    def parts(self, cond: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(class embedding, concatenated metadata embeddings or None without attributes)."""
+        meta = [emb(cond[a]) for a, emb in self.categorical.items()]
+        meta += [emb(cond[a]) for a, emb in self.continuous.items()]
+        return self.class_embedding(cond["class"]), (torch.cat(meta, dim=-1) if meta else None)
+
+
+class OutputModulation(nn.Module):
+    """The metadata route `output`: the metadata embeddings with the time embedding give a per-channel scale
+    and shift of the UNet's output normalisation, h * (1 + scale) + shift. The last layer starts at zero, so
+    an untrained pathway is the identity."""
+
+    def __init__(self, d_meta: int, d_t: int, channels: int):
+        super().__init__()
+        self.meta = nn.Linear(d_meta, d_t)
+        self.out = nn.Linear(d_t, 2 * channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, z_meta: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.out(nn.functional.silu(t_emb + self.meta(z_meta))).to(h.dtype).chunk(2, dim=-1)
+        return h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
 
 
 @dataclass(frozen=True)
@@ -181,6 +222,8 @@ class Architecture:
     attention: bool
     norm_num_groups: int
     d_e: int
+    conditioning: str = "additive"         # additive | scale_shift (how time + condition enter the ResNet blocks)
+    metadata_route: str = "embedding"      # embedding | output (where the metadata attributes enter)
 
     @property
     def d_t(self) -> int:
@@ -193,7 +236,8 @@ class Architecture:
         return UNet2DModel(sample_size=self.sample_size, in_channels=3, out_channels=3,
                            block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
                            down_block_types=tuple(down), up_block_types=tuple(up), add_attention=self.attention,
-                           norm_num_groups=self.norm_num_groups, class_embed_type="identity")
+                           norm_num_groups=self.norm_num_groups, class_embed_type="identity",
+                           resnet_time_scale_shift="scale_shift" if self.conditioning == "scale_shift" else "default")
 
 
 class MediDiffusion(nn.Module):
@@ -203,10 +247,24 @@ class MediDiffusion(nn.Module):
         super().__init__()
         self.arch, self.vocab = arch, vocab
         self.unet = arch.unet()
-        self.encoder = ConditionEncoder(vocab, arch.d_t, arch.d_e)
+        separate = arch.metadata_route == "output" and bool(vocab.attributes)
+        self.encoder = ConditionEncoder(vocab, arch.d_t, arch.d_e, separate=separate)
+        self.modulation = None
+        if separate:   # hooks: the time embedding is kept, the output normalisation modulated (the UNet unchanged)
+            self.modulation = OutputModulation(len(vocab.attributes) * arch.d_e, arch.d_t, arch.block_out_channels[0])
+            self._route: dict = {}
+            self.unet.time_embedding.register_forward_hook(lambda _m, _i, out: self._route.__setitem__("t_emb", out))
+            self.unet.conv_norm_out.register_forward_hook(
+                lambda _m, _i, out: self.modulation(out, self._route["z_meta"], self._route["t_emb"]))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.unet(x, t, class_labels=self.encoder(cond)).sample
+        if self.modulation is None:
+            return self.unet(x, t, class_labels=self.encoder(cond)).sample
+        z_class, self._route["z_meta"] = self.encoder.parts(cond)
+        try:
+            return self.unet(x, t, class_labels=z_class).sample
+        finally:
+            self._route.clear()
 
     def save(self, folder: str | Path, extra: dict | None = None) -> None:
         """Weights (safetensors), architecture and vocabulary; each file written atomically."""
@@ -230,12 +288,17 @@ class MediDiffusion(nn.Module):
 
 
 def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None = None, split: str = "d_e",
-                 attributes: int = 0) -> Architecture:
+                 attributes: int = 0, conditioning: str = "additive", metadata_route: str = "embedding") -> Architecture:
     """The network of a preset. `split` sets the conditioning widths for `attributes` (k) metadata attributes:
     'd_e' gives each attribute d_e and the class d_t - k * d_e (the paper's text); 'equal' splits d_t equally
-    between the class and each attribute, d_t // (k + 1) each with the remainder to the class (the authors' code)."""
+    between the class and each attribute, d_t // (k + 1) each with the remainder to the class (the authors' code).
+    `conditioning` and `metadata_route`: see the module docstring."""
     if split not in ("d_e", "equal"):
         raise MediError(f"model.embedding_split: unknown split '{split}'; known: d_e, equal")
+    if conditioning not in ("additive", "scale_shift"):
+        raise MediError(f"model.conditioning: unknown mechanism '{conditioning}'; known: additive, scale_shift")
+    if metadata_route not in ("embedding", "output"):
+        raise MediError(f"model.metadata_route: unknown route '{metadata_route}'; known: embedding, output")
     if preset == "custom":
         spec = dict(custom or {})
     elif preset in PRESETS:
@@ -246,7 +309,7 @@ def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None
     if sample_size % (2 ** need):
         raise MediError(f"model: {len(spec['block_out_channels'])} UNet levels need a resolution divisible by "
                         f"{2 ** need}; data.resolution is {sample_size}")
-    arch = Architecture(sample_size=sample_size, d_e=d_e, **spec)
+    arch = Architecture(sample_size=sample_size, d_e=d_e, conditioning=conditioning, metadata_route=metadata_route, **spec)
     if split == "equal" and attributes > 0:
         arch = replace(arch, d_e=arch.d_t // (attributes + 1))
     return arch

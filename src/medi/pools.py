@@ -73,8 +73,11 @@ def identity(cfg: Config, model_dir: Path) -> dict:
     from medi import sample
 
     s = cfg.sample
-    return {"weights_sha256_16": sample.weights_digest(model_dir), "scheduler": s.scheduler, "steps": s.steps,
-            "guidance": s.guidance, "precision": s.precision, "seed": s.seed}
+    out = {"weights_sha256_16": sample.weights_digest(model_dir), "scheduler": s.scheduler, "steps": s.steps,
+           "guidance": s.guidance, "precision": s.precision, "seed": s.seed}
+    if s.metadata_guidance is not None:     # set apart from the class: other images (joint pools keep their identity)
+        out["metadata_guidance"] = s.metadata_guidance
+    return out
 
 
 def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Path,
@@ -104,8 +107,8 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
         new = _fill_metadata(new, train_index, model.vocab.attributes)
         new = new.assign(batch=first_batch + np.arange(len(new)) // s.batch_size,
                          conditioned_on=",".join(["class", *model.vocab.attributes]), model=model_dir.name,
-                         scheduler=s.scheduler, steps=s.steps, guidance=s.guidance, precision=s.precision,
-                         strategy="probe-pool")
+                         scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
+                         metadata_guidance=sample.metadata_scale(s), precision=s.precision, strategy="probe-pool")
         if "tss" not in model.vocab.attributes:
             new["tss"] = new["tss"].replace("", None)
         if main:
@@ -113,7 +116,8 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
             write_json(out / INFO, info)
             log.info("pool %s: generating %d images (%d keys, %d per key)", out, len(new), len(keys), size)
         distributed.barrier()
-        sample.generate_set(model, new, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model)
+        sample.generate_set(model, new, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model,
+                            s.metadata_guidance)
         if main:
             manifest = pd.concat([old, new], ignore_index=True) if old is not None else new
             with atomic_path(manifest_path) as tmp:

@@ -82,7 +82,8 @@ def _yaml():
     rt.preserve_quotes = True
     rt.width = 4096
     rt.representer.add_representer(float, _represent_float)
-    return rt
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt                     # (null kept as written: ruamel would write an empty value)
 
 
 def _represent_float(representer, value: float):

@@ -24,7 +24,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -82,13 +82,44 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
+                        metadata_guidance: float | None) -> tuple[list[dict[str, torch.Tensor]], Callable]:
+    """The condition batches one guided step evaluates, and how their predictions combine.
+
+    With c the class and m the metadata attributes, e(.) the model's prediction and null the null token:
+    - joint (metadata_guidance None or equal to guidance, or no attributes): e(null) + g (e(c, m) - e(null)),
+      the usual classifier-free guidance (g = 1: plain conditional sampling, one evaluation);
+    - compositional: e(null) + g_c (e(c, null) - e(null)) + g_m (e(c, m) - e(c, null)): the class pushed by
+      g_c, the metadata on top of it by g_m (three evaluations; two when g_c = 1, where e(null) cancels).
+      Equal scales give the joint formula."""
+    attributes = [k for k in cond if k != "class"]
+    g_c = guidance
+    g_m = guidance if metadata_guidance is None or not attributes else metadata_guidance
+    if g_m == g_c:
+        if g_c == 1.0:
+            return [dict(cond)], lambda e: e[0]
+        return [dict(cond), null_condition(cond)], lambda e: e[1] + g_c * (e[0] - e[1])
+    class_only = {**null_condition(cond), "class": cond["class"]}
+    if g_c == 1.0:
+        return [dict(cond), class_only], lambda e: e[1] + g_m * (e[0] - e[1])
+    return ([dict(cond), class_only, null_condition(cond)],
+            lambda e: e[2] + g_c * (e[1] - e[2]) + g_m * (e[0] - e[1]))
+
+
+def metadata_scale(s: SampleConfig) -> float:
+    """The metadata's guidance scale of sample settings `s` (None in params = the class's: joint guidance)."""
+    return s.guidance if s.metadata_guidance is None else s.metadata_guidance
+
+
 @torch.no_grad()
 def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], seeds: Sequence[int], steps: int,
-             guidance: float = 1.0, precision: str = "no", batch_size: int = 64) -> np.ndarray:
+             guidance: float = 1.0, precision: str = "no", batch_size: int = 64,
+             metadata_guidance: float | None = None) -> np.ndarray:
     """Generate one image per seed under the encoded conditions `cond` (tensors of length len(seeds)).
 
     guidance = 1 is plain conditional sampling; > 1 is classifier-free guidance against the null condition.
-    Returns uint8 (N, H, W, 3).
+    `metadata_guidance` (None = the same as `guidance`) scales the metadata apart from the class
+    (compositional guidance, `guidance_conditions`). Returns uint8 (N, H, W, 3).
     """
     device = next(model.parameters()).device
     size = model.arch.sample_size
@@ -98,16 +129,15 @@ def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], se
         c = {k: v[lo:lo + len(chunk)].to(device) for k, v in cond.items()}
         x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in chunk]).to(device)
         x = x * sampler.init_noise_sigma
-        if guidance != 1.0:
-            c = {k: torch.cat([v, null_condition({k: v})[k]]) for k, v in c.items()}
+        variants, combine = guidance_conditions(c, guidance, metadata_guidance)
+        k = len(variants)
+        c = {key: torch.cat([v[key] for v in variants]) for key in c}
         sampler.set_timesteps(steps)
         for t in sampler.timesteps:
-            inp = sampler.scale_model_input(torch.cat([x, x]) if guidance != 1.0 else x, t)
+            inp = sampler.scale_model_input(torch.cat([x] * k) if k > 1 else x, t)
             with autocast_for(device, precision):
                 pred = model(inp, t.to(device).expand(inp.shape[0]), c).float()
-            if guidance != 1.0:
-                cond_pred, uncond_pred = pred.chunk(2)
-                pred = uncond_pred + guidance * (cond_pred - uncond_pred)
+            pred = combine(pred.chunk(k))
             x = sampler.step(pred, t, x).prev_sample
         out.append(to_uint8(x))
     return np.concatenate(out)
@@ -247,7 +277,7 @@ def load_images(sample_dir: str | Path, manifest: pd.DataFrame) -> np.ndarray:
 
 
 def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, scheduler: str, steps: int, guidance: float,
-                 precision: str, model_cfg: ModelConfig) -> float:
+                 precision: str, model_cfg: ModelConfig, metadata_guidance: float | None = None) -> float:
     """Generate the plan's images batch by batch as PNGs under `out_dir`; batches whose images all exist
     already (an interrupted run of the same plan) are skipped. Returns images per second of this run.
 
@@ -267,7 +297,7 @@ def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, schedu
         for b in mine:
             g = rows[rows["batch"] == b]
             images = generate(model, make_sampler(scheduler, model_cfg), conditions_of(g, model), g["seed"].tolist(),
-                              steps, guidance, precision, batch_size=len(g))
+                              steps, guidance, precision, batch_size=len(g), metadata_guidance=metadata_guidance)
             for p, img in zip(g["path"], images):
                 write_png(out_dir / p, img)
             made += len(g)
@@ -281,7 +311,9 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelCon
     """Replay a manifest's batches: the images, in manifest order, bit for bit as first generated."""
     out = np.zeros((len(manifest), model.arch.sample_size, model.arch.sample_size, 3), np.uint8)
     for _, g in manifest.groupby("batch", sort=True):
-        settings = g[["scheduler", "steps", "guidance", "precision"]].drop_duplicates()
+        # rows made before the setting existed (a whole set, or the older rows of a grown pool): joint guidance
+        g = g.assign(metadata_guidance=g.get("metadata_guidance", g["guidance"]).fillna(g["guidance"]))
+        settings = g[["scheduler", "steps", "guidance", "metadata_guidance", "precision"]].drop_duplicates()
         if len(settings) != 1:
             raise MediError(f"manifest batch {g['batch'].iloc[0]} mixes sampler settings: {settings.to_dict('records')}")
         s = settings.iloc[0]
@@ -291,7 +323,7 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelCon
                             f"{model.vocab.attributes or 'the class only'}")
         out[np.flatnonzero(manifest.index.isin(g.index))] = generate(
             model, make_sampler(s["scheduler"], model_cfg), conditions_of(g, model), g["seed"].tolist(), int(s["steps"]),
-            float(s["guidance"]), s["precision"], batch_size=len(g))
+            float(s["guidance"]), s["precision"], batch_size=len(g), metadata_guidance=float(s["metadata_guidance"]))
     return out
 
 
@@ -313,7 +345,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     rows = plan(s, train_index, model.vocab.classes)
     conditioned = ",".join(["class", *model.vocab.attributes])
     rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                       precision=s.precision, strategy=s.strategy)
+                       metadata_guidance=metadata_scale(s), precision=s.precision, strategy=s.strategy)
     out = Path(s.output.format(model=name))
     info = {"model": name, "model_dir": str(model_dir), "weights_sha256_16": weights_digest(model_dir),
             "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),
@@ -329,12 +361,13 @@ def run_stage(cfg: Config, name: str) -> dict:
         write_json(out / INFO, {**info, "complete": False})
     distributed.barrier()
     if not distributed.is_main():           # the other processes of a launch: their share of the batches
-        generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model)
+        generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model, s.metadata_guidance)
         return {"images": len(rows), "output": str(out)}
     with tracking.stage_run(cfg, f"sample@{name}", ("sample",), run_name=f"sample-{name}"):
         mlflow.log_params({"model_name": name, "conditioned_on": conditioned, "weights_sha256_16": info["weights_sha256_16"]})
         t0 = time.perf_counter()
-        ips = generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model)
+        ips = generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model,
+                           s.metadata_guidance)
         seconds = time.perf_counter() - t0
         with atomic_path(out / MANIFEST) as tmp:
             rows.to_csv(tmp, index=False)
@@ -342,7 +375,8 @@ def run_stage(cfg: Config, name: str) -> dict:
         mlflow.log_metrics({"images": len(rows), "seconds": seconds, "images_per_second": ips})
         mlflow.log_artifact(str(out / MANIFEST), "samples")
         mlflow.log_figure(preview(out, rows, f"{name}: {s.strategy} samples, {s.scheduler} {s.steps} steps, "
-                                             f"guidance {s.guidance}"), f"samples/preview_{name}.png")
+                                             f"guidance {s.guidance} / metadata {metadata_scale(s)}"),
+                      f"samples/preview_{name}.png")
         log.info("sampled %d images of %s in %.1fs (%.1f images/s) -> %s", len(rows), name, seconds, ips, out)
     return {"images": len(rows), "seconds": seconds, "images_per_second": ips, "output": str(out)}
 

@@ -141,7 +141,8 @@ def inert(cfg: Config, method: str) -> set[str]:
     attributes = cfg.variant(cfg.probe.models[method])
     out = set() if "tss" in attributes else {"probe.strategy"}
     if not attributes:
-        out |= {"model.d_e", "model.attribute_dropout", "model.continuous"}
+        out |= {"model.d_e", "model.attribute_dropout", "model.continuous", "model.nested_dropout",
+                "model.metadata_route", "sample.metadata_guidance"}
     return out
 
 
@@ -222,7 +223,8 @@ class Workspace:
             self._embeddings[spec.identity()] = probe.real_embeddings(cfg, spec, self.train_index, self.holdout_index,
                                                                       self.parts)
         s = cfg.sample
-        sampler = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed)
+        sampler = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed,
+                          *([] if s.metadata_guidance is None else [s.metadata_guidance]))
         key = _digest(sampler, probe.pool_size(cfg.probe), cfg.probe.real_per_class, cfg.probe.tasks, spec.identity())
         if key not in self._pools:
             out = self.root / "pools" / f"{model_dir.name}-{sampler}"
@@ -251,14 +253,16 @@ class Workspace:
             log.info("pool %s starts from the pipeline's %s", out, theirs)
 
     def fid(self, cfg: Config, name: str, model_dir: Path) -> dict:
-        """FID and KID of `sweep.fid_count` images (match strategy) of the model under the trial's sampler."""
+        """FID and KID of `sweep.fid_count` images (match strategy) of the model under the trial's sampler, and
+        the unseen-pairs evaluation's headline figures (`pairs_*`, medi.unseen) unless fid.unseen_per_pair is 0."""
         from medi import data, fid, sample
         from medi.io import read_json, write_json
         from medi.model import MediDiffusion
 
         s, n = cfg.sample, cfg.sweep.fid_count
         key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed, n,
-                      {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")})
+                      {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")},
+                      *([] if s.metadata_guidance is None else [s.metadata_guidance]))
         path = self.root / "fid" / f"{model_dir.name}-{key}.json"
         if key not in self._fid:
             with self._lock(path):
@@ -268,7 +272,13 @@ class Workspace:
                     fcfg = config_mod.override(cfg, {"fid.curve_count": n})
                     model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
                     hook = fid.curve_hook(fcfg, name, self.train_index, np.asarray(data.load_tiles(cfg.data.output)))
-                    write_json(path, {**hook(0, model), "images": n, "extractor": cfg.fid.extractor})
+                    record = {**hook(0, model), "images": n, "extractor": cfg.fid.extractor}
+                    if cfg.fid.unseen_per_pair:
+                        from medi import unseen
+
+                        pairs = unseen.evaluate(fcfg, name, model=model)[0]
+                        record |= {f"pairs_{k}": v for k, v in pairs.items() if k.startswith(("seen_", "unseen_"))}
+                    write_json(path, record)
                 self._fid[key] = read_json(path)
         return self._fid[key]
 
@@ -312,7 +322,7 @@ def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Worksp
             if cfg.sweep.fid_count:
                 model_dir = ws.model(tcfg, tcfg.probe.models[method])
                 metrics.update({k: v for k, v in ws.fid(tcfg, tcfg.probe.models[method], model_dir).items()
-                                if k in ("fid", "kid")})
+                                if k in ("fid", "kid") or k.startswith("pairs_")})
             done: dict[str, dict] = {}
 
             def after_task(task: str, figures: dict) -> None:

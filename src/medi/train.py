@@ -221,7 +221,8 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
 
     torch.manual_seed(t.seed)
     vocab = Vocabulary.from_frame(train_index, "class", attributes, m.continuous)
-    arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom, m.embedding_split, len(vocab.attributes))
+    arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom, m.embedding_split, len(vocab.attributes),
+                        m.conditioning, m.metadata_route)
     model = MediDiffusion(arch, vocab)
     ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, inv_gamma=t.ema_inv_gamma,
                    power=t.ema_power) if main else None     # the main process's alone
@@ -272,7 +273,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         timesteps = torch.cat([torch.randint(0, noise.config.num_train_timesteps, (1,), generator=g) for g in gens])
         timesteps = timesteps.to(accelerator.device)
         cond = {k: v[batch["pos"]].to(accelerator.device) for k, v in conditions.items()}
-        cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=gens)
+        cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=gens, nested=m.nested_dropout)
         x_t = noise.add_noise(x0, eps, timesteps)
         if m.prediction_type == "v_prediction":
             target = noise.get_velocity(x0, eps, timesteps)
@@ -353,16 +354,18 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
     site_class = train_index.drop_duplicates("tss").set_index("tss")["class"].to_dict()
     labels = [f"TSS {s} ({site_class[s]})" if s else "class only" for s in sites]
     sampler = f"{cfg.train.grid_scheduler} {cfg.train.grid_steps} steps"
+    metadata = "" if cfg.train.grid_metadata_guidance is None else f" (site {cfg.train.grid_metadata_guidance})"
 
     def hook(step: int, model: MediDiffusion) -> dict[str, float]:
         images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, seeds, cfg.train.grid_steps,
-                          guidance=cfg.train.grid_guidance, precision=cfg.train.precision)
+                          guidance=cfg.train.grid_guidance, precision=cfg.train.precision,
+                          metadata_guidance=cfg.train.grid_metadata_guidance)
         n, k = len(classes), cfg.train.grid_seeds
         cells = images.reshape(n, len(sites), k, *images.shape[1:])
         cells = np.concatenate(list(cells.transpose(2, 0, 1, 3, 4, 5)), axis=3)   # seeds side by side in a cell
         title = (f"{name} at step {step}: rows = conditioned class, columns = conditioned site "
                  f"(diagonal = pairs seen in training, the rest never seen), {sampler}, "
-                 f"guidance {cfg.train.grid_guidance}, EMA")
+                 f"guidance {cfg.train.grid_guidance}{metadata}, EMA")
         if sites[0] is None:
             title = (f"{name} at step {step}: rows = conditioned class, {sampler}, "
                      f"guidance {cfg.train.grid_guidance}, EMA")
@@ -399,7 +402,8 @@ def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, ti
                               {"tss": [s for _, s in pairs for _ in range(n)]} if conditioned else {})
     images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, list(range(n)) * len(pairs),
                       cfg.train.grid_steps,
-                      guidance=cfg.train.grid_guidance, precision=cfg.train.precision).reshape(len(pairs), n, *tiles.shape[1:])
+                      guidance=cfg.train.grid_guidance, precision=cfg.train.precision,
+                      metadata_guidance=cfg.train.grid_metadata_guidance).reshape(len(pairs), n, *tiles.shape[1:])
     sampled = dict(zip(pairs, images))
     cells = [(c, s, sampled[(c, s if conditioned else None)]) for c in classes for s in sites]
     report = stain_report(cells, truth)

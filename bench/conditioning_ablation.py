@@ -1,0 +1,131 @@
+"""The conditioning ablation of docs/conditioning.md: mechanisms x training seeds x guidance scales, scored by
+the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc repro split`:
+
+    python bench/conditioning_ablation.py train additive 0          # one training (default budget, params.yaml)
+    python bench/conditioning_ablation.py evaluate                   # every trained model x every guidance
+    python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
+
+A mechanism is a set of param overrides on params.yaml (MECHANISMS below); nothing else changes between
+them. Models, timings and results go under artifacts/ablation/ (git-ignored); `evaluate` skips a (model,
+guidance) already scored, so it resumes after a kill, and `train` resumes from its checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medi import config
+from medi.io import read_json, write_json
+
+ROOT = Path("artifacts/ablation")
+MECHANISMS: dict[str, dict] = {
+    "additive": {},                                               # the paper's (today's default)
+    "scale_shift": {"model.conditioning": "scale_shift"},         # condition modulates every ResNet block's norm
+    "output": {"model.metadata_route": "output"},                 # the site modulates the output norm only
+    "nested": {"model.nested_dropout": True},                     # the site is never seen without the class
+}
+# (class guidance, metadata guidance): plain, joint 2 (today's two settings), the site alone pushed, both apart.
+GUIDANCE = [(1.0, 1.0), (2.0, 2.0), (1.0, 3.0), (2.0, 4.0)]
+
+
+def model_cfg(params: str, mechanism: str, seed: int) -> config.Config:
+    out = ROOT / f"{mechanism}-seed{seed}"
+    return config.load(params, {**MECHANISMS[mechanism], "train.seed": seed, "model.output": str(out / "models")})
+
+
+def cmd_train(args) -> None:
+    from medi import train
+
+    cfg = model_cfg(args.params, args.mechanism, args.seed)
+    train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+    t0 = time.perf_counter()
+    result = train.train(cfg, "medi", train_index, Path(cfg.data.output) / "tiles.npy")
+    write_json(Path(cfg.model.output).parent / "train.json",
+               {"mechanism": args.mechanism, "seed": args.seed, "overrides": MECHANISMS[args.mechanism],
+                "steps": result.steps, "final_loss": result.final_loss, "seconds": time.perf_counter() - t0,
+                "images_per_second": result.images_per_second})
+    print(f"trained {args.mechanism} seed {args.seed}: loss {result.final_loss:.4f} in {time.perf_counter() - t0:.0f}s")
+
+
+def cmd_evaluate(args) -> None:
+    from medi import data, figures, unseen
+    from medi.fid import Extractor, condition_classifiers
+
+    base = config.load(args.params)
+    extractor = Extractor.from_config(base.fid)
+    train_index = pd.read_parquet(Path(base.split.output) / "train.parquet").sort_values("idx").reset_index(drop=True)
+    tiles = data.load_tiles(base.data.output)
+    real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], base.fid.cache, verbose=False)
+    classifiers = condition_classifiers(real.float().numpy(), train_index, base.fid.seed)   # once for all models
+    for folder in sorted(ROOT.glob("*-seed*")):
+        if not (folder / "models" / "medi" / "model.safetensors").exists():
+            continue
+        if args.only and folder.name.rsplit("-seed", 1)[0] not in args.only:
+            continue
+        info = read_json(folder / "train.json")
+        cfg = model_cfg(args.params, info["mechanism"], info["seed"])
+        for g_c, g_m in GUIDANCE:
+            out = folder / f"eval-g{g_c:g}-m{g_m:g}.json"
+            if out.exists():
+                continue
+            gcfg = config.override(cfg, {"sample.guidance": g_c, "sample.metadata_guidance": g_m})
+            t0 = time.perf_counter()
+            headline, cells, images = unseen.evaluate(gcfg, "medi", extractor=extractor, train_index=train_index,
+                                                      classifiers=classifiers)
+            write_json(out, {"mechanism": info["mechanism"], "seed": info["seed"], "guidance": g_c,
+                             "metadata_guidance": g_m, "headline": headline, "cells": cells.to_dict("records"),
+                             "seconds": time.perf_counter() - t0})
+            figures.save(unseen.grid_figure(cells, images, f"{folder.name}, guidance {g_c:g} / site {g_m:g}: rows = "
+                                                           f"class, columns = the largest site of each class"),
+                         out.with_suffix(".png"))
+            print(f"{folder.name} g {g_c} / {g_m}: {json.dumps(headline)}", flush=True)
+
+
+FIGURES = [("unseen_stain_rank", "stain rank, unseen"), ("unseen_site_accuracy", "site acc., unseen"),
+           ("unseen_class_accuracy", "class acc., unseen"), ("seen_stain_rank", "stain rank, seen"),
+           ("seen_site_accuracy", "site acc., seen"), ("seen_class_accuracy", "class acc., seen")]
+
+
+def cmd_table(args) -> None:
+    rows = [read_json(p) for p in sorted(ROOT.glob("*-seed*/eval-*.json"))]
+    if not rows:
+        sys.exit("no evaluations under artifacts/ablation; run `evaluate` first")
+    frame = pd.DataFrame([{"mechanism": r["mechanism"], "seed": r["seed"], "guidance": f"{r['guidance']:g} / "
+                           f"{r['metadata_guidance']:g}", **{k: r["headline"][k] for k, _ in FIGURES}} for r in rows])
+    order = {m: i for i, m in enumerate(MECHANISMS)}
+    lines = ["| mechanism | guidance class / site | seeds | " + " | ".join(label for _, label in FIGURES) + " |",
+             "|---|---|---|" + "---|" * len(FIGURES)]
+    for (mech, guid), g in sorted(frame.groupby(["mechanism", "guidance"]), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        cells = []
+        for key, _ in FIGURES:
+            v = g[key].to_numpy(float)
+            cells.append(f"{v.mean():.3f} ± {np.ptp(v) / 2:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        lines.append(f"| {mech} | {guid} | {','.join(map(str, sorted(g['seed'])))} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    trained = [read_json(p) for p in sorted(ROOT.glob("*-seed*/train.json"))]
+    print("\n" + "\n".join(f"- {t['mechanism']} seed {t['seed']}: {t['steps']} steps, final loss {t['final_loss']:.4f}, "
+                           f"{t['seconds']:.0f} s" for t in trained))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("mechanism", choices=sorted(MECHANISMS))
+    t.add_argument("seed", type=int)
+    e = sub.add_parser("evaluate")
+    e.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone (parallel workers)")
+    sub.add_parser("table")
+    args = ap.parse_args()
+    {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

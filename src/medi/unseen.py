@@ -1,0 +1,143 @@
+"""The unseen-pairs evaluation: does a model render a site's look on classes that site never sent?
+
+Every class is sampled at the largest training site of every class (the grid of the training log, classes x
+sites): the diagonal pairs were seen in training, every other pair never was. Each pair gets
+`fid.unseen_per_pair` images (the same seeds across a row's sites, so only the site changes), sampled with the
+sampling stage's settings (`sample.scheduler`, `steps`, `guidance`, `metadata_guidance`, `precision`). Three
+figures, each on seen and on unseen pairs:
+
+- site accuracy: how often a classifier of the site, fitted on real training tiles (`fid.condition_classifiers`),
+  names the conditioned site (chance = 1 / training sites);
+- stain rank (synthetic world only): the conditioned site's rank among all sites by the angle between the
+  tiles' estimated stain and each site's true stain (`groundtruth.stain_match`; 0 = nearest, 0.5 = chance);
+- class accuracy: how often the classifier of the class names the conditioned class.
+
+A model not conditioned on the site (CLS) is sampled once per class and those images scored against every
+site, as the training stage's stain check does: its figures show what class conditioning alone gives.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from medi.config import Config
+
+log = logging.getLogger(__name__)
+
+FIGURES = ("site_accuracy", "stain_rank", "class_accuracy")
+
+
+def pair_grid(train_index: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """The (class, site) pairs: every class x the largest training site of each class, with `seen` (the site
+    sent that class in training)."""
+    from medi.sample import largest_sites
+
+    sites = list(dict.fromkeys(largest_sites(train_index, classes)))     # a site largest for two classes: once
+    sent = set(zip(train_index["class"].astype(str), train_index["tss"].astype(str)))
+    return pd.DataFrame([{"class": c, "tss": s, "seen": (c, s) in sent} for c in classes for s in sites])
+
+
+def sample_pairs(cfg: Config, model, pairs: pd.DataFrame) -> np.ndarray:
+    """`fid.unseen_per_pair` images per pair, (pairs, n, H, W, 3) uint8; seeds `sample.seed` + 0..n-1 in every
+    pair. A model without the site is sampled once per class (its images repeat across the row's sites)."""
+    from medi.sample import generate, make_sampler
+
+    s, n = cfg.sample, cfg.fid.unseen_per_pair
+    conditioned = "tss" in model.vocab.categorical
+    keys = list(dict.fromkeys(zip(pairs["class"], pairs["tss"] if conditioned else [None] * len(pairs))))
+    cond = model.vocab.encode([c for c, _ in keys for _ in range(n)],
+                              {"tss": [t for _, t in keys for _ in range(n)]} if conditioned else {})
+    seeds = [s.seed + k for _ in keys for k in range(n)]
+    images = generate(model, make_sampler(s.scheduler, cfg.model), cond, seeds, s.steps, s.guidance, s.precision,
+                      batch_size=s.batch_size, metadata_guidance=s.metadata_guidance)
+    images = dict(zip(keys, images.reshape(len(keys), n, *images.shape[1:])))
+    return np.stack([images[(c, t if conditioned else None)] for c, t in zip(pairs["class"], pairs["tss"])])
+
+
+def score(pairs: pd.DataFrame, images: np.ndarray, features: np.ndarray, classifiers: dict,
+          truth=None) -> tuple[dict, pd.DataFrame]:
+    """The headline figures (means over seen and over unseen pairs) and one row per pair.
+
+    `features` are the extractor's features of `images` flattened pair-major; `classifiers` as
+    `fid.condition_classifiers` returns them; `truth` a `groundtruth.GroundTruth` (None: no stain figures)."""
+    from medi.groundtruth import stain_match
+
+    n = images.shape[1]
+    site_pred = classifiers["tss"][0].predict(features).reshape(len(pairs), n)
+    class_pred = classifiers["class"][0].predict(features).reshape(len(pairs), n)
+    rows = []
+    for i, p in enumerate(pairs.itertuples(index=False)):
+        row = {"class": p[0], "tss": p[1], "seen": bool(p[2]),
+               "site_accuracy": float(np.mean(site_pred[i] == p[1])),
+               "class_accuracy": float(np.mean(class_pred[i] == p[0]))}
+        if truth is not None and p[1] in truth.stains:
+            m = stain_match(images[i], p[1], truth)
+            row |= {"stain_rank": m["rank"], "stain_angle_deg": m["angle"]}
+        rows.append(row)
+    detail = pd.DataFrame(rows)
+    headline: dict = {"pairs_per_kind": {}, "images_per_pair": int(n)}
+    for kind, sel in (("seen", detail["seen"]), ("unseen", ~detail["seen"])):
+        headline["pairs_per_kind"][kind] = int(sel.sum())
+        for f in FIGURES:
+            if f in detail and sel.any():
+                headline[f"{kind}_{f}"] = float(detail.loc[sel, f].mean())
+    return headline, detail
+
+
+def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame | None = None,
+             real: np.ndarray | None = None, classifiers: dict | None = None,
+             model=None) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """Sample and score the pair grid of model NAME (`cfg.model.output`/NAME). The fid stage passes what it
+    has already computed (the extractor, the real training tiles' features in `train_index` order, the
+    classifiers); anything missing is computed here. Returns (headline figures, one row per pair, the images
+    (pairs, n, H, W, 3))."""
+    from pathlib import Path
+
+    from medi import data, distributed
+    from medi.fid import Extractor, condition_classifiers
+    from medi.groundtruth import GroundTruth
+    from medi.model import MediDiffusion
+
+    t0 = time.perf_counter()
+    if train_index is None:
+        train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+        train_index = train_index.sort_values("idx").reset_index(drop=True)
+    extractor = extractor or Extractor.from_config(cfg.fid)
+    if classifiers is None:
+        if real is None:
+            tiles = data.load_tiles(cfg.data.output)
+            real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], cfg.fid.cache,
+                                             verbose=False).float().numpy()
+        classifiers = condition_classifiers(real, train_index, cfg.fid.seed)
+    model = model or MediDiffusion.load(Path(cfg.model.output) / name).to(distributed.state().device).eval()
+    pairs = pair_grid(train_index, list(model.vocab.classes))
+    t1 = time.perf_counter()
+    images = sample_pairs(cfg, model, pairs)
+    sample_seconds = time.perf_counter() - t1
+    features = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
+    headline, detail = score(pairs, images, features, classifiers, GroundTruth.load(cfg.data.root))
+    headline |= {"site_conditioned": "tss" in model.vocab.categorical,
+                 "site_chance": 1.0 / len(classifiers["tss"][0].classes_),
+                 "site_accuracy_real_cv": classifiers["tss"][1], "class_accuracy_real_cv": classifiers["class"][1],
+                 "sampling": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps,
+                              "guidance": cfg.sample.guidance, "metadata_guidance": cfg.sample.metadata_guidance},
+                 "sample_seconds": sample_seconds, "seconds": time.perf_counter() - t0}
+    log.info("unseen pairs of %s: %s", name, {k: round(v, 3) for k, v in headline.items()
+                                              if k.startswith(("seen_", "unseen_"))})
+    return headline, detail, images
+
+
+def grid_figure(pairs: pd.DataFrame, images: np.ndarray, title: str):
+    """The evaluation's images as a grid: rows = conditioned class, columns = conditioned site."""
+    from medi import figures
+
+    classes = list(dict.fromkeys(pairs["class"]))
+    sites = list(dict.fromkeys(pairs["tss"]))
+    cells = images.reshape(len(classes), len(sites), *images.shape[1:])
+    cells = np.concatenate(list(cells.transpose(2, 0, 1, 3, 4, 5)), axis=3)     # a pair's images side by side
+    owner = pairs[pairs["seen"]].set_index("tss")["class"].to_dict()
+    return figures.tile_grid(cells, classes, [f"TSS {s} ({owner.get(s, '?')})" for s in sites], title,
+                             scale=0.9 * images.shape[1])

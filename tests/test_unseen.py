@@ -1,0 +1,105 @@
+"""The unseen-pairs evaluation: the pair grid, its figures on hand-made features and on the tiny world's ground
+truth, and the evaluation of a model (a site-conditioned one varies by site, a class-only one does not)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import save_untrained, train_index
+from medi import data, fid, sample, unseen
+from medi.groundtruth import GroundTruth, stain_match
+
+
+def test_pair_grid_is_every_class_at_every_class_largest_site(tiny_world):
+    cfg = tiny_world()
+    idx = train_index(cfg)
+    classes = sorted(idx["class"].unique())
+    pairs = unseen.pair_grid(idx, classes)
+    sites = sample.largest_sites(idx, classes)
+    assert pairs[["class", "tss"]].values.tolist() == [[c, s] for c in classes for s in sites]
+    truth = GroundTruth.load(cfg.data.root)          # each synthetic site sends one class: the diagonal is seen
+    assert pairs["seen"].tolist() == [truth.site_class[s] == c for c in classes for s in sites]
+    assert pairs["seen"].sum() == len(classes)
+
+
+def test_score_tells_a_site_carried_to_other_classes_from_one_that_is_not():
+    """Sites far apart in feature space: a generated tile counts for the site whose features it has."""
+    rng = np.random.default_rng(0)
+    sites = {"s1": "A", "s3": "B"}
+    centres = {"s1": 50.0 * np.eye(6)[0], "s3": 50.0 * np.eye(6)[1]}
+    index = pd.DataFrame([(f"{s}-{k // 5}", c, s) for s, c in sites.items() for k in range(30)],
+                         columns=["slide", "class", "tss"])
+    real = np.stack([centres[s] + rng.normal(0, 1, 6) for s in index["tss"]])
+    classifiers = fid.condition_classifiers(real, index, seed=0)
+    pairs = unseen.pair_grid(index, ["A", "B"])
+    assert pairs.values.tolist() == [["A", "s1", True], ["A", "s3", False], ["B", "s1", False], ["B", "s3", True]]
+    n = 3
+    # the model carries the site to the other class for (A, s3) only; (B, s1) shows B's own site s3
+    look = {("A", "s1"): "s1", ("A", "s3"): "s3", ("B", "s1"): "s3", ("B", "s3"): "s3"}
+    features = np.stack([centres[look[(c, s)]] + rng.normal(0, 1, 6) for c, s in zip(pairs["class"], pairs["tss"])
+                         for _ in range(n)])
+    headline, detail = unseen.score(pairs, np.zeros((4, n, 8, 8, 3), np.uint8), features, classifiers)
+    assert detail["site_accuracy"].tolist() == [1.0, 1.0, 0.0, 1.0]
+    # the class classifier reads the look too: (A, s3) looks like B, (B, s1) like B
+    assert detail["class_accuracy"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert headline == {"pairs_per_kind": {"seen": 2, "unseen": 2}, "images_per_pair": n,
+                        "seen_site_accuracy": 1.0, "seen_class_accuracy": 1.0,
+                        "unseen_site_accuracy": 0.5, "unseen_class_accuracy": 0.5}
+    assert "stain_rank" not in detail               # no ground truth (real data): no stain figures
+
+
+def test_stain_rank_reads_the_ground_truth(tiny_world):
+    """Real tiles of a site put in every pair of its column: the stain figures are the ground truth's, per pair."""
+    cfg = tiny_world()
+    idx = train_index(cfg)
+    tiles = np.asarray(data.load_tiles(cfg.data.output))
+    truth = GroundTruth.load(cfg.data.root)
+    pairs = unseen.pair_grid(idx, sorted(idx["class"].unique()))
+    own = {s: tiles[idx[idx["tss"] == s]["idx"].to_numpy()[:3]] for s in pairs["tss"].unique()}
+    images = np.stack([own[s] for s in pairs["tss"]])
+    # the images of each row's own site instead: the conditioned site's stain is missing off the diagonal
+    wrong = np.stack([own[pairs[(pairs["class"] == c) & pairs["seen"]]["tss"].iloc[0]] for c in pairs["class"]])
+    features = np.zeros((images.shape[0] * images.shape[1], 4))
+    classifiers = {"tss": (_Constant("x"), 1.0), "class": (_Constant("y"), 1.0)}
+    right, cells = unseen.score(pairs, images, features, classifiers, truth)
+    assert cells["stain_rank"].tolist() == [stain_match(own[s], s, truth)["rank"] for s in pairs["tss"]]
+    assert right["unseen_stain_rank"] == pytest.approx(cells.loc[~cells["seen"], "stain_rank"].mean())
+    bad, _ = unseen.score(pairs, wrong, features, classifiers, truth)
+    assert bad["seen_stain_rank"] == right["seen_stain_rank"]      # the diagonal is the same tiles
+    # each site's tiles fill its column once on the diagonal and k - 1 times off it: the same mean (the floor)
+    assert right["unseen_stain_rank"] == pytest.approx(right["seen_stain_rank"]) and right["seen_stain_rank"] < 0.25
+    assert bad["unseen_stain_rank"] > 0.5          # a row's own site where another was asked: about chance
+
+
+class _Constant:
+    def __init__(self, label):
+        self.label, self.classes_ = label, np.array([label])
+
+    def predict(self, x):
+        return np.full(len(x), self.label)
+
+
+def test_evaluate_samples_each_pair_with_shared_seeds_and_a_class_only_model_once_per_class(tiny_world):
+    cfg = tiny_world(fid__unseen_per_pair=2, sample__guidance=2.0, sample__metadata_guidance=3.0)
+    idx = train_index(cfg).sort_values("idx").reset_index(drop=True)
+    classes = sorted(idx["class"].unique())
+    k = len(classes)
+    for name in ("medi", "cls"):
+        model = save_untrained(cfg, name)
+        headline, cells, images = unseen.evaluate(cfg, name)
+        assert images.shape == (k * k, 2, cfg.data.resolution, cfg.data.resolution, 3)
+        assert headline["pairs_per_kind"] == {"seen": k, "unseen": k * k - k}
+        assert headline["sampling"] == {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps,
+                                        "guidance": 2.0, "metadata_guidance": 3.0}
+        for kind, sel in (("seen", cells["seen"]), ("unseen", ~cells["seen"])):
+            for f in unseen.FIGURES:
+                assert headline[f"{kind}_{f}"] == cells.loc[sel, f].mean()
+        rows = images.reshape(k, k, *images.shape[1:])
+        # the same seeds in every pair: a class-only model draws identical tiles across a row, MeDi varies by site
+        assert all(np.array_equal(rows[i, 0], rows[i, j]) for i in range(k) for j in range(k)) == (name == "cls")
+        first = cells.iloc[1]           # one pair again, on its own, with seeds sample.seed + 0, 1
+        cond = model.vocab.encode([first["class"]] * 2, {"tss": [first["tss"]] * 2} if name == "medi" else {})
+        again = sample.generate(model, sample.make_sampler(cfg.sample.scheduler, cfg.model), cond,
+                                [cfg.sample.seed, cfg.sample.seed + 1], cfg.sample.steps, 2.0, metadata_guidance=3.0)
+        assert np.array_equal(again, images[1])
