@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -340,7 +341,10 @@ def test_make_mlflow_server_serves_the_stages_from_postgresql(make_cfg, tmp_path
         got = mlflow.tracking.MlflowClient().get_run(run.info.run_id)
         assert got.info.status == "FINISHED" and got.data.metrics == {"x": 2.0}
         assert [p.read_text() for p in artifacts.rglob("hello.txt")] == ["hello"]
-        assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()   # nothing local
+        # nothing local: no artifact folder, and the test's own empty store (conftest) received no run
+        assert not (tmp_path / "mlruns").exists()
+        with sqlite3.connect(tmp_path / "mlflow.db") as db:
+            assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
         with psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="mlflow") as conn:
             assert conn.execute("SELECT run_uuid, status FROM runs").fetchall() == [(run.info.run_id, "FINISHED")]
     finally:
