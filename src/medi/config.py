@@ -21,6 +21,12 @@ from medi.errors import MediError
 
 PROBE_METHODS = ("none", "real", "cls", "medi")
 
+# Precision is named by its number format: "no" (accelerate's word for fp32) is a YAML 1.1 boolean unless quoted,
+# and DVC (`dvc exp run -S`) rewrites params.yaml without those quotes. The old string "no" still reads as fp32;
+# a boolean is refused with a message (it could be any of no / off / false).
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISION_ALIASES = {"no": "fp32"}
+
 # The TCGA projects the pipeline knows, with their TCGA-UT folder (zip) names. The seven of the paper's
 # three probe tasks come first; any other class can be added in params (`data.class_folders`).
 TCGA_UT_FOLDERS: dict[str, str] = {
@@ -108,7 +114,7 @@ class TrainConfig:
     ema_warmup: bool             # diffusers EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, capped
     ema_inv_gamma: float         # (used when ema_warmup is on)
     ema_power: float             # (used when ema_warmup is on)
-    precision: Literal["no", "fp16", "bf16"]
+    precision: Precision         # fp32 | fp16 | bf16 (accelerate's mixed precision; fp32 = none)
     balanced: bool               # class-balanced sampling, weight 1 / count(class) as in the paper
     augment: bool                # random flips and 90-degree rotations (histology has no orientation)
     workers: int                 # data-loading processes
@@ -139,7 +145,7 @@ class SampleConfig:
     pairs: list[dict[str, str]]  # explicit: [{class: LUAD, tss: "05"}, ...] (any attribute of the model may be given)
     seed: int
     batch_size: int
-    precision: Literal["no", "fp16", "bf16"]
+    precision: Precision         # fp32 | fp16 | bf16 (autocast)
     output: str                  # samples/{model}
 
 
@@ -288,6 +294,10 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
         raise MediError(f"{where}: key '{key}': expected {expected}, got {value!r}")
 
     if origin is Literal:
+        if tp is Precision and isinstance(value, bool):
+            fail("one of 'fp32', 'fp16', 'bf16' (a YAML boolean, e.g. an unquoted no: write fp32)")
+        if tp is Precision:
+            value = PRECISION_ALIASES.get(value, value)
         if value not in get_args(tp):
             fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
         return value

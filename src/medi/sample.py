@@ -76,7 +76,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def autocast_for(device: torch.device, precision: str):
-    if precision == "no":
+    if precision in ("fp32", "no"):            # "no": sample sets written before fp32 was named so
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -84,7 +84,7 @@ def autocast_for(device: torch.device, precision: str):
 
 @torch.no_grad()
 def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], seeds: Sequence[int], steps: int,
-             guidance: float = 1.0, precision: str = "no", batch_size: int = 64) -> np.ndarray:
+             guidance: float = 1.0, precision: str = "fp32", batch_size: int = 64) -> np.ndarray:
     """Generate one image per seed under the encoded conditions `cond` (tensors of length len(seeds)).
 
     guidance = 1 is plain conditional sampling; > 1 is classifier-free guidance against the null condition.

@@ -206,9 +206,9 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     attributes = cfg.variant(name)
     distributed.state()                  # the process group of a launch (gloo on CPUs), before the Accelerator
     # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
-    accelerator = Accelerator(mixed_precision=t.precision, gradient_accumulation_steps=t.grad_accumulation,
+    accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision, gradient_accumulation_steps=t.grad_accumulation,
                               cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if t.precision != "no" and not accelerator.native_amp:
+    if t.precision != "fp32" and not accelerator.native_amp:
         log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
                     t.precision, accelerator.device.type)
     processes, main = accelerator.num_processes, accelerator.is_main_process
@@ -286,7 +286,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
             checked = accelerator.reduce(loss.detach(), "sum") if processes > 1 else loss
             if not torch.isfinite(checked):
                 raise TrainingDiverged(f"training {name}: loss is {checked.item()} at step {step}; the last good "
-                                       f"checkpoint is kept in {root} (try a lower train.lr or precision: no)")
+                                       f"checkpoint is kept in {root} (try a lower train.lr or precision: fp32)")
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
