@@ -352,8 +352,8 @@ def run_stage(cfg: Config, name: str) -> dict:
     """`medi fid --model NAME`: evaluate, write metrics/fid_NAME.json, log metrics and figures to MLflow."""
     import mlflow
 
-    from medi import report, tracking
-    from medi.io import write_json
+    from medi import registry, report, tracking
+    from medi.io import read_json, write_json
 
     cfg.variant(name)
     if not distributed.is_main():           # the other processes of a launch: their share of the features
@@ -377,11 +377,29 @@ def run_stage(cfg: Config, name: str) -> dict:
         mlflow.log_metrics(flat)
         mlflow.log_dict(metrics, f"fid_{name}.json")
         mlflow.log_figure(report.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
+        info = Path(cfg.sample.output.format(model=name)) / "sample_info.json"
+        version = registry.tag_version(name, read_json(info)["weights_sha256_16"], headline(metrics)) \
+            if info.exists() else None
+        if version is not None:
+            mlflow.set_tag("medi.registered_model", f"models:/{registry.registered_name(name)}/{version}")
         log.info("FID of %s (%s): overall %.4g, KID %.4g, mean per class %s; class accuracy %.3f (real %.3f), site "
                  "accuracy %s (real %.3f) in %.1fs", name, metrics["extractor"], metrics["overall"], metrics["kid"],
                  metrics["mean_class_fid"], cond["class_accuracy"], cond["class_accuracy_real_cv"],
                  cond["site_accuracy"], cond["site_accuracy_real_cv"], metrics["seconds"])
     return metrics
+
+
+def headline(metrics: dict) -> dict:
+    """The figures of metrics/fid_NAME.json (`dvc metrics show`) and of the registered model's tags; the rest of
+    the evaluation is its detail file."""
+    cond = metrics["conditioning"]
+    out = {"fid": metrics["overall"], "kid": metrics["kid"], "mean_class_fid": metrics["mean_class_fid"],
+           "classes_with_fid": len(metrics["per_class"]), "n_generated": metrics["n_generated"],
+           "class_accuracy": cond["class_accuracy"], "site_accuracy": cond["site_accuracy"]}
+    stain = metrics.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
+    if stain is not None:
+        out["stain_rank_seen"] = stain
+    return out
 
 
 def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndarray):

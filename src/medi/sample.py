@@ -295,15 +295,16 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelCon
     return out
 
 
-def run_stage(cfg: Config, name: str) -> dict:
+def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str | None = None) -> dict:
     """`medi sample --model NAME`: the sample set of params `sample` for model NAME, logged to MLflow. Under a
-    launch the processes split the batches; the main process alone writes the manifest and logs."""
+    launch the processes split the batches; the main process alone writes the manifest and logs. `model_dir`
+    (default models/NAME) may be a registered model's download, named by `source` (`--model-uri`)."""
     import mlflow
 
     from medi import tracking
 
     cfg.variant(name)
-    model_dir = Path(cfg.model.output) / name
+    model_dir = model_dir or Path(cfg.model.output) / name
     model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
     split = Path(cfg.split.output) / "train.parquet"
     if not split.exists():
@@ -315,7 +316,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
                        precision=s.precision, strategy=s.strategy)
     out = Path(s.output.format(model=name))
-    info = {"model": name, "model_dir": str(model_dir), "weights_sha256_16": weights_digest(model_dir),
+    info = {"model": name, "model_dir": source or str(model_dir), "weights_sha256_16": weights_digest(model_dir),
             "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),
             "plan_sha256_16": hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]}
     if distributed.is_main():

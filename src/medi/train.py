@@ -196,11 +196,12 @@ class TrainResult:
 
 def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | Path,
           hooks: Sequence[tuple[int, Hook]] = (), on_log: Callable[[int, dict], None] | None = None,
-          mlflow_run_id: str | None = None) -> TrainResult:
+          mlflow_run_id: str | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Train model `name` (a key of model.variants) on `train_index` rows of the packed `tiles_file`.
 
     `hooks` are (every_n_steps, fn) pairs called with the EMA weights in place; their metrics go to
-    `on_log` (MLflow in the CLI) at that step, as do loss, lr and throughput every `train.log_every` steps.
+    `on_log` (MLflow in the CLI) at that step, as do loss, lr and throughput every `train.log_every` steps;
+    `on_checkpoint` gets each checkpoint folder once written (main process).
     """
     t, m = cfg.train, cfg.model
     attributes = cfg.variant(name)
@@ -323,7 +324,9 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
             state.seconds = time.perf_counter() - run_t0 - hook_seconds
             if main:
-                save_checkpoint(root, state, core, ema, optimizer, lr_scheduler, t.keep_checkpoints)
+                folder = save_checkpoint(root, state, core, ema, optimizer, lr_scheduler, t.keep_checkpoints)
+                if on_checkpoint:
+                    on_checkpoint(folder)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -412,7 +415,7 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
     """`medi train --model NAME`: train (resuming if a checkpoint exists), log everything, save the model."""
     import mlflow
 
-    from medi import figures, tracking
+    from medi import figures, registry, tracking
 
     split_dir = Path(cfg.split.output)
     if not (split_dir / "train.parquet").exists():
@@ -435,11 +438,21 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
         grid = grid_hook(cfg, name, train_index, vocab, last_grid)
         result = train(cfg, name, train_index, tiles_file, [(cfg.train.grid_every, grid), *extra_hooks],
                        on_log=lambda step, metrics: mlflow.log_metrics(dict(metrics), step=step),
-                       mlflow_run_id=run.info.run_id)
+                       mlflow_run_id=run.info.run_id,
+                       on_checkpoint=lambda folder: registry.log_checkpoint(folder, cfg.train.keep_checkpoints))
         if not last_grid:       # resumed from the final checkpoint, so no step ran: the last grid is drawn now
             grid(result.steps, result.model)
-        for f in ("config.json", "vocab.json"):
-            mlflow.log_artifact(str(result.model_dir / f), "model")
+        # the model as an MLflow model, registered as medi-<name> (a sweep trial's, nested in its trial: not registered)
+        s = cfg.sample
+        version = registry.log_model(result.model_dir, name, {"scheduler": s.scheduler, "steps": s.steps,
+                                                              "guidance": s.guidance, "precision": s.precision,
+                                                              "batch_size": s.batch_size},
+                                     {"medi.model": name, "attributes": ",".join(attributes) or "none",
+                                      "steps": result.steps, "medi.pipeline": run.data.tags.get("medi.pipeline", "")},
+                                     register="mlflow.parentRunId" not in run.data.tags)
+        if version is not None:
+            mlflow.set_tag("medi.registered_model", f"models:/{registry.registered_name(name)}/{version}")
+            log.info("registered %s as models:/%s/%s", name, registry.registered_name(name), version)
         metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second,
                    "processes": group["num_processes"]}
         stains = stain_check(cfg, result.model, train_index, np.load(tiles_file, mmap_mode="r"))
