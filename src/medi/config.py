@@ -130,6 +130,7 @@ class TrainConfig:
     stain_check_seeds: int       # synthetic data: images per (class, site) for the ground-truth stain check
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
     metrics: str                 # e.g. metrics/train_{model}.json
+    plot: str                    # loss (and FID, KID) by step for `dvc plots`, e.g. reports/plots/train_{model}.csv
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,9 @@ class FidConfig:
     curve_count: int             # images generated per point of the training FID curve (train.eval_every)
     stain_tiles: int             # synthetic data: generated tiles per (class, site) cell for the ground-truth stain check
     cache: str                   # features of real tiles, keyed by extractor and image bytes ("" = off)
-    metrics: str                 # metrics/fid_{model}.json
+    metrics: str                 # metrics/fid_{model}.json (headline figures: the contract)
+    detail: str                  # reports/fid_{model}_detail.json (every figure, n per group, settings)
+    plot: str                    # FID per class for `dvc plots`, e.g. reports/plots/fid_per_class_{model}.csv
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class ReportConfig:
     fid_figure: str              # reports/fid_per_class.png (the paper's Figure 3)
     sites_figure: str            # reports/sites_real_cls_medi.png (the paper's Figure 4)
     index: str                   # reports/index.md: the one page to open after make repro
+    probe_plot: str              # the probe's table (test sites) as rows for `dvc plots`: reports/plots/probe.csv
 
 
 @dataclass(frozen=True)

@@ -353,7 +353,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     import mlflow
 
     from medi import registry, report, tracking
-    from medi.io import read_json, write_json
+    from medi.io import read_json, write_json, write_text
 
     cfg.variant(name)
     if not distributed.is_main():           # the other processes of a launch: their share of the features
@@ -363,7 +363,9 @@ def run_stage(cfg: Config, name: str) -> dict:
         t0 = time.perf_counter()
         metrics = evaluate(cfg, name)
         metrics["seconds"] = time.perf_counter() - t0
-        write_json(cfg.fid.metrics.format(model=name), metrics)
+        write_json(cfg.fid.detail.format(model=name), metrics)
+        write_json(cfg.fid.metrics.format(model=name), headline(metrics))
+        write_text(cfg.fid.plot.format(model=name), per_class_rows(name, metrics).to_csv(index=False))
         mlflow.log_params({"model_name": name, "extractor_description": metrics["extractor"][:500]})
         flat = {"fid": metrics["overall"], "kid": metrics["kid"], "n_real": metrics["n_real"],
                 "n_generated": metrics["n_generated"], "seconds": metrics["seconds"]}
@@ -378,7 +380,8 @@ def run_stage(cfg: Config, name: str) -> dict:
         mlflow.log_dict(metrics, f"fid_{name}.json")
         mlflow.log_figure(report.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
         info = Path(cfg.sample.output.format(model=name)) / "sample_info.json"
-        version = registry.tag_version(name, read_json(info)["weights_sha256_16"], headline(metrics)) \
+        figures = {k: v for k, v in headline(metrics).items() if isinstance(v, (int, float))}
+        version = registry.tag_version(name, read_json(info)["weights_sha256_16"], figures) \
             if info.exists() else None
         if version is not None:
             mlflow.set_tag("medi.registered_model", f"models:/{registry.registered_name(name)}/{version}")
@@ -390,16 +393,27 @@ def run_stage(cfg: Config, name: str) -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """The figures of metrics/fid_NAME.json (`dvc metrics show`) and of the registered model's tags; the rest of
-    the evaluation is its detail file."""
+    """metrics/fid_NAME.json (`dvc metrics show`, the contract): the extractor, FID overall and per class, KID, the
+    counts, and the headline conditioning accuracy; per site, n per group and settings stay in the detail file."""
     cond = metrics["conditioning"]
-    out = {"fid": metrics["overall"], "kid": metrics["kid"], "mean_class_fid": metrics["mean_class_fid"],
-           "classes_with_fid": len(metrics["per_class"]), "n_generated": metrics["n_generated"],
-           "class_accuracy": cond["class_accuracy"], "site_accuracy": cond["site_accuracy"]}
+    out = {k: metrics[k] for k in ("extractor", "overall", "per_class", "mean_class_fid", "kid", "n_real",
+                                   "n_generated")}
+    out["extractor"] = out["extractor"].split(" (")[0]        # the name; its description is in the detail file
+    out.update({k: cond.get(k) for k in ("class_accuracy", "site_accuracy", "site_accuracy_seen_pairs",
+                                         "site_accuracy_unseen_pairs")})
     stain = metrics.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
     if stain is not None:
         out["stain_rank_seen"] = stain
     return out
+
+
+def per_class_rows(name: str, metrics: dict) -> pd.DataFrame:
+    """FID per class for `dvc plots` (one row per class with its n; `reliable` false below fid.min_count)."""
+    below = metrics["below_min_count"]["class"]
+    rows = [{"model": name, "class": c, "fid": metrics["per_class"].get(c, below.get(c, {}).get("fid")),
+             "reliable": c in metrics["per_class"], "n_real": n["real"], "n_generated": n["generated"]}
+            for c, n in metrics["n_per_class"].items()]
+    return pd.DataFrame(rows, columns=["model", "class", "fid", "reliable", "n_real", "n_generated"])
 
 
 def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndarray):
@@ -412,6 +426,10 @@ def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndar
                 sorted(train_index["class"].astype(str).unique()))
 
     def hook(step: int, model) -> dict[str, float]:
+        with torch.random.fork_rng(devices=[]):   # torch-fidelity's data loaders draw seeds from the global RNG,
+            return point(model)                   # which training saves in its checkpoints: leave it as it was
+
+    def point(model) -> dict[str, float]:
         if "real" not in state:
             state["extractor"] = Extractor.from_config(cfg.fid)
             state["real"] = state["extractor"].cached_features(tiles[np.sort(train_index["idx"].to_numpy())],

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from medi import distributed
 from medi.config import Config
 from medi.errors import MediError
-from medi.io import write_json
+from medi.io import write_json, write_text
 from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions
 from medi.sample import training_scheduler
 
@@ -411,6 +411,20 @@ def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, ti
     return report
 
 
+def curves(run_id: str, name: str) -> pd.DataFrame:
+    """Loss, FID and KID by step of a training run, from its MLflow history (a resumed run included), for
+    `dvc plots`; steps without an FID point leave those cells empty."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    frame = pd.DataFrame({"step": pd.Series(dtype=int)})
+    for key in ("loss", "fid", "kid"):
+        history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        frame = frame.merge(pd.DataFrame({"step": pd.Series(list(history), dtype=int),
+                                          key: pd.Series(list(history.values()), dtype=float)}), on="step", how="outer")
+    return frame.sort_values("step").assign(model=name)
+
+
 def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = ()) -> TrainResult:
     """`medi train --model NAME`: train (resuming if a checkpoint exists), log everything, save the model."""
     import mlflow
@@ -466,6 +480,7 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
                      "sites, 0.5 = chance): %s; real tiles: %s", name, stains["summary"], stains["real"])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         write_json(cfg.train.metrics.format(model=name), metrics)
+        write_text(cfg.train.plot.format(model=name), curves(run.info.run_id, name).to_csv(index=False))
         if last_grid:
             path = figures.save(last_grid["figure"], cfg.train.figure.format(model=name))
             log.info("sample grid of %s at step %d: %s", name, last_grid["step"], path)
