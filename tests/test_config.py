@@ -28,7 +28,7 @@ def test_repo_params_load_every_key_as_written():
     (lambda r: r["data"].update(resolutoin=32), r"unknown key\(s\) data.resolutoin"),
     (lambda r: r.update(extra={}), r"unknown key\(s\) .extra"),
     (lambda r: r.pop("tracking"), r"missing key 'tracking'"),
-    (lambda r: r["synthetic"].update(classes=["LUAD", "BRCA"]), r"unknown class\(es\) \['BRCA'\]; known: \["),
+    (lambda r: r["synthetic"].update(classes=["LUAD", "XYZ"]), r"unknown class\(es\) \['XYZ'\]; known: \["),
     (lambda r: r["synthetic"].update(classes="LUAD"), r"'synthetic.classes': expected a list"),
     (lambda r: r["split"].update(holdout_fraction=1.5), r"holdout_fraction' must lie in \(0, 1\)"),
     (lambda r: r["data"].update(root="elsewhere"), r"data.root \(elsewhere\) is not synthetic.output"),

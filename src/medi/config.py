@@ -27,8 +27,10 @@ PROBE_METHODS = ("none", "real", "cls", "medi")
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECISION_ALIASES = {"no": "fp32"}
 
-# The TCGA projects the pipeline knows, with their TCGA-UT folder (zip) names. The seven of the paper's
-# three probe tasks come first; any other class can be added in params (`data.class_folders`).
+# The 32 TCGA projects of TCGA-UT with their folder (zip) names in the Zenodo record: the seven of the paper's three
+# probe tasks first. COAD and READ share one folder (TCGA-UT merged them): each slide's class there is its GDC
+# project. Other folders can be added in params (`data.class_folders`).
+COLON_RECTUM = "Colon_Rectum_adenocarcinoma"
 TCGA_UT_FOLDERS: dict[str, str] = {
     "LUAD": "Lung_adenocarcinoma",
     "LUSC": "Lung_squamous_cell_carcinoma",
@@ -37,6 +39,31 @@ TCGA_UT_FOLDERS: dict[str, str] = {
     "KICH": "Kidney_Chromophobe",
     "UCEC": "Uterine_Corpus_Endometrial_Carcinoma",
     "UCS": "Uterine_Carcinosarcoma",
+    "ACC": "Adrenocortical_carcinoma",
+    "BLCA": "Bladder_Urothelial_Carcinoma",
+    "BRCA": "Breast_invasive_carcinoma",
+    "CESC": "Cervical_squamous_cell_carcinoma_and_endocervical_adenocarcinoma",
+    "CHOL": "Cholangiocarcinoma",
+    "COAD": COLON_RECTUM,
+    "DLBC": "Lymphoid_Neoplasm_Diffuse_Large_B-cell_Lymphoma",
+    "ESCA": "Esophageal_carcinoma",
+    "GBM": "Glioblastoma_multiforme",
+    "HNSC": "Head_and_Neck_squamous_cell_carcinoma",
+    "LGG": "Brain_Lower_Grade_Glioma",
+    "LIHC": "Liver_hepatocellular_carcinoma",
+    "MESO": "Mesothelioma",
+    "OV": "Ovarian_serous_cystadenocarcinoma",
+    "PAAD": "Pancreatic_adenocarcinoma",
+    "PCPG": "Pheochromocytoma_and_Paraganglioma",
+    "PRAD": "Prostate_adenocarcinoma",
+    "READ": COLON_RECTUM,
+    "SARC": "Sarcoma",
+    "SKCM": "Skin_Cutaneous_Melanoma",
+    "STAD": "Stomach_adenocarcinoma",
+    "TGCT": "Testicular_Germ_Cell_Tumors",
+    "THCA": "Thyroid_carcinoma",
+    "THYM": "Thymoma",
+    "UVM": "Uveal_Melanoma",
 }
 
 
