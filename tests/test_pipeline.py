@@ -59,7 +59,7 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental_and_dvc_experiments_work
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    run = lambda *args: subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    run = lambda *args: subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     assert run("git", "init", "-q").returncode == 0 and run("dvc", "init", "-q").returncode == 0
 
     first = run("dvc", "repro")
