@@ -20,7 +20,7 @@ CLASSES ?= LUAD LUSC KIRC KIRP KICH UCEC UCS
 SWEEP ?=
 PROFILE ?=
 
-.PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui mlflow-server tcga-ut lock clean
+.PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui ui-check mlflow-server tcga-ut lock clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,9 @@ smoke-paper: setup  ## the paper profile end to end at a tiny scale on the CPU, 
 
 ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+ui-check: setup  ## headless Chromium (Debian: apt-get install chromium) over the MLflow pages of the last run; screenshots in reports/ui/
+	python scripts/ui_check.py --out reports/ui
 
 PG_DATA ?= .postgres
 PG_PORT ?= 5433

@@ -1,0 +1,114 @@
+"""Check, in a real headless browser, the MLflow pages a user visits after `make repro`, and keep screenshots.
+
+Starts `mlflow ui` on the pipeline's store (params tracking.uri, or MLFLOW_TRACKING_URI) on a free port, then
+renders with headless Chromium (Debian: `apt-get install chromium`):
+
+1. the experiment (it must open on its runs table, not the GenAI overview) with the train runs listed;
+2. the compare page of train-cls vs train-medi (params and the loss / fid charts);
+3. the artifacts of the train-medi run (checkpoints/ and model/);
+4. the registered model medi-medi and its versions.
+
+Each page's rendered DOM is searched for what must be there; screenshots go to `reports/ui/` (or --out).
+Exit status 1 names the page that lacks something.
+
+    python scripts/ui_check.py [--params params.yaml] [--out reports/ui] [--chromium chromium]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(chromium: str, url: str, screenshot: Path, budget_ms: int) -> str:
+    """The DOM of `url` after `budget_ms` of virtual time, and a screenshot of it."""
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1000",
+              f"--virtual-time-budget={budget_ms}", "--run-all-compositor-stages-before-draw"]
+    subprocess.run([*common, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=False)
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False)
+    return dom.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="reports/ui")
+    ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
+    ap.add_argument("--budget-ms", type=int, default=20000, help="virtual time a page gets to render")
+    args = ap.parse_args()
+
+    import mlflow
+
+    from medi import config, tracking
+
+    cfg = config.load(args.params)
+    uri = tracking.tracking_uri(cfg.tracking)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        print(f"no experiment {cfg.tracking.experiment!r} in {uri}: run `make repro` first", file=sys.stderr)
+        return 2
+    runs = {r.data.tags.get("medi.stage"): r for r in mlflow.search_runs(
+        [experiment.experiment_id], "tags.`medi.stage` LIKE 'train@%'", order_by=["start_time DESC"],
+        output_format="list")[::-1]}           # the latest run of each stage
+    missing = [s for s in ("train@cls", "train@medi") if s not in runs]
+    if missing:
+        print(f"no run of {missing} in {uri}: run `make repro` first", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            print("the MLflow server did not start", file=sys.stderr)
+            return 1
+        eid, cls, medi = experiment.experiment_id, runs["train@cls"].info.run_id, runs["train@medi"].info.run_id
+        pages = {
+            "runs_table": (f"{base}/#/experiments/{eid}", ["train-cls", "train-medi"]),
+            "compare_cls_medi": (f"{base}/#/compare-runs?runs={quote(json.dumps([cls, medi]))}"
+                                 f"&experiments={quote(json.dumps([eid]))}", ["train-cls", "train-medi", "loss"]),
+            "artifacts_train_medi": (f"{base}/#/experiments/{eid}/runs/{medi}/artifacts", ["checkpoints", "model"]),
+            "registered_medi_medi": (f"{base}/#/models/medi-medi", ["medi-medi", "Version 1"]),
+        }
+        failed = []
+        for name, (url, needles) in pages.items():
+            dom = render(args.chromium, url, out / f"{name}.png", args.budget_ms)
+            lacking = [n for n in needles if n not in dom]
+            if name == "runs_table" and "Overview" in dom and "train-cls" not in dom:
+                lacking.append("(the GenAI overview opened instead of the runs table)")
+            print(f"{name}: {url}\n  screenshot {out / (name + '.png')}; " + (f"LACKS {lacking}" if lacking else "ok"))
+            if lacking:
+                failed.append(name)
+        return 1 if failed else 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
