@@ -426,8 +426,11 @@ def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndar
                 sorted(train_index["class"].astype(str).unique()))
 
     def hook(step: int, model) -> dict[str, float]:
+        t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):   # torch-fidelity's data loaders draw seeds from the global RNG,
-            return point(model)                   # which training saves in its checkpoints: leave it as it was
+            out = point(model)                    # which training saves in its checkpoints: leave it as it was
+        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
+        return {**out, "fid_curve_seconds": state["seconds"]}     # what the curve has cost so far
 
     def point(model) -> dict[str, float]:
         if "real" not in state:

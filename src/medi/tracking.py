@@ -29,10 +29,10 @@ for _var, _val in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.item
 import mlflow  # noqa: E402  (after the telemetry switches)
 
 
-SERVERS = ("http://", "https://", "databricks")
+SERVERS = ("http://", "https://", "databricks")      # tracking URIs of a server, which owns its store and artifacts
 # MLflow 3's UI shows an experiment without a declared kind as a GenAI one (traces, an assistant); this tag (what
 # its "experiment type" selector writes) declares model training, so the experiment opens on its runs.
-KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"      # tracking URIs of a server, which owns its store and artifacts
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:

@@ -207,8 +207,8 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     attributes = cfg.variant(name)
     distributed.state()                  # the process group of a launch (gloo on CPUs), before the Accelerator
     # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
-    accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision, gradient_accumulation_steps=t.grad_accumulation,
-                              cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision,
+                              gradient_accumulation_steps=t.grad_accumulation, cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
     if t.precision != "fp32" and not accelerator.native_amp:
         log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
                     t.precision, accelerator.device.type)
@@ -448,22 +448,30 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
                            "backend": group["backend"]})
         mlflow.log_params({"model_name": name, "attributes": ",".join(attributes) or "none",
                            "train_tiles": len(train_index), "vocab_sizes": json.dumps({a: len(v) for a, v in vocab.categorical.items()})})
+        logging_seconds = [0.0]             # what logging the checkpoints and the model to MLflow costs
+
+        def log_checkpoint(folder: Path) -> None:
+            t0 = time.perf_counter()
+            registry.log_checkpoint(folder, cfg.train.keep_checkpoints)
+            logging_seconds[0] += time.perf_counter() - t0
+
         last_grid: dict = {}
         grid = grid_hook(cfg, name, train_index, vocab, last_grid)
         result = train(cfg, name, train_index, tiles_file, [(cfg.train.grid_every, grid), *extra_hooks],
                        on_log=lambda step, metrics: mlflow.log_metrics(dict(metrics), step=step),
-                       mlflow_run_id=run.info.run_id,
-                       on_checkpoint=lambda folder: registry.log_checkpoint(folder, cfg.train.keep_checkpoints))
+                       mlflow_run_id=run.info.run_id, on_checkpoint=log_checkpoint)
         if not last_grid:       # resumed from the final checkpoint, so no step ran: the last grid is drawn now
             grid(result.steps, result.model)
         # the model as an MLflow model, registered as medi-<name> (a sweep trial's, nested in its trial: not registered)
-        s = cfg.sample
+        s, t0 = cfg.sample, time.perf_counter()
         version = registry.log_model(result.model_dir, name, {"scheduler": s.scheduler, "steps": s.steps,
                                                               "guidance": s.guidance, "precision": s.precision,
                                                               "batch_size": s.batch_size},
                                      {"medi.model": name, "attributes": ",".join(attributes) or "none",
                                       "steps": result.steps, "medi.pipeline": run.data.tags.get("medi.pipeline", "")},
                                      register="mlflow.parentRunId" not in run.data.tags)
+        logging_seconds[0] += time.perf_counter() - t0
+        mlflow.log_metric("model_logging_seconds", logging_seconds[0])
         if version is not None:
             mlflow.set_tag("medi.registered_model", f"models:/{registry.registered_name(name)}/{version}")
             log.info("registered %s as models:/%s/%s", name, registry.registered_name(name), version)
