@@ -3,7 +3,8 @@
 Starts `mlflow ui` on the pipeline's store (params tracking.uri, or MLFLOW_TRACKING_URI) on a free port, then
 renders with headless Chromium (Debian: `apt-get install chromium`):
 
-1. the experiment (it must open on its runs table, not the GenAI overview) with the train runs listed;
+1. the experiment, opened by the link `make ui` prints (`#/experiments/<id>?workflowType=machine_learning`: MLflow
+   3.17 opens a browser's first visit in its GenAI mode otherwise), on its runs table with the train runs listed;
 2. the compare page of train-cls vs train-medi (params and the loss / fid charts);
 3. the artifacts of the train-medi run (checkpoints/ and model/);
 4. the registered model medi-medi and its versions.
@@ -49,6 +50,9 @@ def main() -> int:
     ap.add_argument("--out", default="reports/ui")
     ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
     ap.add_argument("--budget-ms", type=int, default=20000, help="virtual time a page gets to render")
+    ap.add_argument("--start-timeout", type=int, default=300, help="seconds the MLflow server may take to start")
+    ap.add_argument("--url", help="check this running MLflow UI (e.g. http://127.0.0.1:5000 of `make ui`) instead of "
+                                  "starting one on the store")
     args = ap.parse_args()
 
     import mlflow
@@ -72,13 +76,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
+    base = args.url.rstrip("/") if args.url else f"http://127.0.0.1:{port}"
+    server = None if args.url else subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
                                "127.0.0.1", "--port", str(port), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
-        for _ in range(120):
+        for _ in range(args.start_timeout):
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
                 break
@@ -89,7 +93,9 @@ def main() -> int:
             return 1
         eid, cls, medi = experiment.experiment_id, runs["train@cls"].info.run_id, runs["train@medi"].info.run_id
         pages = {
-            "runs_table": (f"{base}/#/experiments/{eid}", ["train-cls", "train-medi"]),
+            # MLflow 3.17's UI opens in its GenAI mode unless the browser chose "Model training" before (local
+            # storage) or the link says so: `make ui` prints this link
+            "runs_table": (f"{base}/#/experiments/{eid}?workflowType=machine_learning", ["train-cls", "train-medi"]),
             "compare_cls_medi": (f"{base}/#/compare-runs?runs={quote(json.dumps([cls, medi]))}"
                                  f"&experiments={quote(json.dumps([eid]))}", ["train-cls", "train-medi", "loss"]),
             "artifacts_train_medi": (f"{base}/#/experiments/{eid}/runs/{medi}/artifacts", ["checkpoints", "model"]),
@@ -106,8 +112,9 @@ def main() -> int:
                 failed.append(name)
         return 1 if failed else 0
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 if __name__ == "__main__":
