@@ -6,7 +6,8 @@ renders with headless Chromium (Debian: `apt-get install chromium`):
 1. the experiment, opened by the link `make ui` prints (`#/experiments/<id>?workflowType=machine_learning`: MLflow
    3.17 opens a browser's first visit in its GenAI mode otherwise), on its runs table with the train runs listed;
 2. the compare page of train-cls vs train-medi (params and the loss / fid charts);
-3. the artifacts of the train-medi run (checkpoints/ and model/);
+3. the artifacts of the train-medi run (checkpoints/, grids/; the model itself is a logged model, shown on the
+   experiment's Models tab and in the registry);
 4. the registered model medi-medi and its versions.
 
 Each page's rendered DOM is searched for what must be there; screenshots go to `reports/ui/` (or --out).
@@ -98,7 +99,8 @@ def main() -> int:
             "runs_table": (f"{base}/#/experiments/{eid}?workflowType=machine_learning", ["train-cls", "train-medi"]),
             "compare_cls_medi": (f"{base}/#/compare-runs?runs={quote(json.dumps([cls, medi]))}"
                                  f"&experiments={quote(json.dumps([eid]))}", ["train-cls", "train-medi", "loss"]),
-            "artifacts_train_medi": (f"{base}/#/experiments/{eid}/runs/{medi}/artifacts", ["checkpoints", "model"]),
+            # the checkpoints are the run's artifacts; the model is a logged model (the Models tab, the registry)
+            "artifacts_train_medi": (f"{base}/#/experiments/{eid}/runs/{medi}/artifacts", ["checkpoints", "grids"]),
             "registered_medi_medi": (f"{base}/#/models/medi-medi", ["medi-medi", "Version 1"]),
         }
         failed = []
