@@ -487,7 +487,9 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
             log.info("stain check of %s (angle to the conditioned site's true stain; rank 0 = the nearest of all "
                      "sites, 0.5 = chance): %s; real tiles: %s", name, stains["summary"], stains["real"])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        write_json(cfg.train.metrics.format(model=name), metrics)
+        # the metrics file: headline figures (dvc metrics show); every stain figure is in the run and stain_check.json
+        write_json(cfg.train.metrics.format(model=name),
+                   {k: v for k, v in metrics.items() if not k.startswith("stain_") or k.endswith("_rank_percentile")})
         write_text(cfg.train.plot.format(model=name), curves(run.info.run_id, name).to_csv(index=False))
         if last_grid:
             path = figures.save(last_grid["figure"], cfg.train.figure.format(model=name))
