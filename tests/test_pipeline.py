@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -99,9 +100,12 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental_and_dvc_experiments_work
     plots = run("dvc", "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr
     loaded = json.loads(plots.stdout)
-    assert {"training loss", "FID per class (hatched in reports/fid_per_class.png where reliable is false)",
-            "probe balanced accuracy, TSS-avg (test sites)", "reports/fid_per_class.png"} <= set(loaded)
-    assert "No plots were loaded" not in plots.stdout + plots.stderr
+    assert loaded["errors"] == [] and {"training loss", "FID during training (train.eval_every; fid feature space)",
+                                       "FID per class (hatched in reports/fid_per_class.png where reliable is false)",
+                                       "probe balanced accuracy, TSS-avg (test sites)", "reports/fid_per_class.png"} \
+        <= set(loaded["data"])
+    curve = pd.read_csv(work / "reports/plots/train_medi.csv")
+    assert curve.dropna(subset=["fid"])["step"].tolist() == [TINY["train__max_steps"]]   # eval_every > steps: the last
 
     # An experiment with every class below fid.min_count (tiny groups) and another d_e: `dvc exp run -S` rewrites
     # params.yaml (no quoting trap), retrains from there, and the report says what it cannot draw
