@@ -133,4 +133,4 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental_and_dvc_experiments_work
     assert stages.count("train@medi") == 2 and stages.count("report") == 2 and stages.count("split") == 1
     assert all(r.info.status == "FINISHED" for r in runs)
     versions = mlflow.MlflowClient().search_model_versions("name = 'medi-medi'")
-    assert sorted(int(v.version) for v in versions) == [1, 2] and all("fid" in v.tags for v in versions)
+    assert sorted(int(v.version) for v in versions) == [1, 2] and all("overall" in v.tags for v in versions)

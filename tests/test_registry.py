@@ -63,7 +63,7 @@ def test_the_registered_model_samples_like_the_local_one_with_only_the_tracking_
     # fid tags the version with its headline figures (found by the weights' digest of the sample set)
     metrics = fid.run_stage(cfg, "medi")
     tags = client.get_model_version("medi-medi", "1").tags
-    assert float(tags["fid"]) == float(f"{metrics['overall']:.6g}") and "kid" in tags
+    assert float(tags["overall"]) == float(f"{metrics['overall']:.6g}") and float(tags["n_generated"]) == 6 and "kid" in tags
 
 
 def test_a_model_uri_that_is_no_medi_model_is_named(tiny_world, capsys):
