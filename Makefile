@@ -20,7 +20,7 @@ CLASSES ?= LUAD LUSC KIRC KIRP KICH UCEC UCS
 SWEEP ?=
 PROFILE ?=
 
-.PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui mlflow-server tcga-ut lock clean
+.PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui ui-check mlflow-server tcga-ut lock clean
 
 setup: $(STAMP)
 
@@ -66,8 +66,12 @@ bench-gpu: setup  ## on a GPU: paper-128 training throughput and the paper recip
 smoke-paper: setup  ## the paper profile end to end at a tiny scale on the CPU, through dvc repro (several minutes)
 	python -m pytest -q -s -m paper_smoke tests/test_paper_recipe.py
 
-ui: setup  ## the MLflow UI on http://127.0.0.1:5000
+ui: setup  ## the MLflow UI on http://127.0.0.1:5000 (open the link it prints: the experiment's runs, "Model training" mode)
+	@echo "open http://127.0.0.1:5000/#/experiments/$$(python -c 'import mlflow; mlflow.set_tracking_uri("sqlite:///mlflow.db"); e = mlflow.get_experiment_by_name("medi"); print(e.experiment_id if e else "")' 2>/dev/null)?workflowType=machine_learning"
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+ui-check: setup  ## headless Chromium (Debian: apt-get install chromium) over the MLflow pages of the last run; screenshots in reports/ui/
+	python scripts/ui_check.py --out reports/ui
 
 PG_DATA ?= .postgres
 PG_PORT ?= 5433

@@ -13,7 +13,8 @@ GDC_COLUMNS = [
     "sample_type", "is_ffpe", "preservation_method", "age_at_index", "days_to_birth", "ethnicity", "gender",
     "race", "vital_status", "primary_diagnosis", "site_of_resection_or_biopsy",
 ]
-FOLDERS = {"LUAD": "Lung_adenocarcinoma", "LUSC": "Lung_squamous_cell_carcinoma", "UCS": "Uterine_Carcinosarcoma"}
+FOLDERS = {"LUAD": "Lung_adenocarcinoma", "LUSC": "Lung_squamous_cell_carcinoma", "UCS": "Uterine_Carcinosarcoma",
+           "COAD": "Colon_Rectum_adenocarcinoma", "READ": "Colon_Rectum_adenocarcinoma"}   # one folder, two projects
 
 
 @dataclass

@@ -28,7 +28,7 @@ def test_repo_params_load_every_key_as_written():
     (lambda r: r["data"].update(resolutoin=32), r"unknown key\(s\) data.resolutoin"),
     (lambda r: r.update(extra={}), r"unknown key\(s\) .extra"),
     (lambda r: r.pop("tracking"), r"missing key 'tracking'"),
-    (lambda r: r["synthetic"].update(classes=["LUAD", "BRCA"]), r"unknown class\(es\) \['BRCA'\]; known: \["),
+    (lambda r: r["synthetic"].update(classes=["LUAD", "XYZ"]), r"unknown class\(es\) \['XYZ'\]; known: \["),
     (lambda r: r["synthetic"].update(classes="LUAD"), r"'synthetic.classes': expected a list"),
     (lambda r: r["split"].update(holdout_fraction=1.5), r"holdout_fraction' must lie in \(0, 1\)"),
     (lambda r: r["data"].update(root="elsewhere"), r"data.root \(elsewhere\) is not synthetic.output"),
@@ -40,6 +40,25 @@ def test_bad_params_are_named(tmp_path, edit, message):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(MediError, match=message):
         config.load(path)
+
+
+def test_params_read_the_same_after_dvc_rewrites_them(tmp_path):
+    """`dvc exp run -S KEY=VALUE` rewrites params.yaml with ruamel (YAML 1.2), which drops quotes YAML 1.1 needs:
+    an unquoted `no` then reads as false. Every value of params.yaml must read the same after that rewrite."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    with modify_yaml(path) as raw:
+        raw["model"]["d_e"] = 8
+    assert config.load(path) == config.load(REPO / "params.yaml", {"model.d_e": 8})
+
+
+@pytest.mark.parametrize("written, read", [("fp32", "fp32"), ('"no"', "fp32"), ("bf16", "bf16")])
+def test_precision_is_named_fp32_and_the_old_quoted_no_still_reads(written, read):
+    cfg = config.load(REPO / "params.yaml", cli.parse_overrides([f"train.precision={written}",
+                                                                 f"sample.precision={written}"]))
+    assert cfg.train.precision == cfg.sample.precision == read
 
 
 def test_overrides_win_over_the_file_and_change_nothing_else():
@@ -74,6 +93,9 @@ def test_not_yaml_and_missing_file(tmp_path):
 # status 2 and one line naming the key.
 SEVEN = ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "grid_steps", "grid_seeds")
 BAD_PARAMS = [
+    (["train.precision=no"], "train.precision", r"key 'train.precision': expected one of 'fp32', 'fp16', 'bf16' \(a "
+     r"YAML boolean, e.g. an unquoted no: write fp32\), got False"),
+    (["sample.precision=off"], "sample.precision", r"'sample.precision': expected one of 'fp32', .* got False"),
     (["data.resolution=big"], "data.resolution", r"key 'data.resolution': expected an integer, got 'big'"),
     (["data.resolutoin=32"], "data.resolutoin", r"unknown key\(s\) data.resolutoin; 'data' takes: class_folders, classes, "),
     (["data=1"], "data", r"section 'data': expected a mapping, got 1"),

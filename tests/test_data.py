@@ -47,6 +47,21 @@ def test_prepare_packs_every_tile_with_its_metadata(real_cfg, tmp_path):
     assert slides.tiles.sum() == n and slides.meta_row.is_monotonic_increasing
 
 
+def test_the_32_classes_are_built_in_and_coad_and_read_share_their_folder(real_cfg, tmp_path):
+    """TCGA-UT's folders: 32 projects, COAD and READ merged in one folder; each slide there keeps its project."""
+    from medi import config
+
+    assert len(config.TCGA_UT_FOLDERS) == 32 and len(set(config.TCGA_UT_FOLDERS.values())) == 31
+    slides = [tf.FixtureSlide("COAD", "AA", "3514"), tf.FixtureSlide("READ", "AG", "3580", tiles=2),
+              tf.FixtureSlide("LUAD", "05", "4244")]
+    tf.build(tmp_path / "data", slides)
+    data.prepare(real_cfg(data__classes=["COAD", "READ", "LUAD"]))
+    index = data.load_index(str(tmp_path / "artifacts/dataset"))
+    assert sorted(map(tuple, index.groupby("class")["slide"].agg(["first", "size"]).reset_index().values.tolist())) == [
+        ("COAD", "TCGA-AA-3514-01Z-00-DX1", 3), ("LUAD", "TCGA-05-4244-01Z-00-DX1", 3),
+        ("READ", "TCGA-AG-3580-01Z-00-DX1", 2)]
+
+
 def test_orphans_are_counted_not_dropped_silently(real_cfg, tmp_path):
     slides = tf.DEFAULT_SLIDES + [
         tf.FixtureSlide("LUAD", "05", "9999", in_metadata=False, tiles=2),   # tiles, no metadata row

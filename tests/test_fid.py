@@ -165,9 +165,18 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         save_untrained(cfg, name, seed=len(name))
         sample.run_stage(cfg, name)
         metrics = fid.run_stage(cfg, name)
-        on_disk = json.loads(Path(cfg.fid.metrics.format(model=name)).read_text())
+        on_disk = json.loads(Path(cfg.fid.detail.format(model=name)).read_text())
         assert on_disk["extractor"].startswith("random:resnet18") and "offline default" in on_disk["extractor"]
         assert metrics["overall"] == on_disk["overall"]
+        # the metrics file: the contract's headline figures only (per site, n per group, settings: the detail)
+        headline = json.loads(Path(cfg.fid.metrics.format(model=name)).read_text())
+        assert headline == {"extractor": "random:resnet18", "overall": on_disk["overall"], "per_class": on_disk["per_class"],
+                            "mean_class_fid": on_disk["mean_class_fid"], "kid": on_disk["kid"], "n_real": len(idx),
+                            "n_generated": 42, **{k: on_disk["conditioning"][k] for k in (
+                                "class_accuracy", "site_accuracy", "site_accuracy_seen_pairs", "site_accuracy_unseen_pairs")},
+                            "stain_rank_seen": on_disk["stain"]["summary"]["seen"]["rank_percentile"]}
+        plot = pd.read_csv(cfg.fid.plot.format(model=name))
+        assert plot["class"].tolist() == sorted(on_disk["n_per_class"]) and plot["reliable"].sum() == len(on_disk["per_class"])
         # every figure again from the files on disk: the PNGs against all real training tiles
         folder = Path(cfg.sample.output.format(model=name))
         manifest = sample.read_manifest(folder / sample.MANIFEST)
@@ -217,7 +226,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     stages = {r.data.tags["medi.stage"]: r for r in runs}
     assert {"sample@cls", "sample@medi", "fid@cls", "fid@medi", "report"} <= set(stages)
     logged = stages["fid@medi"].data.metrics
-    medi_metrics = json.loads(Path(cfg.fid.metrics.format(model="medi")).read_text())
+    medi_metrics = json.loads(Path(cfg.fid.detail.format(model="medi")).read_text())
     assert logged["fid"] == medi_metrics["overall"]
     assert logged["class_accuracy"] == medi_metrics["conditioning"]["class_accuracy"]
     assert logged["pairs_unseen_site_accuracy"] == medi_metrics["pairs"]["unseen_site_accuracy"]
@@ -250,12 +259,12 @@ def test_the_report_names_the_classes_medi_wins_and_dashes_what_a_stage_could_no
 def test_report_refuses_metrics_from_different_feature_spaces(tiny_world):
     cfg = tiny_world()
     for name, extractor in (("cls", "a"), ("medi", "b")):
-        path = Path(cfg.fid.metrics.format(model=name))
+        path = Path(cfg.fid.detail.format(model=name))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"extractor": extractor}))
     with pytest.raises(MediError, match="different feature spaces"):
         report.load_fid_metrics(cfg)
-    Path(cfg.fid.metrics.format(model="cls")).unlink()
+    Path(cfg.fid.detail.format(model="cls")).unlink()
     with pytest.raises(MediError, match="run `medi fid --model cls`"):
         report.load_fid_metrics(cfg)
 
@@ -282,3 +291,22 @@ def test_training_logs_an_fid_curve(tiny_world):
     real = extractor.features(real_tiles(cfg)[np.sort(idx["idx"].to_numpy())], verbose=False)
     assert history[1].value == fid.frechet(real, extractor.features(images, verbose=False))
     assert history[0].value != history[1].value
+
+
+def test_the_fid_curve_changes_neither_the_weights_nor_the_random_streams(tiny_world, tmp_path):
+    """The default training computes an FID curve; the trained weights (and so the samples and the probe) and the
+    global RNG (saved in checkpoints) must be those of a training without it."""
+    idx = train_index(tiny_world())
+    runs = {}
+    for eval_every in (0, 3):
+        cfg = tiny_world(train__max_steps=6, train__eval_every=eval_every, model__output=str(tmp_path / f"m{eval_every}"))
+        hooks = [(3, fid.curve_hook(cfg, "medi", idx, real_tiles(cfg)))] if eval_every else []
+        torch.manual_seed(123)
+        logged = {}
+        result = train.train(cfg, "medi", idx, Path(cfg.data.output) / "tiles.npy", hooks,
+                             on_log=lambda step, m: logged.update({step: dict(m)}))
+        runs[eval_every] = (result.model.state_dict(), torch.get_rng_state(), logged)
+    (w0, rng0, log0), (w3, rng3, log3) = runs[0], runs[3]
+    assert sorted(k for s in log3.values() for k in s if k in ("fid", "kid")) == ["fid", "fid", "kid", "kid"]
+    assert all(torch.equal(w0[k], w3[k]) for k in w0) and torch.equal(rng0, rng3)
+    assert [(s, m["loss"]) for s, m in log0.items()] == [(s, m["loss"]) for s, m in log3.items() if "loss" in m]

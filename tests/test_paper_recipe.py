@@ -113,7 +113,7 @@ def test_profile_errors_name_the_file_and_key_and_write_nothing(tmp_path, capsys
     (tmp_path / "profiles" / "bad.yaml").write_text("train:\n  precision: fp8\n")
     with pytest.raises(MediError, match=r"typo.yaml: 'train.learning_rate' is not a param"):
         profile.apply(params, ["typo"], directory=tmp_path / "profiles")
-    with pytest.raises(MediError, match=r"key 'train.precision': expected one of 'no', 'fp16', 'bf16', got 'fp8'"):
+    with pytest.raises(MediError, match=r"key 'train.precision': expected one of 'fp32', 'fp16', 'bf16', got 'fp8'"):
         profile.apply(params, ["bad"], directory=tmp_path / "profiles")
     with pytest.raises(MediError, match=r"profile 'nope': .*nope.yaml not found; known profiles: bad, typo"):
         profile.apply(params, ["nope"], directory=tmp_path / "profiles")
@@ -219,7 +219,7 @@ SMOKE_SLIDES = [   # two classes, three sites each: the paper split keeps two si
 # it is more than 3x slower than fp32), so the smoke trains in fp32; everything else is the profile's.
 SMOKE = {
     "data.classes": ["LUAD", "LUSC"], "data.workers": 1,
-    "train.max_steps": 2, "train.batch_size": 2, "train.precision": "no", "train.workers": 0, "train.log_every": 1,
+    "train.max_steps": 2, "train.batch_size": 2, "train.precision": "fp32", "train.workers": 0, "train.log_every": 1,
     "train.checkpoint_every": 2, "train.keep_checkpoints": 1, "train.grid_every": 0, "train.grid_steps": 1,
     "train.grid_seeds": 1,
     "sample.steps": 2, "sample.count": 2, "sample.batch_size": 4,

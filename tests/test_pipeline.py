@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -42,18 +43,25 @@ def tiny_params() -> dict:
     return raw
 
 
+def flat_keys(tree, prefix="") -> set[str]:
+    if isinstance(tree, dict):
+        return set().union(*[flat_keys(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in tree.items()]) or {prefix}
+    return {prefix}
+
+
 @pytest.mark.e2e
-def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
+def test_dvc_repro_runs_the_pipeline_and_is_incremental_and_dvc_experiments_work(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, work / name)
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    run = lambda *args: subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert run("dvc", "init", "--no-scm", "-q").returncode == 0
+    run = lambda *args: subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+    assert run("git", "init", "-q").returncode == 0 and run("dvc", "init", "-q").returncode == 0
 
     first = run("dvc", "repro")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -69,7 +77,8 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
         assert (work / f"models/{name}/model.safetensors").exists() and (work / f"reports/samples_{name}.png").exists()
         assert json.loads((work / f"metrics/train_{name}.json").read_text())["steps"] == TINY["train__max_steps"]
         fid = json.loads((work / f"metrics/fid_{name}.json").read_text())
-        assert {"extractor", "overall", "per_class", "per_site", "kid", "n_real", "n_generated"} <= set(fid)
+        assert {"extractor", "overall", "per_class", "kid", "n_real", "n_generated"} <= set(fid)
+        assert "per_site" in json.loads((work / f"reports/fid_{name}_detail.json").read_text())
         assert fid["n_generated"] == TINY["sample__count"] == len(list((work / f"samples/{name}/images").rglob("*.png")))
     probe = json.loads((work / "metrics/probe.json").read_text())
     assert set(probe["tasks"]) == {"nsclc", "rcc", "uterine"} and probe["split"] == "test"
@@ -83,17 +92,46 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental(tmp_path):
     again = run("dvc", "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout
 
-    params = tiny_params()
-    params["split"]["mode"] = "random"
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    third = run("dvc", "repro")
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert "Running stage 'split'" in third.stdout and "Running stage 'prepare'" not in third.stdout
+    # DVC at a glance: headline metrics (a screen of columns besides the probe's contract), every plot loaded
+    shown = json.loads(run("dvc", "metrics", "show", "--json").stdout)
+    files = shown[next(iter(shown))]["data"]
+    columns = set().union(*[flat_keys(v["data"]) for f, v in files.items() if "probe" not in f])
+    assert len(columns) <= 40, sorted(columns)
+    plots = run("dvc", "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    loaded = json.loads(plots.stdout)
+    assert loaded.get("errors", []) == [] and {"training loss", "FID during training (train.eval_every; fid feature space)",
+                                       "FID per class (hatched in reports/fid_per_class.png where reliable is false)",
+                                       "probe balanced accuracy, TSS-avg (test sites)", "reports/fid_per_class.png"} \
+        <= set(loaded["data"])
+    curve = pd.read_csv(work / "reports/plots/train_medi.csv")
+    assert curve.dropna(subset=["fid"])["step"].tolist() == [TINY["train__max_steps"]]   # eval_every > steps: the last
+
+    # An experiment with every class below fid.min_count (tiny groups) and another d_e: `dvc exp run -S` rewrites
+    # params.yaml (no quoting trap), retrains from there, and the report says what it cannot draw
+    assert run("git", "add", "-A").returncode == 0 and run("git", "commit", "-qm", "baseline").returncode == 0
+    exp = run("dvc", "exp", "run", "-S", "model.d_e=8", "-S", "fid.min_count=100000", "-n", "tiny-groups")
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    assert "Running stage 'train@medi'" in exp.stdout and "Running stage 'prepare'" not in exp.stdout
+    page = (work / "reports/index.md").read_text()
+    assert "### What these figures cannot show" in page
+    assert "- medi: no class has 100000 (fid.min_count) real and generated images" in page
+    assert json.loads((work / "metrics/fid_medi.json").read_text())["per_class"] == {}
+    table = json.loads(run("dvc", "exp", "show", "--json").stdout)
+    rows = {(r.get("name") or r["rev"]): r for b in table for r in [b, *[e for x in b.get("experiments") or []
+                                                                            for e in x["revs"]]]}
+    exp_row = rows["tiny-groups"]["data"]
+    assert exp_row["params"]["params.yaml"]["data"]["model"]["d_e"] == 8
+    assert rows["workspace"]["data"]["params"]["params.yaml"]["data"]["model"]["d_e"] == 8      # applied
+    assert exp_row["metrics"]["metrics/fid_medi.json"]["data"].get("per_class", {}) == {}      # (DVC drops {})
+    assert "overall" in exp_row["metrics"]["metrics/fid_medi.json"]["data"]
+    assert exp_row["metrics"]["metrics/fid_cls.json"]["data"]["n_generated"] == TINY["sample__count"]
 
     import mlflow
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["medi"], output_format="list")
     stages = sorted(r.data.tags["medi.stage"] for r in runs)
-    assert stages.count("split") == 2 and stages.count("report") == 2
-    assert {"synthesize", "prepare", "train@cls", "train@medi", "sample@cls", "fid@medi"} <= set(stages)
+    assert stages.count("train@medi") == 2 and stages.count("report") == 2 and stages.count("split") == 1
     assert all(r.info.status == "FINISHED" for r in runs)
+    versions = mlflow.MlflowClient().search_model_versions("name = 'medi-medi'")
+    assert sorted(int(v.version) for v in versions) == [1, 2] and all("overall" in v.tags for v in versions)

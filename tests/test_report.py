@@ -29,3 +29,21 @@ def test_fid_figure_draws_when_no_site_reaches_min_count():
 def test_index_page_without_a_mean_class_fid(make_cfg):
     page = report.index_page(make_cfg(), {"cls": fid_metrics({}), "medi": fid_metrics({})}, {}, None, {})
     assert "| cls | 5.1e-12 | - | 7.5e-15 | 0.500 | 0.000 | - |" in page
+
+
+def test_the_index_page_says_what_it_cannot_show(make_cfg):
+    """Every class and site below fid.min_count, a class without any FID, no FID curve: one sentence each."""
+    tiny = fid_metrics({})
+    tiny["n_per_class"]["UCS"] = {"real": 1, "generated": 0}
+    page = report.index_page(make_cfg(train__eval_every=0), {"cls": tiny, "medi": fid_metrics({})}, {}, None, {})
+    section = page.split("### What these figures cannot show\n\n")[1].split("\n\n")[0].splitlines()
+    assert section == [
+        "- cls: no class has 2 (fid.min_count) real and generated images (at most 6 real and 1 generated, LUAD), so "
+        "there is no mean FID per class; the bars are hatched, from fewer images.",
+        "- cls: no FID bar for UCS (fewer than 2 real or generated images).",
+        "- medi: no class has 2 (fid.min_count) real and generated images (at most 6 real and 1 generated, LUAD), so "
+        "there is no mean FID per class; the bars are hatched, from fewer images.",
+        "- FID per site (right panel): no site has 2 (fid.min_count) real and generated images, so the panel is empty.",
+        "- FID curves during training: train.eval_every is 0, so none was computed."]
+    assert "cannot show" not in report.index_page(make_cfg(), {"cls": {**fid_metrics({"05": 1.0}), "per_class": {
+        "LUAD": 3.0, "LUSC": 4.0}, "mean_class_fid": 3.5}}, {}, None, {})

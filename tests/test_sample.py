@@ -178,7 +178,7 @@ def test_one_ddim_step_is_the_models_prediction_of_the_clean_image(tiny_world):
         v = model(x, torch.full((len(x),), cfg.model.timesteps - 1), cond)
     x0 = a.sqrt() * x - (1 - a).sqrt() * v
     assert np.array_equal(images, ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    manifest = rows.assign(conditioned_on="class,tss", scheduler="ddim", steps=1, guidance=1.0, precision="no")
+    manifest = rows.assign(conditioned_on="class,tss", scheduler="ddim", steps=1, guidance=1.0, precision="fp32")
     assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
     assert not np.array_equal(sample.generate(model, sample.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2), images)
 
@@ -197,9 +197,9 @@ def test_bf16_and_fp16_sampling_autocast_on_the_cpu_and_regenerate(tiny_world, m
 
     monkeypatch.setattr(MediDiffusion, "forward", spy)
     images = {p: sample.generate(model, sample.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2, precision=p)
-              for p in ("no", "bf16", "fp16")}
+              for p in ("fp32", "bf16", "fp16")}
     assert seen == [None] * 2 + [torch.bfloat16] * 2 + [torch.float16] * 2
-    assert not np.array_equal(images["bf16"], images["no"]) and not np.array_equal(images["fp16"], images["no"])
+    assert not np.array_equal(images["bf16"], images["fp32"]) and not np.array_equal(images["fp16"], images["fp32"])
     for p, expected in images.items():
         manifest = rows.assign(conditioned_on="class", scheduler="dpmsolver++", steps=2, guidance=1.0, precision=p)
         assert np.array_equal(sample.regenerate(manifest, model, cfg.model), expected), p

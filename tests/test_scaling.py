@@ -123,7 +123,8 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
         save_untrained(cfg, name, seed=len(name))
     two = tmp_path / "two"
     outputs = {"sample.output": two / "samples/{model}", "fid.cache": two / "cache/features",
-               "fid.metrics": two / "metrics/fid_{model}.json", "encoder.cache": two / "cache/embeddings",
+               "fid.metrics": two / "metrics/fid_{model}.json", "fid.detail": two / "reports/fid_{model}_detail.json",
+               "fid.plot": two / "reports/fid_{model}.csv", "encoder.cache": two / "cache/embeddings",
                "probe.metrics": two / "metrics/probe.json", "probe.table": two / "probe.md",
                "probe.figure": two / "probe.png"}
     params = write_params(cfg, tmp_path / "params.yaml")
@@ -155,7 +156,7 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
     assert len(pngs) == cfg.sample.count and pngs == sorted(p.relative_to(two_set) for p in two_set.glob("images/*/*.png"))
     assert all((one_set / p).read_bytes() == (two_set / p).read_bytes() for p in pngs)
 
-    two_fid = json.loads(Path(str(outputs["fid.metrics"]).format(model="medi")).read_text())
+    two_fid = json.loads(Path(str(outputs["fid.detail"]).format(model="medi")).read_text())
     for key in ("overall", "kid", "per_class", "per_site", "n_real", "n_generated", "conditioning"):
         assert one_fid[key] == two_fid[key], key
     assert [np.load(f).tobytes() for f in sorted(Path(cfg.fid.cache).glob("*.npy"))] == \

@@ -21,6 +21,7 @@ def test_stage_run_logs_params_and_tags(make_cfg, tmp_path):
     assert tags["medi.pipeline"].endswith(cfg.params_hash()) and "medi.git_commit" in tags
     exp = mlflow.get_experiment(got.info.experiment_id)
     assert exp.name == "medi" and exp.artifact_location.startswith((tmp_path / "mlruns").as_uri())
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"     # the UI opens on the runs table
     assert run_ids(cfg.tracking.uri) == [run.info.run_id]            # in the store of params tracking.uri
 
 

@@ -129,6 +129,15 @@ def cmd_sample(cfg: Config, args: argparse.Namespace) -> None:
             raise MediError(f"{result['compared'] - result['identical']} of {result['compared']} regenerated images "
                             f"differ from the files beside {args.from_manifest}")
         return
+    if args.model_uri:                # a registered model (or any MLflow model of medi), from the tracking store
+        import tempfile
+
+        from medi import registry, tracking
+
+        tracking.configure(cfg.tracking)
+        with tempfile.TemporaryDirectory() as tmp:
+            sample.run_stage(cfg, args.model, registry.download(args.model_uri, Path(tmp)), args.model_uri)
+        return
     sample.run_stage(cfg, args.model)
 
 
@@ -214,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from-manifest", metavar="PATH", help="regenerate the images of this manifest and check "
                            "them against the files beside it (bit for bit)")
             p.add_argument("--output", metavar="DIR", help="with --from-manifest: where to write (default: <set>_regenerated)")
+            p.add_argument("--model-uri", metavar="URI", help="sample this MLflow model instead of models/NAME, e.g. "
+                           "models:/medi-medi/3 (the Model Registry of the tracking store; NAME still names the output)")
         if name == "sweep":
             p.add_argument("--trials", type=int, default=None, help="trials to add (default: params sweep.trials)")
             p.add_argument("--workers", type=int, default=None, help="worker processes (default: params sweep.workers)")

@@ -21,8 +21,16 @@ from medi.errors import MediError
 
 PROBE_METHODS = ("none", "real", "cls", "medi")
 
-# The TCGA projects the pipeline knows, with their TCGA-UT folder (zip) names. The seven of the paper's
-# three probe tasks come first; any other class can be added in params (`data.class_folders`).
+# Precision is named by its number format: "no" (accelerate's word for fp32) is a YAML 1.1 boolean unless quoted,
+# and DVC (`dvc exp run -S`) rewrites params.yaml without those quotes. The old string "no" still reads as fp32;
+# a boolean is refused with a message (it could be any of no / off / false).
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISION_ALIASES = {"no": "fp32"}
+
+# The 32 TCGA projects of TCGA-UT with their folder (zip) names in the Zenodo record: the seven of the paper's three
+# probe tasks first. COAD and READ share one folder (TCGA-UT merged them): each slide's class there is its GDC
+# project. Other folders can be added in params (`data.class_folders`).
+COLON_RECTUM = "Colon_Rectum_adenocarcinoma"
 TCGA_UT_FOLDERS: dict[str, str] = {
     "LUAD": "Lung_adenocarcinoma",
     "LUSC": "Lung_squamous_cell_carcinoma",
@@ -31,6 +39,31 @@ TCGA_UT_FOLDERS: dict[str, str] = {
     "KICH": "Kidney_Chromophobe",
     "UCEC": "Uterine_Corpus_Endometrial_Carcinoma",
     "UCS": "Uterine_Carcinosarcoma",
+    "ACC": "Adrenocortical_carcinoma",
+    "BLCA": "Bladder_Urothelial_Carcinoma",
+    "BRCA": "Breast_invasive_carcinoma",
+    "CESC": "Cervical_squamous_cell_carcinoma_and_endocervical_adenocarcinoma",
+    "CHOL": "Cholangiocarcinoma",
+    "COAD": COLON_RECTUM,
+    "DLBC": "Lymphoid_Neoplasm_Diffuse_Large_B-cell_Lymphoma",
+    "ESCA": "Esophageal_carcinoma",
+    "GBM": "Glioblastoma_multiforme",
+    "HNSC": "Head_and_Neck_squamous_cell_carcinoma",
+    "LGG": "Brain_Lower_Grade_Glioma",
+    "LIHC": "Liver_hepatocellular_carcinoma",
+    "MESO": "Mesothelioma",
+    "OV": "Ovarian_serous_cystadenocarcinoma",
+    "PAAD": "Pancreatic_adenocarcinoma",
+    "PCPG": "Pheochromocytoma_and_Paraganglioma",
+    "PRAD": "Prostate_adenocarcinoma",
+    "READ": COLON_RECTUM,
+    "SARC": "Sarcoma",
+    "SKCM": "Skin_Cutaneous_Melanoma",
+    "STAD": "Stomach_adenocarcinoma",
+    "TGCT": "Testicular_Germ_Cell_Tumors",
+    "THCA": "Thyroid_carcinoma",
+    "THYM": "Thymoma",
+    "UVM": "Uveal_Melanoma",
 }
 
 
@@ -111,7 +144,7 @@ class TrainConfig:
     ema_warmup: bool             # diffusers EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, capped
     ema_inv_gamma: float         # (used when ema_warmup is on)
     ema_power: float             # (used when ema_warmup is on)
-    precision: Literal["no", "fp16", "bf16"]
+    precision: Precision         # fp32 | fp16 | bf16 (accelerate's mixed precision; fp32 = none)
     balanced: bool               # class-balanced sampling, weight 1 / count(class) as in the paper
     augment: bool                # random flips and 90-degree rotations (histology has no orientation)
     workers: int                 # data-loading processes
@@ -128,6 +161,7 @@ class TrainConfig:
     stain_check_seeds: int       # synthetic data: images per (class, site) for the ground-truth stain check
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
     metrics: str                 # e.g. metrics/train_{model}.json
+    plot: str                    # loss (and FID, KID) by step for `dvc plots`, e.g. reports/plots/train_{model}.csv
 
 
 @dataclass(frozen=True)
@@ -144,7 +178,7 @@ class SampleConfig:
     pairs: list[dict[str, str]]  # explicit: [{class: LUAD, tss: "05"}, ...] (any attribute of the model may be given)
     seed: int
     batch_size: int
-    precision: Literal["no", "fp16", "bf16"]
+    precision: Precision         # fp32 | fp16 | bf16 (autocast)
     output: str                  # samples/{model}
 
 
@@ -162,8 +196,9 @@ class FidConfig:
     stain_tiles: int             # synthetic data: generated tiles per (class, site) cell for the ground-truth stain check
     unseen_per_pair: int         # unseen-pairs evaluation (medi.unseen): images per (class, site) pair; 0 = off
     cache: str                   # features of real tiles, keyed by extractor and image bytes ("" = off)
-    metrics: str                 # metrics/fid_{model}.json
-    detail: str                  # reports/fid_{model}_detail.json: per-pair figures of the unseen-pairs evaluation
+    metrics: str                 # metrics/fid_{model}.json (headline figures: the contract)
+    detail: str                  # reports/fid_{model}_detail.json (every figure, n per group, settings, unseen-pairs cells)
+    plot: str                    # FID per class for `dvc plots`, e.g. reports/plots/fid_per_class_{model}.csv
 
 
 @dataclass(frozen=True)
@@ -214,6 +249,7 @@ class ReportConfig:
     fid_figure: str              # reports/fid_per_class.png (the paper's Figure 3)
     sites_figure: str            # reports/sites_real_cls_medi.png (the paper's Figure 4)
     index: str                   # reports/index.md: the one page to open after make repro
+    probe_plot: str              # the probe's table (test sites) as rows for `dvc plots`: reports/plots/probe.csv
 
 
 @dataclass(frozen=True)
@@ -295,6 +331,10 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
         raise MediError(f"{where}: key '{key}': expected {expected}, got {value!r}")
 
     if origin is Literal:
+        if tp is Precision and isinstance(value, bool):
+            fail("one of 'fp32', 'fp16', 'bf16' (a YAML boolean, e.g. an unquoted no: write fp32)")
+        if tp is Precision:
+            value = PRECISION_ALIASES.get(value, value)
         if value not in get_args(tp):
             fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
         return value

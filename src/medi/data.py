@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -118,12 +119,19 @@ class Scan:
     ignored_files: list[str] = field(default_factory=list)
 
 
-def scan_tiles(root: str | Path, classes: list[str], folders: dict[str, str], level: str) -> Scan:
-    """List the tiles of `classes` in the TCGA-UT layout, checking every folder name on the way."""
+def scan_tiles(root: str | Path, classes: list[str], folders: dict[str, str], level: str,
+               slide_class: Mapping[str, str] | None = None) -> Scan:
+    """List the tiles of `classes` in the TCGA-UT layout, checking every folder name on the way. A folder of
+    several classes (COAD and READ) is read once; each slide there takes its class from `slide_class` (the
+    metadata's project), else the first of them."""
     root = Path(root)
     records, empty, ignored = [], [], []
+    sharing: dict[str, list[str]] = {}
     for c in classes:
-        level_dir = root / folders[c] / level
+        sharing.setdefault(folders[c], []).append(c)
+    for folder, members in sharing.items():
+        c = members[0]
+        level_dir = root / folder / level
         if not level_dir.is_dir():
             present = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
             raise MediError(f"class {c}: expected the folder {level_dir} (<root>/<Class>/<level>/<slide>/<tile>.jpg); "
@@ -139,7 +147,8 @@ def scan_tiles(root: str | Path, classes: list[str], folders: dict[str, str], le
             for tile in sorted(slide_dir.iterdir()):
                 rel = str(tile.relative_to(root))
                 if tile.is_file() and tile.suffix.lower() in TILE_SUFFIXES:
-                    records.append((c, slide_dir.name, rel))
+                    own = (slide_class or {}).get(slide_dir.name)
+                    records.append((own if len(members) > 1 and own in members else c, slide_dir.name, rel))
                 else:
                     ignored.append(rel)
             if len(records) == n_before:
@@ -306,7 +315,7 @@ def prepare(cfg: Config) -> dict:
     root, metadata_csv = dataset_paths(cfg)
     classes = cfg.classes
     meta = read_metadata(metadata_csv)
-    scan = scan_tiles(root, classes, cfg.class_folders, cfg.data.level)
+    scan = scan_tiles(root, classes, cfg.class_folders, cfg.data.level, dict(zip(meta["slide"], meta["class"])))
     index, skipped = build_index(scan, meta, classes, str(metadata_csv))
     if index.empty:
         raise MediError(f"no tile of classes {classes} under {root} has a metadata row in {metadata_csv}")

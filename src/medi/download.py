@@ -126,8 +126,11 @@ def fetch_classes(classes: list[str], folders: dict[str, str], data_dir: Path, u
         raise MediError(f"unknown class(es) {unknown}; known: {sorted(folders)}")
     checksums = record_checksums() if checksums is None else checksums
     downloads, tiles_root = data_dir / ".downloads", data_dir / "tcga-ut"
-    counts = {}
+    counts, fetched = {}, {}
     for c in classes:
+        if folders[c] in fetched:           # a folder of several projects (COAD and READ): fetched once
+            counts[c] = fetched[folders[c]]
+            continue
         name = f"{folders[c]}.zip"
         meta = checksums.get(name)
         if meta is None:
@@ -136,7 +139,7 @@ def fetch_classes(classes: list[str], folders: dict[str, str], data_dir: Path, u
         if not zip_path.exists():
             fetch(url_pattern.format(name=name), zip_path)
         verify(zip_path, meta["size"], meta["md5"])
-        counts[c] = unpack(zip_path, tiles_root, folders[c])
+        counts[c] = fetched[folders[c]] = unpack(zip_path, tiles_root, folders[c])
         log.info("%s: %d tiles in %s", c, counts[c], tiles_root / folders[c])
         if not keep_zips:
             zip_path.unlink()

@@ -372,8 +372,8 @@ def run_stage(cfg: Config, name: str) -> dict:
     """`medi fid --model NAME`: evaluate, write metrics/fid_NAME.json, log metrics and figures to MLflow."""
     import mlflow
 
-    from medi import report, tracking
-    from medi.io import write_json
+    from medi import registry, report, tracking
+    from medi.io import read_json, write_json, write_text
 
     cfg.variant(name)
     if not distributed.is_main():           # the other processes of a launch: their share of the features
@@ -384,9 +384,10 @@ def run_stage(cfg: Config, name: str) -> dict:
         metrics = evaluate(cfg, name)
         metrics["seconds"] = time.perf_counter() - t0
         pair_images, pair_cells = metrics.pop("pairs_images", None), metrics.pop("pairs_cells", None)
-        if pair_cells is not None:
-            write_json(cfg.fid.detail.format(model=name), {"model": name, "pairs": metrics["pairs"], "cells": pair_cells})
-        write_json(cfg.fid.metrics.format(model=name), metrics)
+        detail = {**metrics, "pairs_cells": pair_cells} if pair_cells is not None else metrics
+        write_json(cfg.fid.detail.format(model=name), detail)
+        write_json(cfg.fid.metrics.format(model=name), headline(metrics))
+        write_text(cfg.fid.plot.format(model=name), per_class_rows(name, metrics).to_csv(index=False))
         mlflow.log_params({"model_name": name, "extractor_description": metrics["extractor"][:500]})
         flat = {"fid": metrics["overall"], "kid": metrics["kid"], "n_real": metrics["n_real"],
                 "n_generated": metrics["n_generated"], "seconds": metrics["seconds"]}
@@ -401,19 +402,50 @@ def run_stage(cfg: Config, name: str) -> dict:
             from medi import unseen
 
             flat.update({f"pairs_{k}": v for k, v in metrics["pairs"].items() if k.startswith(("seen_", "unseen_"))})
-            mlflow.log_dict({"pairs": metrics["pairs"], "cells": pair_cells}, f"fid_{name}_detail.json")
             mlflow.log_figure(unseen.grid_figure(pd.DataFrame(pair_cells), pair_images,
                                                  f"{name}: rows = conditioned class, columns = the largest site of "
                                                  f"each class (diagonal seen in training)"),
                               f"figures/pairs_{name}.png")
         mlflow.log_metrics(flat)
-        mlflow.log_dict(metrics, f"fid_{name}.json")
+        mlflow.log_dict(detail, f"fid_{name}.json")
         mlflow.log_figure(report.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
+        info = Path(cfg.sample.output.format(model=name)) / "sample_info.json"
+        figures = {k: v for k, v in headline(metrics).items() if isinstance(v, (int, float))}
+        version = registry.tag_version(name, read_json(info)["weights_sha256_16"], figures) \
+            if info.exists() else None
+        if version is not None:
+            mlflow.set_tag("medi.registered_model", f"models:/{registry.registered_name(name)}/{version}")
         log.info("FID of %s (%s): overall %.4g, KID %.4g, mean per class %s; class accuracy %.3f (real %.3f), site "
                  "accuracy %s (real %.3f) in %.1fs", name, metrics["extractor"], metrics["overall"], metrics["kid"],
                  metrics["mean_class_fid"], cond["class_accuracy"], cond["class_accuracy_real_cv"],
                  cond["site_accuracy"], cond["site_accuracy_real_cv"], metrics["seconds"])
     return metrics
+
+
+def headline(metrics: dict) -> dict:
+    """metrics/fid_NAME.json (`dvc metrics show`, the contract): the extractor, FID overall and per class, KID, the
+    counts, and the headline conditioning accuracy; per site, n per group and settings stay in the detail file."""
+    cond = metrics["conditioning"]
+    out = {k: metrics[k] for k in ("extractor", "overall", "per_class", "mean_class_fid", "kid", "n_real",
+                                   "n_generated")}
+    out["extractor"] = out["extractor"].split(" (")[0]        # the name; its description is in the detail file
+    out.update({k: cond.get(k) for k in ("class_accuracy", "site_accuracy", "site_accuracy_seen_pairs",
+                                         "site_accuracy_unseen_pairs")})
+    stain = metrics.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
+    if stain is not None:
+        out["stain_rank_seen"] = stain
+    pairs = metrics.get("pairs", {})                # the unseen-pairs evaluation: its unseen figures (seen: detail)
+    out.update({f"pairs_{k}": v for k, v in pairs.items() if k.startswith("unseen_")})
+    return out
+
+
+def per_class_rows(name: str, metrics: dict) -> pd.DataFrame:
+    """FID per class for `dvc plots` (one row per class with its n; `reliable` false below fid.min_count)."""
+    below = metrics["below_min_count"]["class"]
+    rows = [{"model": name, "class": c, "fid": metrics["per_class"].get(c, below.get(c, {}).get("fid")),
+             "reliable": c in metrics["per_class"], "n_real": n["real"], "n_generated": n["generated"]}
+            for c, n in metrics["n_per_class"].items()]
+    return pd.DataFrame(rows, columns=["model", "class", "fid", "reliable", "n_real", "n_generated"])
 
 
 def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndarray):
@@ -426,6 +458,13 @@ def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndar
                 sorted(train_index["class"].astype(str).unique()))
 
     def hook(step: int, model) -> dict[str, float]:
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):   # torch-fidelity's data loaders draw seeds from the global RNG,
+            out = point(model)                    # which training saves in its checkpoints: leave it as it was
+        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
+        return {**out, "fid_curve_seconds": state["seconds"]}     # what the curve has cost so far
+
+    def point(model) -> dict[str, float]:
         if "real" not in state:
             state["extractor"] = Extractor.from_config(cfg.fid)
             state["real"] = state["extractor"].cached_features(tiles[np.sort(train_index["idx"].to_numpy())],

@@ -59,6 +59,13 @@ def fid_figure(metrics: Mapping[str, dict]):
     ax.legend(fontsize=8)
     if any(m["per_site"] for m in metrics.values()):   # no site with fid.min_count images: nothing to log-scale
         ax2.set_xscale("log")
+    else:
+        ax2.text(0.5, 0.5, f"no site has {first['min_count']} (fid.min_count)\nreal and generated images",
+                 ha="center", va="center", transform=ax2.transAxes, fontsize=9, color="0.4")
+    if not any(m["per_class"] for m in metrics.values()):
+        ax.text(0.5, 0.95, f"every class has fewer than {first['min_count']} (fid.min_count) real or generated images:"
+                "\nhatched bars are unreliable; no mean", ha="center", va="top", transform=ax.transAxes, fontsize=8,
+                color="0.3")
     ax2.set_xlabel("real training tiles of the site")
     ax2.set_ylabel("FID of the site's images")
     ax2.set_title(f"FID per site (n >= {first['min_count']} both sides)", fontsize=9)
@@ -112,7 +119,7 @@ def sites_figure(cfg: Config, train_index: pd.DataFrame, tiles: np.ndarray, sets
 def load_fid_metrics(cfg: Config) -> dict[str, dict]:
     out = {}
     for name in cfg.report.models:
-        path = Path(cfg.fid.metrics.format(model=name))
+        path = Path(cfg.fid.detail.format(model=name))
         if not path.exists():
             raise MediError(f"{path} not found; run `medi fid --model {name}` (or `dvc repro fid@{name}`) first")
         out[name] = read_json(path)
@@ -133,6 +140,40 @@ def fid_comparison(metrics: Mapping[str, dict], baseline: str = "cls", model: st
             f"mean_class_fid_{model}": float(np.mean([b[c] for c in common])) if common else None,
             f"{model}_better_classes": better, "classes_compared": len(common),
             f"overall_fid_{baseline}": metrics[baseline]["overall"], f"overall_fid_{model}": metrics[model]["overall"]}
+
+
+def not_shown(cfg: Config, metrics: Mapping[str, dict]) -> list[str]:
+    """What the report's figures and tables cannot show for these metrics, and why (tiny or empty groups, an
+    FID curve that was not computed), one sentence each."""
+    out = []
+    k = cfg.fid.min_count
+    for name, m in metrics.items():
+        k = m.get("min_count", k)
+        n = m.get("n_per_class", {})
+        if not m["per_class"]:
+            most = max(n, key=lambda c: min(n[c].values())) if n else None
+            out.append(f"{name}: no class has {k} (fid.min_count) real and generated images"
+                       + (f" (at most {n[most]['real']} real and {n[most]['generated']} generated, {most})" if most else "")
+                       + ", so there is no mean FID per class; the bars are hatched, from fewer images.")
+        below = m.get("below_min_count", {}).get("class", {})
+        none = sorted(c for c in n if c not in m["per_class"] and below.get(c, {}).get("fid") is None)
+        if none:
+            out.append(f"{name}: no FID bar for {', '.join(none)} (fewer than 2 real or generated images).")
+    if not any(m.get("per_site") for m in metrics.values()):
+        out.append(f"FID per site (right panel): no site has {k} (fid.min_count) real and generated images, so the "
+                   "panel is empty.")
+    if cfg.train.eval_every == 0:
+        out.append("FID curves during training: train.eval_every is 0, so none was computed.")
+    return out
+
+
+def probe_rows(probe: dict) -> pd.DataFrame:
+    """metrics/probe.json as one row per (task, method), for `dvc plots`."""
+    keys = ("overall", "overall_lo", "overall_hi", "tss_avg", "tss_avg_lo", "tss_avg_hi")
+    rows = [{"task": task, "method": method, "arm": f"{task} {method}", **{k: v.get(k) for k in keys}}
+            for task, arms in probe["tasks"].items() for method, v in arms.items()
+            if method not in ("differences", "verdict")]
+    return pd.DataFrame(rows, columns=["task", "method", "arm", *keys])
 
 
 def _figure(value: float | None, spec: str) -> str:
@@ -182,6 +223,9 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_ta
               f"{c['site_accuracy_real_cv']:.3f}; chance {c['class_chance']:.3f} / {c['site_chance']:.3f}."]
     if summary:
         lines += ["", f"MeDi better than CLS on {len(summary['medi_better_classes'])} of {summary['classes_compared']} classes."]
+    missing = not_shown(cfg, metrics)
+    if missing:
+        lines += ["", "### What these figures cannot show", "", *[f"- {m}" for m in missing]]
     if probe_table is not None:
         lines += ["", "## Downstream bias: the linear probe (the paper's Table 1)", "",
                   probe_table, f"![probe]({rel(cfg.probe.figure)})"]
@@ -211,6 +255,11 @@ def run_stage(cfg: Config) -> dict:
         probe_table = probe_path.read_text() if probe_path.exists() else None
         train_metrics = {n: read_json(cfg.train.metrics.format(model=n)) for n in cfg.report.models
                          if Path(cfg.train.metrics.format(model=n)).exists()}
+        probe_metrics = Path(cfg.probe.metrics)
+        if probe_metrics.exists():
+            write_text(cfg.report.probe_plot, probe_rows(read_json(probe_metrics)).to_csv(index=False))
+        for line in not_shown(cfg, metrics):
+            log.warning("report: %s", line)
         write_text(cfg.report.index, index_page(cfg, metrics, fid_comparison(metrics) or {}, probe_table, train_metrics))
         mlflow.log_artifact(cfg.report.index, "report")
         summary = fid_comparison(metrics) or {}

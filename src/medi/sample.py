@@ -76,7 +76,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def autocast_for(device: torch.device, precision: str):
-    if precision == "no":
+    if precision in ("fp32", "no"):            # "no": sample sets written before fp32 was named so
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -113,7 +113,7 @@ def metadata_scale(s: SampleConfig) -> float:
 
 @torch.no_grad()
 def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], seeds: Sequence[int], steps: int,
-             guidance: float = 1.0, precision: str = "no", batch_size: int = 64,
+             guidance: float = 1.0, precision: str = "fp32", batch_size: int = 64,
              metadata_guidance: float | None = None) -> np.ndarray:
     """Generate one image per seed under the encoded conditions `cond` (tensors of length len(seeds)).
 
@@ -327,15 +327,16 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelCon
     return out
 
 
-def run_stage(cfg: Config, name: str) -> dict:
+def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str | None = None) -> dict:
     """`medi sample --model NAME`: the sample set of params `sample` for model NAME, logged to MLflow. Under a
-    launch the processes split the batches; the main process alone writes the manifest and logs."""
+    launch the processes split the batches; the main process alone writes the manifest and logs. `model_dir`
+    (default models/NAME) may be a registered model's download, named by `source` (`--model-uri`)."""
     import mlflow
 
     from medi import tracking
 
     cfg.variant(name)
-    model_dir = Path(cfg.model.output) / name
+    model_dir = model_dir or Path(cfg.model.output) / name
     model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
     split = Path(cfg.split.output) / "train.parquet"
     if not split.exists():
@@ -347,7 +348,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
                        metadata_guidance=metadata_scale(s), precision=s.precision, strategy=s.strategy)
     out = Path(s.output.format(model=name))
-    info = {"model": name, "model_dir": str(model_dir), "weights_sha256_16": weights_digest(model_dir),
+    info = {"model": name, "model_dir": source or str(model_dir), "weights_sha256_16": weights_digest(model_dir),
             "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),
             "plan_sha256_16": hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]}
     if distributed.is_main():

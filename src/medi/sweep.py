@@ -210,7 +210,7 @@ class Workspace:
                 log.info("trial trains %s (%s) into %s", name, key, out)
                 train.run_stage(config_mod.override(cfg, {
                     "model.output": str(out), "train.metrics": str(out / "train_{model}.json"),
-                    "train.figure": str(out / "samples_{model}.png")}), name)
+                    "train.figure": str(out / "samples_{model}.png"), "train.plot": str(out / "train_{model}.csv")}), name)
         return out / name
 
     def context(self, cfg: Config, method: str, model_dir: Path):

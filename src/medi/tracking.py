@@ -30,6 +30,9 @@ import mlflow  # noqa: E402  (after the telemetry switches)
 
 
 SERVERS = ("http://", "https://", "databricks")      # tracking URIs of a server, which owns its store and artifacts
+# MLflow 3's UI shows an experiment without a declared kind as a GenAI one (traces, an assistant); this tag (what
+# its "experiment type" selector writes) declares model training, so the experiment opens on its runs.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -76,6 +79,9 @@ def configure(cfg: TrackingConfig) -> str:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment_id = mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+        experiment = mlflow.get_experiment(experiment_id)
+        if experiment.tags.get(KIND_TAG) != MODEL_TRAINING:    # the UI opens such an experiment on its runs table
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

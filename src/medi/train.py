@@ -45,7 +45,7 @@ from tqdm import tqdm
 from medi import distributed
 from medi.config import Config
 from medi.errors import MediError
-from medi.io import write_json
+from medi.io import write_json, write_text
 from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions
 from medi.sample import training_scheduler
 
@@ -196,19 +196,20 @@ class TrainResult:
 
 def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | Path,
           hooks: Sequence[tuple[int, Hook]] = (), on_log: Callable[[int, dict], None] | None = None,
-          mlflow_run_id: str | None = None) -> TrainResult:
+          mlflow_run_id: str | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Train model `name` (a key of model.variants) on `train_index` rows of the packed `tiles_file`.
 
     `hooks` are (every_n_steps, fn) pairs called with the EMA weights in place; their metrics go to
-    `on_log` (MLflow in the CLI) at that step, as do loss, lr and throughput every `train.log_every` steps.
+    `on_log` (MLflow in the CLI) at that step, as do loss, lr and throughput every `train.log_every` steps;
+    `on_checkpoint` gets each checkpoint folder once written (main process).
     """
     t, m = cfg.train, cfg.model
     attributes = cfg.variant(name)
     distributed.state()                  # the process group of a launch (gloo on CPUs), before the Accelerator
     # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
-    accelerator = Accelerator(mixed_precision=t.precision, gradient_accumulation_steps=t.grad_accumulation,
-                              cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if t.precision != "no" and not accelerator.native_amp:
+    accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision,
+                              gradient_accumulation_steps=t.grad_accumulation, cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if t.precision != "fp32" and not accelerator.native_amp:
         log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
                     t.precision, accelerator.device.type)
     processes, main = accelerator.num_processes, accelerator.is_main_process
@@ -287,7 +288,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
             checked = accelerator.reduce(loss.detach(), "sum") if processes > 1 else loss
             if not torch.isfinite(checked):
                 raise TrainingDiverged(f"training {name}: loss is {checked.item()} at step {step}; the last good "
-                                       f"checkpoint is kept in {root} (try a lower train.lr or precision: no)")
+                                       f"checkpoint is kept in {root} (try a lower train.lr or precision: fp32)")
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -324,7 +325,9 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
             state.seconds = time.perf_counter() - run_t0 - hook_seconds
             if main:
-                save_checkpoint(root, state, core, ema, optimizer, lr_scheduler, t.keep_checkpoints)
+                folder = save_checkpoint(root, state, core, ema, optimizer, lr_scheduler, t.keep_checkpoints)
+                if on_checkpoint:
+                    on_checkpoint(folder)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -412,11 +415,25 @@ def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, ti
     return report
 
 
+def curves(run_id: str, name: str) -> pd.DataFrame:
+    """Loss, FID and KID by step of a training run, from its MLflow history (a resumed run included), for
+    `dvc plots`; steps without an FID point leave those cells empty."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    frame = pd.DataFrame({"step": pd.Series(dtype=int)})
+    for key in ("loss", "fid", "kid"):
+        history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        frame = frame.merge(pd.DataFrame({"step": pd.Series(list(history), dtype=int),
+                                          key: pd.Series(list(history.values()), dtype=float)}), on="step", how="outer")
+    return frame.sort_values("step").assign(model=name)
+
+
 def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = ()) -> TrainResult:
     """`medi train --model NAME`: train (resuming if a checkpoint exists), log everything, save the model."""
     import mlflow
 
-    from medi import figures, tracking
+    from medi import figures, registry, tracking
 
     split_dir = Path(cfg.split.output)
     if not (split_dir / "train.parquet").exists():
@@ -435,15 +452,33 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
                            "backend": group["backend"]})
         mlflow.log_params({"model_name": name, "attributes": ",".join(attributes) or "none",
                            "train_tiles": len(train_index), "vocab_sizes": json.dumps({a: len(v) for a, v in vocab.categorical.items()})})
+        logging_seconds = [0.0]             # what logging the checkpoints and the model to MLflow costs
+
+        def log_checkpoint(folder: Path) -> None:
+            t0 = time.perf_counter()
+            registry.log_checkpoint(folder, cfg.train.keep_checkpoints)
+            logging_seconds[0] += time.perf_counter() - t0
+
         last_grid: dict = {}
         grid = grid_hook(cfg, name, train_index, vocab, last_grid)
         result = train(cfg, name, train_index, tiles_file, [(cfg.train.grid_every, grid), *extra_hooks],
                        on_log=lambda step, metrics: mlflow.log_metrics(dict(metrics), step=step),
-                       mlflow_run_id=run.info.run_id)
+                       mlflow_run_id=run.info.run_id, on_checkpoint=log_checkpoint)
         if not last_grid:       # resumed from the final checkpoint, so no step ran: the last grid is drawn now
             grid(result.steps, result.model)
-        for f in ("config.json", "vocab.json"):
-            mlflow.log_artifact(str(result.model_dir / f), "model")
+        # the model as an MLflow model, registered as medi-<name> (a sweep trial's, nested in its trial: not registered)
+        s, t0 = cfg.sample, time.perf_counter()
+        version = registry.log_model(result.model_dir, name, {"scheduler": s.scheduler, "steps": s.steps,
+                                                              "guidance": s.guidance, "precision": s.precision,
+                                                              "batch_size": s.batch_size},
+                                     {"medi.model": name, "attributes": ",".join(attributes) or "none",
+                                      "steps": result.steps, "medi.pipeline": run.data.tags.get("medi.pipeline", "")},
+                                     register="mlflow.parentRunId" not in run.data.tags)
+        logging_seconds[0] += time.perf_counter() - t0
+        mlflow.log_metric("model_logging_seconds", logging_seconds[0])
+        if version is not None:
+            mlflow.set_tag("medi.registered_model", f"models:/{registry.registered_name(name)}/{version}")
+            log.info("registered %s as models:/%s/%s", name, registry.registered_name(name), version)
         metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second,
                    "processes": group["num_processes"]}
         stains = stain_check(cfg, result.model, train_index, np.load(tiles_file, mmap_mode="r"))
@@ -456,7 +491,10 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
             log.info("stain check of %s (angle to the conditioned site's true stain; rank 0 = the nearest of all "
                      "sites, 0.5 = chance): %s; real tiles: %s", name, stains["summary"], stains["real"])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        write_json(cfg.train.metrics.format(model=name), metrics)
+        # the metrics file: headline figures (dvc metrics show); every stain figure is in the run and stain_check.json
+        write_json(cfg.train.metrics.format(model=name),
+                   {k: v for k, v in metrics.items() if not k.startswith("stain_") or k.endswith("_rank_percentile")})
+        write_text(cfg.train.plot.format(model=name), curves(run.info.run_id, name).to_csv(index=False))
         if last_grid:
             path = figures.save(last_grid["figure"], cfg.train.figure.format(model=name))
             log.info("sample grid of %s at step %d: %s", name, last_grid["step"], path)
