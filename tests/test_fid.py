@@ -174,7 +174,9 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
                             "mean_class_fid": on_disk["mean_class_fid"], "kid": on_disk["kid"], "n_real": len(idx),
                             "n_generated": 42, **{k: on_disk["conditioning"][k] for k in (
                                 "class_accuracy", "site_accuracy", "site_accuracy_seen_pairs", "site_accuracy_unseen_pairs")},
-                            "stain_rank_seen": on_disk["stain"]["summary"]["seen"]["rank_percentile"]}
+                            "stain_rank_seen": on_disk["stain"]["summary"]["seen"]["rank_percentile"],
+                            **{f"pairs_{k}": v for k, v in on_disk["pairs"].items() if k.startswith("unseen_")}}
+        assert {"pairs_unseen_site_accuracy", "pairs_unseen_stain_rank", "pairs_unseen_class_accuracy"} <= set(headline)
         plot = pd.read_csv(cfg.fid.plot.format(model=name))
         assert plot["class"].tolist() == sorted(on_disk["n_per_class"]) and plot["reliable"].sum() == len(on_disk["per_class"])
         # every figure again from the files on disk: the PNGs against all real training tiles
@@ -202,12 +204,13 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert all(truth.site_class[s] == c for c, s in cells)
         assert on_disk["stain"]["summary"]["seen"]["pairs"] == len(cells) and "unseen" not in on_disk["stain"]["summary"]
         assert on_disk["stain"]["real"]["pairs"] == len(real_cells)
-        # the unseen-pairs evaluation: headline figures in the metrics file, one cell per pair in the detail file
-        pairs, detail = on_disk["pairs"], json.loads(Path(cfg.fid.detail.format(model=name)).read_text())
+        # the unseen-pairs evaluation: its unseen figures in the metrics file, every figure and one cell per pair
+        # in the detail file (on_disk)
+        pairs = on_disk["pairs"]
         c = len(set(real_classes))
-        assert pairs["pairs_per_kind"] == {"seen": c, "unseen": c * c - c} and "cells" not in on_disk
-        assert detail["pairs"] == pairs and len(detail["cells"]) == c * c
-        grid = pd.DataFrame(detail["cells"])
+        assert pairs["pairs_per_kind"] == {"seen": c, "unseen": c * c - c} and "pairs_cells" not in headline
+        assert len(on_disk["pairs_cells"]) == c * c
+        grid = pd.DataFrame(on_disk["pairs_cells"])
         assert pairs["unseen_stain_rank"] == pytest.approx(grid.loc[~grid["seen"], "stain_rank"].mean())
         assert pairs["site_conditioned"] == (name == "medi") and pairs["images_per_pair"] == cfg.fid.unseen_per_pair
     assert len(list(Path(cfg.fid.cache).glob("*.npy"))) == 1      # the real tiles were encoded once for both
