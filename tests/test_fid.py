@@ -173,7 +173,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert headline == {"extractor": "random:resnet18", "overall": on_disk["overall"], "per_class": on_disk["per_class"],
                             "mean_class_fid": on_disk["mean_class_fid"], "kid": on_disk["kid"], "n_real": len(idx),
                             "n_generated": 42, **{k: on_disk["conditioning"][k] for k in (
-                                "class_accuracy", "site_accuracy", "site_accuracy_seen_pairs", "site_accuracy_unseen_pairs")},
+                                "class_accuracy", "site_accuracy")},
                             "stain_rank_seen": on_disk["stain"]["summary"]["seen"]["rank_percentile"],
                             **{f"pairs_{k}": v for k, v in on_disk["pairs"].items() if k.startswith("unseen_")}}
         assert {"pairs_unseen_site_accuracy", "pairs_unseen_stain_rank", "pairs_unseen_class_accuracy"} <= set(headline)
