@@ -353,8 +353,9 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
                     | {"steps": int(manifest["steps"].iloc[0]), "guidance": float(manifest["guidance"].iloc[0])},
         "feature_seconds": feature_seconds,
     }
-    classifiers = condition_classifiers(real.float().numpy(), train_index, cfg.fid.seed)
-    out["conditioning"] = conditioning_accuracy(real.float().numpy(), train_index, gen.float().numpy(), manifest,
+    real_np = real.float().numpy()
+    classifiers = condition_classifiers(real_np, train_index, cfg.fid.seed)      # shared with the pairs evaluation
+    out["conditioning"] = conditioning_accuracy(real_np, train_index, gen.float().numpy(), manifest,
                                                 site_conditioned, cfg.fid.seed, classifiers=classifiers)
     if cfg.fid.unseen_per_pair:             # the unseen-pairs evaluation (medi.unseen): headline here, cells apart
         from medi import unseen

@@ -208,7 +208,8 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     distributed.state()                  # the process group of a launch (gloo on CPUs), before the Accelerator
     # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
     accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision,
-                              gradient_accumulation_steps=t.grad_accumulation, cpu=distributed.cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              gradient_accumulation_steps=t.grad_accumulation, cpu=distributed.cpu_only(),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
     if t.precision != "fp32" and not accelerator.native_amp:
         log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
                     t.precision, accelerator.device.type)
