@@ -191,6 +191,8 @@ def test_processes_opening_a_fresh_store_at_once_all_log(make_cfg, tmp_path):
     import mlflow
 
     cfg = make_cfg()
+    store = Path(cfg.tracking.uri.removeprefix("sqlite:///"))
+    store.unlink(missing_ok=True)                # conftest's ready-made store would hide the race: a fresh one
     params = write_params(cfg, tmp_path / "params.yaml")
     n = 4
     procs = [subprocess.Popen([sys.executable, "-c", STAGE, str(params), str(tmp_path / f"ready{i}"), str(tmp_path / "go"),
