@@ -262,6 +262,19 @@ def test_verdicts_read_the_paired_differences():
         "no difference shown between MeDi and cls or none (tie)"
 
 
+def test_the_table_says_why_medi_tuned_was_not_run():
+    """A task without validation sites (a small real dataset): no tuned strategy, and probe.md says why instead of
+    failing (found by the paper profile's smoke run: KeyError 'validation_tss_avg')."""
+    tuned = probe.tuned_strategy({"nsclc": {"validation": {}}, "rcc": {"validation": {"strategies": {"grid": 0.7}}}},
+                                 ["grid", "balanced"])
+    assert tuned == {"strategy": None, "why": "a task has no validation sites"}
+    design = {"real_per_class": 20, "extra_per_class": 20, "pool_size": 40, "bootstrap_worlds": 1000, "seed": 0,
+              "classifier": "logistic regression", "generator_variance": "none"}
+    text = probe.markdown_table({"encoder": "random:resnet18", "tasks": {}, "tuned_strategy": None},
+                                {"tasks": {}, "tuned": tuned, "settings": {"strategy": "grid"}, "design": design})
+    assert "medi_tuned: not run (a task has no validation sites)." in text
+
+
 def test_medi_augmentation_breaks_the_site_shortcut_that_none_learns(make_cfg):
     task = toy_task(sites=4, holdout=4)
     p = settings(make_cfg, probe__ratio=2.0)

@@ -100,6 +100,7 @@ def test_two_gloo_processes_train_like_one_and_resume_after_a_kill(tiny_world, t
     assert [rank for rank, _ in groups] == [0, 1], again
     for _, g in groups:
         assert (g["distributed_type"], g["backend"], g["num_processes"]) == ("MULTI_CPU", "gloo", 2)
+    print(f"the restarted launch's process group: {[g for _, g in groups]}")
     resumed = re.findall(r"\(step (\d+) of 12\)", again)
     assert len(resumed) == 2 and len(set(resumed)) == 1 and 2 <= int(resumed[0]) < 12, again   # both ranks, one step
     diff = max_difference(runs["one"] / "models/medi/model.safetensors", runs["two"] / "models/medi/model.safetensors")

@@ -667,9 +667,12 @@ def markdown_table(metrics: dict, detail: dict | None = None) -> str:
                   f"Generator variance: {d['generator_variance']}."]
         if detail.get("tuned"):
             t = detail["tuned"]
-            scores = ", ".join(f"{s} {_pct(v)}" for s, v in t["validation_tss_avg"].items())
-            lines += ["", f"medi_tuned: strategy **{t['strategy']}**, chosen on the validation sites (mean TSS-avg over "
-                      f"tasks: {scores}); `medi` keeps the paper's `{detail['settings']['strategy']}`."]
+            if t["strategy"] is None:
+                lines += ["", f"medi_tuned: not run ({t['why']})."]
+            else:
+                scores = ", ".join(f"{s} {_pct(v)}" for s, v in t["validation_tss_avg"].items())
+                lines += ["", f"medi_tuned: strategy **{t['strategy']}**, chosen on the validation sites (mean TSS-avg "
+                          f"over tasks: {scores}); `medi` keeps the paper's `{detail['settings']['strategy']}`."]
         lines += ["", "| task | sites per class (training candidates / validation / test) | runs | distinct synthetic "
                   "images per class in one run | expected share of a run's synthetic images another run also uses |",
                   "|---|---|---|---|---|"]
