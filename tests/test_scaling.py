@@ -65,7 +65,7 @@ def test_two_gloo_processes_train_like_one_and_resume_after_a_kill(tiny_world, t
     """1 process for 12 steps; 2 processes killed (SIGKILL, every process) after a checkpoint and restarted:
     the restarted pair resumes, forms a gloo group of ranks 0 and 1, and ends with the one process's weights."""
     cfg = tiny_world(train__max_steps=12, train__checkpoint_every=2, train__augment=True, model__class_dropout=0.2,
-                     model__attribute_dropout=0.3)
+                     model__attribute_dropout=0.3, train__eval_every=0)     # (no FID curve: not what is compared)
     params = write_params(cfg, tmp_path / "params.yaml")
     runs = {k: tmp_path / k for k in ("one", "two")}
     for d in runs.values():
@@ -119,7 +119,8 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
 
     from medi import fid, probe, sample
 
-    cfg = tiny_world(sample__batch_size=8, fid__batch_size=8, encoder__batch_size=8)   # several batches each
+    cfg = tiny_world(sample__batch_size=8, fid__batch_size=8, encoder__batch_size=8,   # several batches each
+                     fid__unseen_per_pair=2)
     for name in ("cls", "medi"):
         save_untrained(cfg, name, seed=len(name))
     two = tmp_path / "two"

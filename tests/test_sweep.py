@@ -94,7 +94,7 @@ def study_runs(cfg, study: str) -> tuple[mlflow.entities.Run, list[mlflow.entiti
 
 def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_trial(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space=PROBE_SPACE, sweep__trials=4, sweep__startup_trials=2, sweep__fid_count=8,
-                     sweep__pruner="median", sweep__methods=["medi"])
+                     sweep__pruner="median", sweep__methods=["medi"], fid__unseen_per_pair=2)
     save_pipeline_model(cfg)
     params = write_params(cfg, tmp_path / "params.yaml")
 
@@ -308,7 +308,7 @@ def test_objectives_gain_and_fid(tiny_world, tmp_path):
         sweep.objective_value({"c": {"test": {}}}, "tss_avg", "medi")
     cfg = tiny_world(sweep__space={"sample.guidance": [1.0, 2.0]}, sweep__sampler="grid", sweep__trials=2,
                      sweep__objective="fid", sweep__fid_count=8, sweep__methods=["medi"], sweep__study="fid",
-                     sweep__pruner="none", probe__bootstrap=0)
+                     sweep__pruner="none", probe__bootstrap=0, fid__unseen_per_pair=0)   # (pairs: the probe-side study)
     save_pipeline_model(cfg)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
     study = optuna.load_study(study_name="fid-medi", storage=cfg.sweep.storage)
