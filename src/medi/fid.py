@@ -402,7 +402,7 @@ def run_stage(cfg: Config, name: str) -> dict:
         if pair_cells is not None:
             from medi import unseen
 
-            flat.update({f"pairs_{k}": v for k, v in metrics["pairs"].items() if k.startswith(("seen_", "unseen_"))})
+            flat.update(unseen.figures_of(metrics["pairs"]))
             mlflow.log_figure(unseen.grid_figure(pd.DataFrame(pair_cells), pair_images,
                                                  f"{name}: rows = conditioned class, columns = the largest site of "
                                                  f"each class (diagonal seen in training)"),
@@ -435,8 +435,9 @@ def headline(metrics: dict) -> dict:
     stain = metrics.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
     if stain is not None:
         out["stain_rank_seen"] = stain
-    pairs = metrics.get("pairs", {})                # the unseen-pairs evaluation: its unseen figures (seen: detail)
-    out.update({f"pairs_{k}": v for k, v in pairs.items() if k.startswith("unseen_")})
+    from medi import unseen
+
+    out.update(unseen.figures_of(metrics.get("pairs", {}), ("unseen",)))   # the unseen-pairs evaluation (seen: detail)
     return out
 
 

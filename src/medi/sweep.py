@@ -277,7 +277,7 @@ class Workspace:
                         from medi import unseen
 
                         pairs = unseen.evaluate(fcfg, name, model=model)[0]
-                        record |= {f"pairs_{k}": v for k, v in pairs.items() if k.startswith(("seen_", "unseen_"))}
+                        record |= unseen.figures_of(pairs)
                     write_json(path, record)
                 self._fid[key] = read_json(path)
         return self._fid[key]

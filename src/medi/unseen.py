@@ -87,6 +87,11 @@ def score(pairs: pd.DataFrame, images: np.ndarray, features: np.ndarray, classif
     return headline, detail
 
 
+def figures_of(headline: dict, kinds: tuple[str, ...] = ("seen", "unseen")) -> dict[str, float]:
+    """The headline's figures of the pair kinds `kinds`, named as runs and metrics files log them (`pairs_...`)."""
+    return {f"pairs_{k}": v for k, v in headline.items() if k.startswith(tuple(f"{kind}_" for kind in kinds))}
+
+
 def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame | None = None,
              real: np.ndarray | None = None, classifiers: dict | None = None,
              model=None) -> tuple[dict, pd.DataFrame, np.ndarray]:
@@ -125,8 +130,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
                  "sampling": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps,
                               "guidance": cfg.sample.guidance, "metadata_guidance": cfg.sample.metadata_guidance},
                  "sample_seconds": sample_seconds, "seconds": time.perf_counter() - t0}
-    log.info("unseen pairs of %s: %s", name, {k: round(v, 3) for k, v in headline.items()
-                                              if k.startswith(("seen_", "unseen_"))})
+    log.info("unseen pairs of %s: %s", name, {k: round(v, 3) for k, v in figures_of(headline).items()})
     return headline, detail, images
 
 
