@@ -113,7 +113,7 @@ def test_profile_errors_name_the_file_and_key_and_write_nothing(tmp_path, capsys
     (tmp_path / "profiles" / "bad.yaml").write_text("train:\n  precision: fp8\n")
     with pytest.raises(MediError, match=r"typo.yaml: 'train.learning_rate' is not a param"):
         profile.apply(params, ["typo"], directory=tmp_path / "profiles")
-    with pytest.raises(MediError, match=r"key 'train.precision': expected one of 'fp32', 'fp16', 'bf16', got 'fp8'"):
+    with pytest.raises(MediError, match=r"key 'train.precision': expected one of 'fp32', 'fp16', 'bf16', 'auto', got 'fp8'"):
         profile.apply(params, ["bad"], directory=tmp_path / "profiles")
     with pytest.raises(MediError, match=r"profile 'nope': .*nope.yaml not found; known profiles: bad, typo"):
         profile.apply(params, ["nope"], directory=tmp_path / "profiles")
