@@ -24,11 +24,20 @@ PROFILE ?=
 
 setup: $(STAMP)
 
+# The lock is installed by uv (pinned here, bootstrapped with pip: seconds from local wheels or uv's cache); where
+# uv cannot be had or fails (or INSTALLER=pip), by pip from the same lock. PIP_FIND_LINKS (a local wheel folder)
+# is given to uv too.
+UV_VERSION := 0.13.8
+INSTALLER ?= uv
+UV_PIP := $(BIN)/uv pip install -q --python $(BIN)/python $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -r requirements.lock
-	$(BIN)/python -m pip install -q --no-deps -e .
+	if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install -q "uv==$(UV_VERSION)" && $(UV_PIP) -r requirements.lock \
+	     && $(UV_PIP) --no-deps -e .; then echo "installed with uv $(UV_VERSION)"; \
+	else echo "uv unavailable or failed: installing with pip"; \
+	  $(BIN)/python -m pip install -q --upgrade "pip>=24" && $(BIN)/python -m pip install -q -r requirements.lock \
+	  && $(BIN)/python -m pip install -q --no-deps -e .; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 

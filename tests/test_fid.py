@@ -107,9 +107,13 @@ def test_feature_cache_is_keyed_by_extractor_and_image_bytes(tmp_path, make_cfg,
     changed = images.copy()
     changed[0, 0, 0, 0] ^= 1
     other = fid.Extractor.from_config(dataclasses.replace(cfg.fid, seed=1))
-    ext.cached_features(changed, str(tmp_path / "c"), verbose=False)
-    other.cached_features(images, str(tmp_path / "c"), verbose=False)
-    assert len(list((tmp_path / "c").glob("*.npy"))) == 3
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        ext.cached_features(changed, str(tmp_path / "c"), verbose=False)       # one image changed: one encoded
+        other.cached_features(images, str(tmp_path / "c"), verbose=False)      # another network: its own folder
+    assert "features of 5 images (random:resnet18): 4 from the cache, 1 encoded" in caplog.text
+    assert "features of 5 images (random:resnet18): 0 from the cache, 5 encoded" in caplog.text
+    assert len(list((tmp_path / "c").iterdir())) == 2
 
 
 def test_small_groups_are_flagged_with_their_n_not_reported(make_cfg):
