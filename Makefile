@@ -62,14 +62,15 @@ sweep: setup  ## Optuna studies (one per method, validation sites) over params s
 dashboard: setup  ## optuna-dashboard on the sweep storage, http://127.0.0.1:8080
 	optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port 8080
 
-bench: setup  ## benchmarks (speed targets live here, not in tests); results go to docs/benchmarks.md
+bench: setup  ## benchmarks (speed targets live here, not in tests) with each one's share of this machine's GEMM peak; results go to docs/benchmarks.md
 	cd bench && python train_speed.py --steps 8
 	medi check && dvc repro train      # the sampling benchmark samples the default trained model
 	python bench/sample_speed.py --model medi --count 1000
+	python bench/feature_speed.py --count 512      # the FID extractor (the probe's encoder by default)
 	dvc repro probe                    # the probe benchmark runs on its cached embeddings and pools
 	python bench/probe_speed.py --runs 200
 
-bench-gpu: setup  ## on a GPU: paper-128 training throughput and the paper recipe's GPU-hours (docs/paper-recipe.md)
+bench-gpu: setup  ## on a GPU: paper-128 training images/s in bf16 and fp16 with the share of the GPU's peak, and the paper recipe's GPU-hours (docs/paper-recipe.md)
 	cd bench && python paper_cost.py --device cuda
 
 smoke-paper: setup  ## the paper profile end to end at a tiny scale on the CPU, through dvc repro (several minutes)
