@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--model", default="medi")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--section", default="sampling-cpu", help="docs/benchmarks.md section")
     args = ap.parse_args()
     cfg = config.load(args.params)
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def main() -> None:
                  f"{cf:.4g}", f"{100 * (cf / ref_class - 1):+.1f}%", f"{ips * step_flops * s / 1e9:.1f}",
                  f"{100 * ips * step_flops * s / peak:.0f} %"] for k, s, ips, fid, cf in results]
     cpu = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
-    write_section("sampling-cpu",
+    write_section(args.section,
                   f"Sampling throughput of model '{args.model}' ({cfg.model.preset}, {cfg.data.resolution} px) on {cpu}, "
                   f"{torch.get_num_threads()} threads, batch {args.batch}, guidance {cfg.sample.guidance}, {precision} "
                   f"({decision.how}; the GEMM peak in {precision}: {peak / 1e9:.1f} GFLOP/s, {n}^3 matmul timed in the "
