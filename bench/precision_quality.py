@@ -71,8 +71,8 @@ def main() -> None:
 
     base, out = config.load(args.params), Path(args.out)
     results = []
-    for precision in args.precisions:
-        for seed in args.seeds:
+    for seed in args.seeds:                              # seed by seed, so a cut-short run compares like with like
+        for precision in args.precisions:
             AcceleratorState._reset_state(True)          # one mixed-precision setting per Accelerator
             results.append(one_run(base, args.model, precision, seed, out))
     frame = pd.DataFrame(results)
