@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import save_untrained, train_index
+from helpers import autocast_spy, save_untrained, train_index
 from medi import precision, sample, train
 from medi.model import MediDiffusion
 
@@ -114,14 +114,7 @@ def test_sampling_auto_is_timed_once_per_shape_with_the_guidance_evaluations(tin
 def test_auto_trains_in_the_measured_choice_records_it_and_a_resume_keeps_it(tiny_world, timings, monkeypatch,
                                                                              fresh_accelerate, caplog):
     cfg = tiny_world(train__max_steps=4, train__checkpoint_every=2, train__precision="auto")
-    seen = []
-    real_forward = MediDiffusion.forward
-
-    def spy(self, x, t, cond):
-        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-        return real_forward(self, x, t, cond)
-
-    monkeypatch.setattr(MediDiffusion, "forward", spy)
+    seen = autocast_spy(monkeypatch)
     timings.seconds = {"fp32": 2.0, "bf16": 1.0}
     index, tiles = train_index(cfg), Path(cfg.data.output) / "tiles.npy"
     before = torch.get_rng_state()
@@ -182,3 +175,20 @@ def test_the_sample_stage_records_the_auto_choice_and_an_interrupted_set_keeps_i
     assert timings.calls == calls
     assert set(sample.read_manifest(out / sample.MANIFEST)["precision"]) == {"fp32"}
     assert np.array_equal(sample.load_images(out, manifest), images)
+
+
+def test_the_train_stage_logs_the_choice_both_figures_and_what_grids_and_stain_check_cost(tiny_world, timings,
+                                                                                          fresh_accelerate):
+    cfg = tiny_world(train__max_steps=2, train__precision="auto")
+    timings.seconds = {"fp32": 1.0, "bf16": 4.0}
+    result = train.run_stage(cfg, "medi")
+    run = mlflow.search_runs(filter_string="tags.mlflow.runName = 'train-medi'", output_format="list")[0]
+    assert (run.data.params["precision"], run.data.params["train.precision"]) == ("fp32", "auto")
+    # micro-batch 8: 8 images / 1 s in fp32, / 4 s in bf16
+    assert (run.data.metrics["precision_fp32_images_per_second"], run.data.metrics["precision_bf16_images_per_second"]) \
+        == (8.0, 2.0)
+    assert run.data.metrics["grid_seconds"] > 0 and run.data.metrics["stain_check_seconds"] > 0
+    share = (run.data.metrics["grid_seconds"] + run.data.metrics["stain_check_seconds"]) / (
+        2 * cfg.train.batch_size / result.images_per_second)
+    assert run.data.metrics["grid_stain_share_of_training"] == pytest.approx(share)
+    assert json.loads((Path(cfg.model.output) / "medi" / "config.json").read_text())["precision"] == "fp32"
