@@ -170,6 +170,7 @@ def test_the_sample_stage_records_the_auto_choice_and_an_interrupted_set_keeps_i
     info = json.loads((out / sample.INFO).read_text())
     (out / sample.INFO).write_text(json.dumps({**info, "complete": False}))
     timings.seconds = {"fp32": 2.0, "bf16": 1.0}
+    precision._SAMPLING.clear()                          # a new process: nothing decided yet
     calls = timings.calls
     sample.run_stage(cfg, "medi")
     assert timings.calls == calls
