@@ -31,8 +31,8 @@ def test_after_fid_the_probe_encodes_none_of_its_tiles_and_gets_the_same_vectors
     with caplog.at_level(logging.INFO, logger="medi.features"):
         after_fid = probe.real_embeddings(shared, spec, train_index, holdout, ["validation", "test"])
     # every training tile of the task classes came from fid's features; only the holdout tiles were encoded
-    assert (f"features of {n_train + n_holdout} images (random:resnet18): {n_train} from the cache, "
-            f"{n_holdout} encoded") in caplog.text
+    assert (f"features of {n_train + n_holdout} images: {n_train} from the cache, {n_holdout} encoded "
+            "(random:resnet18)") in caplog.text
     alone = probe.real_embeddings(cfg, spec, train_index, holdout, ["validation", "test"])   # its own, empty cache
     assert sorted(after_fid) == sorted(alone)
     for idx, vector in alone.items():
@@ -54,7 +54,7 @@ def test_a_network_is_keyed_by_its_weights_content_not_their_path(tmp_path, capl
     first = embed.embed(images, a, str(tmp_path / "cache"), progress=False)
     with caplog.at_level(logging.INFO, logger="medi.features"):
         again = embed.embed(images, b, str(tmp_path / "cache"), progress=False)
-    assert "features of 3 images (timm:resnet18): 3 from the cache, 0 encoded" in caplog.text
+    assert "features of 3 images: 3 from the cache, 0 encoded (timm:resnet18)" in caplog.text
     np.testing.assert_array_equal(first, again)
     torch.manual_seed(1)
     save_file(timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict(), str(tmp_path / "b.safetensors"))

@@ -111,8 +111,8 @@ def test_feature_cache_is_keyed_by_extractor_and_image_bytes(tmp_path, make_cfg,
     with caplog.at_level("INFO"):
         ext.cached_features(changed, str(tmp_path / "c"), verbose=False)       # one image changed: one encoded
         other.cached_features(images, str(tmp_path / "c"), verbose=False)      # another network: its own folder
-    assert "features of 5 images (random:resnet18): 4 from the cache, 1 encoded" in caplog.text
-    assert "features of 5 images (random:resnet18): 0 from the cache, 5 encoded" in caplog.text
+    assert "features of 5 images: 4 from the cache, 1 encoded (random:resnet18)" in caplog.text
+    assert "features of 5 images: 0 from the cache, 5 encoded (random:resnet18)" in caplog.text
     assert len(list((tmp_path / "c").iterdir())) == 2
 
 

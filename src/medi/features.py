@@ -88,6 +88,6 @@ def cached(images: np.ndarray, root: str, name: str, identity: str,
             cache.put(new_keys, fresh)
         table.update(zip(new_keys, fresh))
         distributed.barrier()                 # the cache is written before any process reads it again
-    log.info("features of %d images (%s): %d from the cache, %d encoded", len(keys), name, len(keys) - len(todo),
-             len(todo))
+    log.info("features of %d images: %d from the cache, %d encoded (%s)", len(keys), len(keys) - len(todo), len(todo),
+             name)
     return np.stack([table[k] for k in keys])
