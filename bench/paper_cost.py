@@ -28,12 +28,13 @@ from medi.model import MediDiffusion, Vocabulary, architecture
 from train_speed import images_per_second
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets (SXM parts).
-PEAKS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+PEAKS = {"A100": 312.0, "H100": 989.0}
+DATASHEET = {**PEAKS, "H200": 989.0}                  # measured GPUs' share of their datasheet peak
 
 
 def datasheet_peak(device_name: str) -> float | None:
-    """TFLOP/s of the dense fp16/bf16 tensor-core peak of a GPU named like one of PEAKS."""
-    return next((peak for name, peak in PEAKS.items() if name in device_name), None)
+    """TFLOP/s of the dense fp16/bf16 tensor-core peak of a GPU named like one of DATASHEET."""
+    return next((peak for name, peak in DATASHEET.items() if name in device_name), None)
 
 
 def vocab() -> Vocabulary:
