@@ -24,11 +24,20 @@ PROFILE ?=
 
 setup: $(STAMP)
 
+# The lock is installed by uv (pinned here, bootstrapped with pip: seconds from local wheels or uv's cache); where
+# uv cannot be had or fails (or INSTALLER=pip), by pip from the same lock. PIP_FIND_LINKS (a local wheel folder)
+# is given to uv too.
+UV_VERSION := 0.13.8
+INSTALLER ?= uv
+UV_PIP := $(BIN)/uv pip install -q --python $(BIN)/python $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -r requirements.lock
-	$(BIN)/python -m pip install -q --no-deps -e .
+	if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install -q "uv==$(UV_VERSION)" && $(UV_PIP) -r requirements.lock \
+	     && $(UV_PIP) --no-deps -e .; then echo "installed with uv $(UV_VERSION)"; \
+	else echo "uv unavailable or failed: installing with pip"; \
+	  $(BIN)/python -m pip install -q --upgrade "pip>=24" && $(BIN)/python -m pip install -q -r requirements.lock \
+	  && $(BIN)/python -m pip install -q --no-deps -e .; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -53,14 +62,15 @@ sweep: setup  ## Optuna studies (one per method, validation sites) over params s
 dashboard: setup  ## optuna-dashboard on the sweep storage, http://127.0.0.1:8080
 	optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port 8080
 
-bench: setup  ## benchmarks (speed targets live here, not in tests); results go to docs/benchmarks.md
+bench: setup  ## benchmarks (speed targets live here, not in tests) with each one's share of this machine's GEMM peak; results go to docs/benchmarks.md
 	cd bench && python train_speed.py --steps 8
 	medi check && dvc repro train      # the sampling benchmark samples the default trained model
 	python bench/sample_speed.py --model medi --count 1000
+	python bench/feature_speed.py --count 512      # the FID extractor (the probe's encoder by default)
 	dvc repro probe                    # the probe benchmark runs on its cached embeddings and pools
 	python bench/probe_speed.py --runs 200
 
-bench-gpu: setup  ## on a GPU: paper-128 training throughput and the paper recipe's GPU-hours (docs/paper-recipe.md)
+bench-gpu: setup  ## on a GPU: paper-128 training images/s in bf16 and fp16 with the share of the GPU's peak, and the paper recipe's GPU-hours (docs/paper-recipe.md)
 	cd bench && python paper_cost.py --device cuda
 
 smoke-paper: setup  ## the paper profile end to end at a tiny scale on the CPU, through dvc repro (several minutes)

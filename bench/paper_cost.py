@@ -2,7 +2,10 @@
 
 - FLOPs per image of the paper-128 UNet at 128 px, counted by torch's FlopCounterMode on the meta device (no
   compute): one forward (a sampling step) and one forward + backward (a training image).
-- Measured: training throughput (images/s, optimizer steps with AdamW) on this device, by train_speed.py's loop.
+- Measured: training throughput (images/s, optimizer steps with AdamW) on this device, by train_speed.py's loop,
+  in each of `--precisions` (on a GPU: bf16 and fp16 at batch 64), with its share of the device's GEMM peak in
+  that precision (an 8192^3 matmul on a GPU, 2048^3 on a CPU, timed in the same run; bench/efficiency.py) and,
+  on a GPU with a datasheet figure, of the datasheet peak.
 - On a GPU (`--device cuda`) the GPU-hours come from the measured throughput. On a CPU they are an ESTIMATE:
   FLOPs divided by a GPU's published dense fp16 tensor-core peak times an assumed utilisation (`--mfu`); the
   measured CPU throughput only checks that the FLOP count explains the time the CPU takes (achieved GFLOP/s).
@@ -20,11 +23,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_report import cpu_name, write_section
+from efficiency import gemm_peak
 from medi.model import MediDiffusion, Vocabulary, architecture
 from train_speed import images_per_second
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's datasheets (SXM parts).
 PEAKS = {"A100": 312.0, "H100": 989.0}
+DATASHEET = {**PEAKS, "H200": 989.0}                  # measured GPUs' share of their datasheet peak
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """TFLOP/s of the dense fp16/bf16 tensor-core peak of a GPU named like one of DATASHEET."""
+    return next((peak for name, peak in DATASHEET.items() if name in device_name), None)
 
 
 def vocab() -> Vocabulary:
@@ -71,7 +81,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="measured batch (default: 64 on a GPU, 4 on a CPU)")
     ap.add_argument("--micro", type=int, default=None, help="micro-batch (default: the batch on a GPU, 2 on a CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 10 on a GPU, 1 on a CPU)")
-    ap.add_argument("--precision", default=None, help="fp16 | bf16 | fp32 (default: fp16 on a GPU, fp32 on a CPU)")
+    ap.add_argument("--precisions", nargs="+", default=None,
+                    help="fp16 | bf16 | fp32, the first sizes the GPU-hours (default: bf16 fp16 on a GPU, fp32 on a CPU)")
     ap.add_argument("--steps-total", type=int, default=800_000)
     ap.add_argument("--batch-total", type=int, default=64)
     ap.add_argument("--fid-images", type=int, default=271_710)
@@ -82,15 +93,31 @@ def main() -> None:
     gpu = args.device == "cuda"
     batch = args.batch or (64 if gpu else 4)
     micro = args.micro or (batch if gpu else 2)
-    precision = args.precision or ("fp16" if gpu else "fp32")
+    precisions = args.precisions or (["bf16", "fp16"] if gpu else ["fp32"])
 
     fwd, train_flops = flops_per_image()
     print(f"paper-128 at 128 px: {fwd / 1e9:.1f} GFLOP forward, {train_flops / 1e9:.1f} GFLOP forward + backward per image")
-    ips = images_per_second("paper-128", precision, batch, micro, args.steps or (10 if gpu else 1), 2 if gpu else 1,
-                            args.device)
     where = torch.cuda.get_device_name() if gpu else f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"measured on {where}: {ips:.3g} training images/s ({precision}, batch {batch} as {batch // micro} x {micro}), "
-          f"{ips * train_flops / 1e12:.3g} TFLOP/s achieved")
+    sheet = datasheet_peak(where) if gpu else None
+    measured, efficiency = {}, []
+    for p in precisions:
+        measured[p] = images_per_second("paper-128", p, batch, micro, args.steps or (10 if gpu else 1), 2 if gpu else 1,
+                                        args.device)
+        peak, n = gemm_peak(p, args.device)
+        achieved = measured[p] * train_flops
+        efficiency.append([where, p, f"{batch} ({batch // micro} x {micro})", f"{measured[p]:.3g}",
+                           f"{achieved / 1e12:.3g}", f"{peak / 1e12:.3g} ({n}^3)", f"{100 * achieved / peak:.0f} %",
+                           f"{100 * achieved / (sheet * 1e12):.0f} % of {sheet:g}" if sheet and p != "fp32" else "-"])
+        print(f"measured on {where}: {measured[p]:.3g} training images/s ({p}, batch {batch} as {batch // micro} x "
+              f"{micro}), {achieved / 1e12:.3g} TFLOP/s = {100 * achieved / peak:.0f} % of the {p} GEMM peak "
+              f"({peak / 1e12:.3g} TFLOP/s, {n}^3)", flush=True)
+    precision, ips = precisions[0], measured[precisions[0]]
+    write_section(f"paper-efficiency-{args.device}",
+                  f"paper-128 training at 128 px ({train_flops / 1e9:.0f} GFLOP per image, FlopCounterMode) on {where}, "
+                  f"torch {torch.__version__}: images/s and the share of the device's GEMM peak in the same precision, "
+                  f"timed in the same run; `python bench/paper_cost.py --device {args.device}` (`make bench-gpu`)",
+                  ["device", "precision", "batch", "training images/s", "TFLOP/s", "GEMM peak TFLOP/s",
+                   "share of GEMM peak", "share of datasheet peak (TFLOP/s)"], efficiency)
 
     train_images = args.steps_total * args.batch_total * 2          # two models
     sample_passes = args.fid_images * args.sample_steps * 2

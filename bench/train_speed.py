@@ -1,7 +1,10 @@
-"""Training throughput (images/s) of the UNet presets, fp32 vs bf16 autocast: `make bench`.
+"""Training throughput (images/s) of the UNet presets, fp32 vs bf16 autocast, and its share of this machine's
+GEMM peak for that precision (bench/efficiency.py): `make bench`.
 
 Times full optimizer steps (forward, v-prediction loss, backward, AdamW) on random data at each preset's
-resolution, after warm-up steps, and writes a table to docs/benchmarks.md (section 'training').
+resolution, after warm-up steps, counts the FLOPs of a forward + backward per image (FlopCounterMode), times
+a 2048^3 matmul in each precision in the same run, and writes a table to docs/benchmarks.md (section
+'training-<device>'), with the precision `train.precision: auto` would choose here.
 Usage: python bench/train_speed.py [--batch 32] [--steps 5] [--presets tiny-cpu paper-128] [--device cpu]
 """
 from __future__ import annotations
@@ -13,18 +16,34 @@ import pandas as pd
 import torch
 
 from medi.model import MediDiffusion, Vocabulary, architecture
+from medi.precision import choose
 from bench_report import cpu_name, write_section
+from efficiency import counted_flops, gemm_peak
 
 RESOLUTION = {"tiny-cpu": 32, "paper-128": 128}
+
+
+def _model(preset: str) -> MediDiffusion:
+    frame = pd.DataFrame({"class": [f"c{i}" for i in range(7)], "tss": [f"s{i}" for i in range(7)]})
+    vocab = Vocabulary.from_frame(frame, "class", ["tss"], [])
+    return MediDiffusion(architecture(preset, RESOLUTION[preset], 32), vocab)
+
+
+def train_flops_per_image(preset: str) -> float:
+    """FLOPs of a forward + backward of one image (counted on the meta device: no compute)."""
+    with torch.device("meta"):
+        model = _model(preset)
+        x, t = torch.randn(1, 3, RESOLUTION[preset], RESOLUTION[preset]), torch.zeros(1, dtype=torch.long)
+    cond = {k: c.to("meta") for k, c in model.vocab.encode(["c0"], {"tss": ["s0"]}).items()}
+    return counted_flops(lambda: model(x, t, cond).float().pow(2).mean().backward())
 
 
 def images_per_second(preset: str, precision: str, batch: int, micro: int, steps: int, warmup: int, device: str) -> float:
     """Optimizer steps of `batch` images, accumulated over micro-batches of `micro` (what fits in memory)."""
     torch.manual_seed(0)
-    frame = pd.DataFrame({"class": [f"c{i}" for i in range(7)], "tss": [f"s{i}" for i in range(7)]})
-    vocab = Vocabulary.from_frame(frame, "class", ["tss"], [])
     size = RESOLUTION[preset]
-    model = MediDiffusion(architecture(preset, size, 32), vocab).to(device).train()
+    model = _model(preset).to(device).train()
+    vocab = model.vocab
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cond = {k: v.to(device) for k, v in vocab.encode(["c0"] * micro, {"tss": ["s0"] * micro}).items()}
     x = torch.randn(micro, 3, size, size, device=device)
@@ -63,23 +82,37 @@ def main() -> None:
     ap.add_argument("--section", default=None, help="docs/benchmarks.md section (default: training-<device>)")
     args = ap.parse_args()
     micro_of = {p: int(n) for p, n in (m.split("=") for m in args.micro)} if args.device == "cpu" else {}
-    rows = []
+    rows, peaks, auto = [], {}, {}
     for preset in args.presets:
         micro = min(micro_of.get(preset, args.batch), args.batch)
-        base = None
+        base, flops, measured = None, train_flops_per_image(preset), {}
         for precision in args.precisions:
             steps = args.steps if preset == "tiny-cpu" or args.device != "cpu" else max(2, args.steps // 3)
             ips = images_per_second(preset, precision, args.batch, micro, steps,
                                     1 if preset == "paper-128" else args.warmup, args.device)
-            base = base or ips
+            base, measured[precision] = base or ips, ips
+            if precision not in peaks:                 # timed between the presets' runs, in the same process
+                peaks[precision] = gemm_peak(precision, args.device)
+            peak, n = peaks[precision]
             shape = f"{args.batch}" if micro == args.batch else f"{args.batch} ({args.batch // micro} x {micro})"
-            rows.append([preset, RESOLUTION[preset], precision, shape, f"{ips:.1f}" if ips >= 10 else f"{ips:.2f}", f"{ips / base:.2f}x"])
-            print(f"{preset:10s} {precision:5s} batch {shape}: {ips:8.2f} images/s", flush=True)
+            rows.append([preset, RESOLUTION[preset], precision, shape, f"{ips:.1f}" if ips >= 10 else f"{ips:.2f}",
+                         f"{ips / base:.2f}x", f"{flops / 1e9:.3g}", f"{ips * flops / 1e9:.1f}", f"{peak / 1e9:.1f}",
+                         f"{100 * ips * flops / peak:.0f} %"])
+            print(f"{preset:10s} {precision:5s} batch {shape}: {ips:8.2f} images/s, {ips * flops / 1e9:.1f} GFLOP/s = "
+                  f"{100 * ips * flops / peak:.0f} % of the {precision} GEMM peak ({peak / 1e9:.1f} GFLOP/s, {n}^3)",
+                  flush=True)
+        if {"fp32", "bf16"} <= set(measured):
+            auto[preset] = choose(measured)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    chosen = "; ".join(f"{p}: {c}" for p, c in auto.items())
     write_section(args.section or f"training-{args.device}",
-                  f"Training throughput on {where} (torch {torch.__version__}); `python bench/train_speed.py "
-                  f"--batch {args.batch} --device {args.device}`",
-                  ["preset", "px", "precision", "batch", "images/s", "vs fp32"], rows)
+                  f"Training throughput on {where} (torch {torch.__version__}); FLOPs of a forward + backward per "
+                  f"image counted by FlopCounterMode, the GEMM peak of each precision timed in the same run "
+                  f"({peaks[args.precisions[0]][1]}^3 matmul); `precision: auto` would choose here: "
+                  f"{chosen or 'n/a (needs fp32 and bf16)'}; `python bench/train_speed.py --batch {args.batch} "
+                  f"--device {args.device}`",
+                  ["preset", "px", "precision", "batch", "images/s", "vs fp32", "GFLOP/image", "GFLOP/s",
+                   "GEMM peak GFLOP/s", "share of peak"], rows)
 
 
 if __name__ == "__main__":

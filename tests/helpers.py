@@ -41,3 +41,16 @@ def save_pipeline_model(cfg, name: str = "medi", seed: int = 0) -> MediDiffusion
     model = save_untrained(cfg, name, seed)
     model.save(Path(cfg.model.output) / name, {"run_hash": train.run_hash(cfg, name, train_index(cfg))})
     return model
+
+
+def autocast_spy(monkeypatch) -> list:
+    """The CPU autocast dtype (None: off) of every MediDiffusion forward from now on, in call order."""
+    seen: list = []
+    real_forward = MediDiffusion.forward
+
+    def spy(self, x, t, cond):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real_forward(self, x, t, cond)
+
+    monkeypatch.setattr(MediDiffusion, "forward", spy)
+    return seen

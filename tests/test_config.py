@@ -93,9 +93,11 @@ def test_not_yaml_and_missing_file(tmp_path):
 # status 2 and one line naming the key.
 SEVEN = ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "grid_steps", "grid_seeds")
 BAD_PARAMS = [
-    (["train.precision=no"], "train.precision", r"key 'train.precision': expected one of 'fp32', 'fp16', 'bf16' \(a "
+    (["train.precision=no"], "train.precision", r"key 'train.precision': expected one of 'fp32', 'fp16', 'bf16', 'auto' \(a "
      r"YAML boolean, e.g. an unquoted no: write fp32\), got False"),
     (["sample.precision=off"], "sample.precision", r"'sample.precision': expected one of 'fp32', .* got False"),
+    (["train.precision=fp8"], "train.precision", r"key 'train.precision': expected one of 'fp32', 'fp16', 'bf16', 'auto', "
+                                                 r"got 'fp8'"),
     (["data.resolution=big"], "data.resolution", r"key 'data.resolution': expected an integer, got 'big'"),
     (["data.resolutoin=32"], "data.resolutoin", r"unknown key\(s\) data.resolutoin; 'data' takes: class_folders, classes, "),
     (["data=1"], "data", r"section 'data': expected a mapping, got 1"),

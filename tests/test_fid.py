@@ -107,9 +107,13 @@ def test_feature_cache_is_keyed_by_extractor_and_image_bytes(tmp_path, make_cfg,
     changed = images.copy()
     changed[0, 0, 0, 0] ^= 1
     other = fid.Extractor.from_config(dataclasses.replace(cfg.fid, seed=1))
-    ext.cached_features(changed, str(tmp_path / "c"), verbose=False)
-    other.cached_features(images, str(tmp_path / "c"), verbose=False)
-    assert len(list((tmp_path / "c").glob("*.npy"))) == 3
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        ext.cached_features(changed, str(tmp_path / "c"), verbose=False)       # one image changed: one encoded
+        other.cached_features(images, str(tmp_path / "c"), verbose=False)      # another network: its own folder
+    assert "features of 5 images: 4 from the cache, 1 encoded (random:resnet18)" in caplog.text
+    assert "features of 5 images: 0 from the cache, 5 encoded (random:resnet18)" in caplog.text
+    assert len(list((tmp_path / "c").iterdir())) == 2
 
 
 def test_small_groups_are_flagged_with_their_n_not_reported(make_cfg):
@@ -213,7 +217,9 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         grid = pd.DataFrame(on_disk["pairs_cells"])
         assert pairs["unseen_stain_rank"] == pytest.approx(grid.loc[~grid["seen"], "stain_rank"].mean())
         assert pairs["site_conditioned"] == (name == "medi") and pairs["images_per_pair"] == cfg.fid.unseen_per_pair
-    assert len(list(Path(cfg.fid.cache).glob("*.npy"))) == 1      # the real tiles were encoded once for both
+    (folder,) = Path(cfg.fid.cache).iterdir()                       # one network in the feature cache
+    keys = [k for shard in folder.glob("shard-*.npz") for k in np.load(shard)["keys"]]
+    assert len(keys) == len(set(keys)) == len(real_classes)         # the real tiles were encoded once for both
     summary = report.run_stage(cfg)
     cls, medi = (json.loads(Path(cfg.fid.metrics.format(model=m)).read_text())["per_class"] for m in ("cls", "medi"))
     common = sorted(set(cls) & set(medi))

@@ -23,8 +23,9 @@ PROBE_METHODS = ("none", "real", "cls", "medi")
 
 # Precision is named by its number format: "no" (accelerate's word for fp32) is a YAML 1.1 boolean unless quoted,
 # and DVC (`dvc exp run -S`) rewrites params.yaml without those quotes. The old string "no" still reads as fp32;
-# a boolean is refused with a message (it could be any of no / off / false).
-Precision = Literal["fp32", "fp16", "bf16"]
+# a boolean is refused with a message (it could be any of no / off / false). auto: fp32 or bf16, whichever runs
+# faster here (timed at start on a CPU; bf16 where a GPU supports it), recorded with the results (medi.precision).
+Precision = Literal["fp32", "fp16", "bf16", "auto"]
 PRECISION_ALIASES = {"no": "fp32"}
 
 # The 32 TCGA projects of TCGA-UT with their folder (zip) names in the Zenodo record: the seven of the paper's three
@@ -144,7 +145,7 @@ class TrainConfig:
     ema_warmup: bool             # diffusers EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, capped
     ema_inv_gamma: float         # (used when ema_warmup is on)
     ema_power: float             # (used when ema_warmup is on)
-    precision: Precision         # fp32 | fp16 | bf16 (accelerate's mixed precision; fp32 = none)
+    precision: Precision         # auto | fp32 | fp16 | bf16 (accelerate's mixed precision; fp32 = none)
     balanced: bool               # class-balanced sampling, weight 1 / count(class) as in the paper
     augment: bool                # random flips and 90-degree rotations (histology has no orientation)
     workers: int                 # data-loading processes
@@ -178,7 +179,7 @@ class SampleConfig:
     pairs: list[dict[str, str]]  # explicit: [{class: LUAD, tss: "05"}, ...] (any attribute of the model may be given)
     seed: int
     batch_size: int
-    precision: Precision         # fp32 | fp16 | bf16 (autocast)
+    precision: Precision         # auto | fp32 | fp16 | bf16 (autocast)
     output: str                  # samples/{model}
 
 
@@ -332,7 +333,7 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
 
     if origin is Literal:
         if tp is Precision and isinstance(value, bool):
-            fail("one of 'fp32', 'fp16', 'bf16' (a YAML boolean, e.g. an unquoted no: write fp32)")
+            fail("one of 'fp32', 'fp16', 'bf16', 'auto' (a YAML boolean, e.g. an unquoted no: write fp32)")
         if tp is Precision:
             value = PRECISION_ALIASES.get(value, value)
         if value not in get_args(tp):

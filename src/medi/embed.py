@@ -15,8 +15,6 @@ encoder's mean and standard deviation.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from medi.errors import MediError
-from medi.io import atomic_path
-
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -50,8 +45,13 @@ class EncoderSpec:
         return not self.name.startswith("random:")
 
     def identity(self) -> str:
-        """What makes this encoder's outputs what they are (the embedding cache's key), weights file included."""
-        return repr(self) + (file_identity(self.weights) if self.weights else "")
+        """What makes this encoder's outputs what they are (the feature cache's key, `medi.features`): the spec with
+        the sha256 of the weights file in place of its path."""
+        from dataclasses import replace
+
+        from medi.features import file_digest
+
+        return repr(replace(self, weights=f"sha256:{file_digest(self.weights)}" if self.weights else ""))
 
     def describe(self) -> str:
         """The encoder's name as every output and figure states it."""
@@ -156,12 +156,6 @@ def preprocess(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     return (x - mean) / std
 
 
-def file_identity(path: str) -> str:
-    """A cheap identity of a weights file: resolved path, size and modification time."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def load_image(path: str | Path) -> np.ndarray:
     """Any RGB image file (a real JPEG tile or a generated PNG) -> uint8 (H, W, 3), the only way images are read."""
     from PIL import Image, UnidentifiedImageError
@@ -175,64 +169,29 @@ def load_image(path: str | Path) -> np.ndarray:
         raise MediError(f"{path}: cannot decode: {exc}") from None
 
 
-def image_keys(images: np.ndarray) -> list[str]:
-    """Content keys of uint8 images (shape included): equal pixels, equal key, whatever file they came from."""
-    return [hashlib.sha256(f"{im.shape}".encode() + np.ascontiguousarray(im).tobytes()).hexdigest()[:32] for im in images]
-
-
-class EmbeddingCache:
-    """Embeddings on disk per encoder, keyed by image content: shards of (keys, vectors) written atomically,
-    so sweeps and re-runs never encode an image twice."""
-
-    def __init__(self, root: str | Path, spec: EncoderSpec):
-        self.dir = Path(root) / f"{spec.name.replace(':', '-').replace('/', '-')}-" \
-                                f"{hashlib.sha256(spec.identity().encode()).hexdigest()[:16]}"
-        self.table: dict[str, np.ndarray] = {}
-        for shard in sorted(self.dir.glob("shard-*.npz")):
-            with np.load(shard) as z:
-                self.table.update(zip(z["keys"].tolist(), z["vectors"]))
-
-    def put(self, keys: list[str], vectors: np.ndarray) -> None:
-        if not keys:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        shard = self.dir / f"shard-{len(list(self.dir.glob('shard-*.npz'))):06d}-{keys[0][:8]}.npz"
-        with atomic_path(shard) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, keys=np.array(keys), vectors=vectors.astype(np.float32))
-        self.table.update(zip(keys, vectors.astype(np.float32)))
-
-
 @torch.no_grad()
 def embed(images: np.ndarray, spec: EncoderSpec, cache_dir: str = "", batch_size: int = 64,
           model: torch.nn.Module | None = None, progress: bool = True) -> np.ndarray:
-    """Embeddings (N, D) float32 of uint8 images (N, H, W, 3): looked up in the cache by content, the rest
-    encoded in batches on accelerate's device (with a progress bar) and added to the cache.
+    """Embeddings (N, D) float32 of uint8 images (N, H, W, 3): looked up in the feature cache by content
+    (`medi.features`, shared with `fid` for the same network), the rest encoded in batches on accelerate's
+    device (with a progress bar) and added to it.
 
     Under a launch this is a collective: the processes encode every N-th batch of what the main process
     found missing, gather the vectors, and the main process alone writes them to the cache."""
     from tqdm import tqdm
 
-    from medi import distributed
+    from medi import distributed, features
 
-    keys = image_keys(images)
-    cache = EmbeddingCache(cache_dir, spec) if cache_dir else None
-    table = cache.table if cache is not None else {}
-    todo = distributed.broadcast(sorted({k: i for i, k in enumerate(keys) if k not in table}.values()))
-    if todo:
+    def encode(todo: list[int]) -> np.ndarray:
         device = distributed.state().device
-        model = (model or build(spec)).to(device)
+        net = (model or build(spec)).to(device)
         batches = [todo[lo:lo + batch_size] for lo in range(0, len(todo), batch_size)]
         mine = []
-        for b in tqdm(distributed.shard(range(len(batches)), "embedding batches"), desc=f"embedding ({spec.name})", unit="batch",
-                      disable=not (progress and distributed.is_main())):
+        for b in tqdm(distributed.shard(range(len(batches)), "embedding batches"), desc=f"embedding ({spec.name})",
+                      unit="batch", disable=not (progress and distributed.is_main())):
             batch = torch.from_numpy(np.stack([images[i] for i in batches[b]])).to(device)
-            mine.append((b, model(preprocess(batch, spec)).float().cpu().numpy()))
+            mine.append((b, net(preprocess(batch, spec)).float().cpu().numpy()))
         done = dict(distributed.gather(mine))
-        fresh, new_keys = np.concatenate([done[b] for b in range(len(batches))]), [keys[i] for i in todo]
-        if cache is not None and distributed.is_main():
-            cache.put(new_keys, fresh)
-        table.update(zip(new_keys, fresh))
-        distributed.barrier()                 # the cache is written before any process reads it again
-    log.info("embeddings of %d images: %d from the cache, %d encoded", len(keys), len(keys) - len(todo), len(todo))
-    return np.stack([table[k] for k in keys])
+        return np.concatenate([done[b] for b in range(len(batches))])
+
+    return features.cached(images, cache_dir, spec.name, spec.identity(), encode)

@@ -22,7 +22,6 @@ conditioning accuracy, against the real training tiles.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -33,10 +32,9 @@ import pandas as pd
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from medi import distributed, embed
+from medi import distributed, embed, features
 from medi.config import Config, FidConfig
 from medi.errors import MediError
-from medi.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +137,8 @@ class Extractor:
             except Exception as exc:  # noqa: BLE001  (a corrupt or foreign file: name it)
                 raise MediError(f"cannot load Inception weights {weights}: {exc}") from None
             return cls(module, "2048", INCEPTION, f"{INCEPTION} (torch-fidelity Inception-v3, 2048-d pool features, "
-                       f"299 px, weights {Path(weights).name})", cuda, cfg.batch_size, embed.file_identity(weights))
+                       f"299 px, weights {Path(weights).name})", cuda, cfg.batch_size,
+                       f"{INCEPTION} 2048 sha256:{features.file_digest(weights)}")
         spec = embed.resolve(cfg.extractor, cfg.weights, cfg.input_size, cfg.seed)
         module = create_feature_extractor(TIMM_EXTRACTOR, ["pooled"], cuda=cuda, encoder_spec=spec, verbose=False)
         return cls(module, "pooled", cfg.extractor, spec.describe(), cuda, cfg.batch_size, spec.identity())
@@ -170,25 +169,12 @@ class Extractor:
 
     def cached_features(self, images: np.ndarray, cache_dir: str, verbose: bool = True,
                         split: bool = False) -> torch.Tensor:
-        """`features`, kept on disk under `cache_dir` keyed by this extractor and the images' bytes, so the
-        real tiles are encoded once for every model's evaluation ("" = no cache). With `split`, the main
-        process alone writes the cache."""
-        if not cache_dir:
-            return self.features(images, verbose, split)
-        digest = hashlib.sha256(f"{self.identity}|{self.description}|{images.shape}".encode())
-        digest.update(np.ascontiguousarray(images).tobytes())
-        path = Path(cache_dir) / f"{self.name.replace(':', '-').replace('/', '-')}-{digest.hexdigest()[:20]}.npy"
-        if (distributed.broadcast(path.exists()) if split else path.exists()):
-            log.info("features of %d images from the cache %s", len(images), path)
-            return torch.from_numpy(np.load(path))
-        feats = self.features(images, verbose, split)
-        if not split or distributed.is_main():
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, feats.numpy())
-        if split:
-            distributed.barrier()
-        return feats
+        """`features`, kept in the feature cache under `cache_dir` (`medi.features`: keyed by this extractor and
+        each image's content; shared with the probe's encoder when it is the same network), so the real tiles are
+        encoded once for every model's evaluation and the probe ("" = no cache). With `split`, a collective."""
+        vectors = features.cached(images, cache_dir, self.name, self.identity,
+                                  lambda todo: self.features(images[np.asarray(todo)], verbose, split).float().numpy())
+        return torch.from_numpy(vectors).double()
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -105,10 +105,13 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
             raise MediError(f"{model_dir}: the model is not conditioned on the site but its pool asks for sites")
         first_batch = int(old["batch"].max()) + 1 if old is not None and len(old) else 0
         new = _fill_metadata(new, train_index, model.vocab.attributes)
+        precision = distributed.broadcast(sample.sampling_precision(     # sample.precision auto: the one chosen
+            model, s.precision, sample.conditions_of(new.iloc[:1], model), s.batch_size, s.steps, s.guidance,
+            s.metadata_guidance).precision if main else None)
         new = new.assign(batch=first_batch + np.arange(len(new)) // s.batch_size,
                          conditioned_on=",".join(["class", *model.vocab.attributes]), model=model_dir.name,
                          scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                         metadata_guidance=sample.metadata_scale(s), precision=s.precision, strategy="probe-pool")
+                         metadata_guidance=sample.metadata_scale(s), precision=precision, strategy="probe-pool")
         if "tss" not in model.vocab.attributes:
             new["tss"] = new["tss"].replace("", None)
         if main:
@@ -116,7 +119,7 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
             write_json(out / INFO, info)
             log.info("pool %s: generating %d images (%d keys, %d per key)", out, len(new), len(keys), size)
         distributed.barrier()
-        sample.generate_set(model, new, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model,
+        sample.generate_set(model, new, out, s.scheduler, s.steps, s.guidance, precision, cfg.model,
                             s.metadata_guidance)
         if main:
             manifest = pd.concat([old, new], ignore_index=True) if old is not None else new

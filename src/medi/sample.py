@@ -4,7 +4,8 @@ sampling strategies, and sample sets on disk that can be regenerated bit for bit
 Every image is generated from its own seed (its initial noise comes from a generator seeded with it).
 A sample set is lossless PNGs plus `manifest.csv`, one row per image: path, class, the metadata of the
 row (tss, race, gender, age), which of them the model was conditioned on, seed, generation batch,
-model, scheduler, steps, guidance, precision and strategy. Replaying the manifest's batches through
+model, scheduler, steps, guidance, precision (`sample.precision: auto`: the one chosen, `medi.precision`) and
+strategy. Replaying the manifest's batches through
 `regenerate` gives the same pixels on the same machine (`medi sample --from-manifest`).
 
 Strategies (params `sample.strategy`) say which conditions to sample:
@@ -37,6 +38,7 @@ from medi.config import Config, ModelConfig, SampleConfig
 from medi.errors import MediError
 from medi.io import atomic_path, read_json, write_json
 from medi.model import MediDiffusion, null_condition
+from medi.precision import AUTO, Decision, for_sampling
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,20 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def autocast_for(device: torch.device, precision: str):
     if precision in ("fp32", "no"):            # "no": sample sets written before fp32 was named so
         return nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise MediError(f"unknown sampling precision '{precision}' (auto is resolved before sampling)")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sampling_precision(model: MediDiffusion, requested: str, cond: Mapping[str, torch.Tensor], batch: int, steps: int,
+                       guidance: float = 1.0, metadata_guidance: float | None = None) -> Decision:
+    """`requested` (sample.precision) as sampling applies it: auto = the faster of fp32 and bf16 for this model,
+    batch and guidance (timed once per process and shape, `medi.precision`)."""
+    device = next(model.parameters()).device
+    first = {k: v[:1] for k, v in cond.items()}
+    evaluations = len(guidance_conditions(first, guidance, metadata_guidance)[0])
+    return for_sampling(requested, model, first, batch, evaluations, steps, device)
 
 
 def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
@@ -123,6 +137,9 @@ def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], se
     """
     device = next(model.parameters()).device
     size = model.arch.sample_size
+    if precision == AUTO:
+        precision = sampling_precision(model, AUTO, cond, min(batch_size, len(seeds)), steps, guidance,
+                                       metadata_guidance).precision
     out = []
     for lo in range(0, len(seeds), batch_size):
         chunk = list(seeds[lo:lo + batch_size])
@@ -345,14 +362,24 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
     s = cfg.sample
     rows = plan(s, train_index, model.vocab.classes)
     conditioned = ",".join(["class", *model.vocab.attributes])
-    rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                       metadata_guidance=metadata_scale(s), precision=s.precision, strategy=s.strategy)
     out = Path(s.output.format(model=name))
     info = {"model": name, "model_dir": source or str(model_dir), "weights_sha256_16": weights_digest(model_dir),
-            "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample"),
-            "plan_sha256_16": hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]}
+            "torch": torch.__version__, "rows": len(rows), "sample": cfg.section_dict("sample")}
+    decision = None
     if distributed.is_main():
         previous = read_json(out / INFO) if (out / INFO).exists() else None
+        same_set = previous is not None and {k: previous.get(k) for k in info} == info
+        if same_set and s.precision == AUTO and previous.get("precision"):   # an interrupted set keeps its choice
+            decision = Decision(previous["precision"], AUTO, "recorded by the interrupted sample set resumed")
+        else:
+            decision = sampling_precision(model, s.precision, conditions_of(rows.iloc[:1], model), s.batch_size,
+                                          s.steps, s.guidance, s.metadata_guidance)
+    decision = distributed.broadcast(decision)
+    rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
+                       metadata_guidance=metadata_scale(s), precision=decision.precision, strategy=s.strategy)
+    info.update(precision=decision.precision, plan_sha256_16=hashlib.sha256(
+        pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16])
+    if distributed.is_main():
         if out.exists() and (previous is None or {k: previous.get(k) for k in info} != info):
             log.info("%s holds another (or an unidentified) sample set; starting afresh", out)
             for f in (out / MANIFEST, out / INFO):
@@ -362,12 +389,16 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
         write_json(out / INFO, {**info, "complete": False})
     distributed.barrier()
     if not distributed.is_main():           # the other processes of a launch: their share of the batches
-        generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model, s.metadata_guidance)
+        generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, decision.precision, cfg.model,
+                     s.metadata_guidance)
         return {"images": len(rows), "output": str(out)}
     with tracking.stage_run(cfg, f"sample@{name}", ("sample",), run_name=f"sample-{name}"):
-        mlflow.log_params({"model_name": name, "conditioned_on": conditioned, "weights_sha256_16": info["weights_sha256_16"]})
+        mlflow.log_params({"model_name": name, "conditioned_on": conditioned, "weights_sha256_16": info["weights_sha256_16"],
+                           "precision": decision.precision})
+        mlflow.log_metrics(decision.mlflow_metrics("precision"))
+        log.info("sampling %s in %s", name, decision.describe())
         t0 = time.perf_counter()
-        ips = generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, s.precision, cfg.model,
+        ips = generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, decision.precision, cfg.model,
                            s.metadata_guidance)
         seconds = time.perf_counter() - t0
         with atomic_path(out / MANIFEST) as tmp:

@@ -1,6 +1,8 @@
 """Training a diffusion model (`medi train --model NAME`): accelerate loop, EMA, checkpoints, auto-resume.
 
-- Devices, mixed precision and distribution come from accelerate: `accelerate launch` / `torchrun` with N
+- Devices, mixed precision and distribution come from accelerate (`train.precision: auto` picks fp32 or bf16 by
+  timing both on this machine at start, `medi.precision`, and the checkpoints and the saved model record the
+  choice, so a resumed run keeps it): `accelerate launch` / `torchrun` with N
   processes train one model data-parallel (NCCL on GPUs, gloo on CPUs; `medi.distributed`), gradients
   averaged over the processes; the default is one process on the CPU.
 - The global batch of a step (`train.batch_size` tiles, in `grad_accumulation` micro-batches) is a pure
@@ -42,7 +44,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from medi import distributed
+from medi import distributed, precision
 from medi.config import Config
 from medi.errors import MediError
 from medi.io import write_json, write_text
@@ -146,6 +148,7 @@ class TrainState:
     images: int = 0
     mlflow_run_id: str | None = None
     seconds: float = 0.0
+    precision: str | None = None        # what the run trains in (train.precision auto: the choice made at its start)
 
 
 def save_checkpoint(root: Path, state: TrainState, model: MediDiffusion, ema: EMAModel, optimizer, scheduler,
@@ -192,27 +195,72 @@ class TrainResult:
     final_loss: float
     images_per_second: float
     model: MediDiffusion            # with EMA weights (the other processes of a launch: the trained weights)
+    precision: precision.Decision   # what it trained in, and why
+
+
+def build_model(cfg: Config, name: str, train_index: pd.DataFrame) -> MediDiffusion:
+    """The untrained model `name` (its vocabulary from the training split), from the global generator."""
+    m = cfg.model
+    vocab = Vocabulary.from_frame(train_index, "class", cfg.variant(name), m.continuous)
+    arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom, m.embedding_split, len(vocab.attributes),
+                        m.conditioning, m.metadata_route)
+    return MediDiffusion(arch, vocab)
+
+
+def training_precision(cfg: Config, name: str, train_index: pd.DataFrame) -> precision.Decision:
+    """train.precision as this run applies it: explicit as given; auto as recorded by the checkpoint a resume
+    starts from, else on a CPU the faster of fp32 and bf16 over a few training steps of this model at this
+    micro-batch and resolution (seconds; the global generator is left as it was)."""
+    t, device = cfg.train, distributed.state().device
+    recorded = None
+    ckpt = latest_checkpoint(checkpoint_root(cfg, name, train_index))
+    if t.precision == precision.AUTO and ckpt is not None:
+        recorded = json.loads((ckpt / "state.json").read_text())["train"].get("precision")
+    micro = max(1, t.batch_size // t.grad_accumulation // distributed.state().num_processes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        model = build_model(cfg, name, train_index) if t.precision == precision.AUTO and not recorded else None
+        noise = training_scheduler(cfg.model)
+
+        def batch():
+            rows = train_index.iloc[np.arange(micro) % len(train_index)]
+            cond = model.vocab.encode(rows["class"].tolist(), {a: rows[a].tolist() for a in model.vocab.attributes})
+            size = model.arch.sample_size
+            x0, eps = torch.rand(micro, 3, size, size) * 2 - 1, torch.randn(micro, 3, size, size)
+            steps = torch.randint(0, noise.config.num_train_timesteps, (micro,))
+            return (noise.add_noise(x0, eps, steps).to(device), steps.to(device),
+                    {k: v.to(device) for k, v in cond.items()}, eps.to(device))
+
+        return precision.for_training(t.precision, model, batch, device, recorded)
 
 
 def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | Path,
           hooks: Sequence[tuple[int, Hook]] = (), on_log: Callable[[int, dict], None] | None = None,
-          mlflow_run_id: str | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
+          mlflow_run_id: str | None = None, on_checkpoint: Callable[[Path], None] | None = None,
+          decision: precision.Decision | None = None) -> TrainResult:
     """Train model `name` (a key of model.variants) on `train_index` rows of the packed `tiles_file`.
 
     `hooks` are (every_n_steps, fn) pairs called with the EMA weights in place; their metrics go to
     `on_log` (MLflow in the CLI) at that step, as do loss, lr and throughput every `train.log_every` steps;
-    `on_checkpoint` gets each checkpoint folder once written (main process).
+    `on_checkpoint` gets each checkpoint folder once written (main process). `decision`: the precision
+    (`training_precision`, made here when not given; the main process's, under a launch).
     """
     t, m = cfg.train, cfg.model
     attributes = cfg.variant(name)
     distributed.state()                  # the process group of a launch (gloo on CPUs), before the Accelerator
+    if decision is None and distributed.is_main():
+        decision = training_precision(cfg, name, train_index)
+    decision = distributed.broadcast(decision)
+    chosen = decision.precision
+    if distributed.is_main():
+        log.info("training %s in %s", name, decision.describe())
     # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
-    accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision,
+    accelerator = Accelerator(mixed_precision="no" if chosen == "fp32" else chosen,
                               gradient_accumulation_steps=t.grad_accumulation, cpu=distributed.cpu_only(),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if t.precision != "fp32" and not accelerator.native_amp:
+    if chosen != "fp32" and not accelerator.native_amp:
         log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
-                    t.precision, accelerator.device.type)
+                    chosen, accelerator.device.type)
     processes, main = accelerator.num_processes, accelerator.is_main_process
     if t.batch_size % (t.grad_accumulation * processes):
         raise MediError(f"train.batch_size {t.batch_size} does not split into train.grad_accumulation "
@@ -222,10 +270,8 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         log.info("training %s on a process group: %s", name, distributed.describe())
 
     torch.manual_seed(t.seed)
-    vocab = Vocabulary.from_frame(train_index, "class", attributes, m.continuous)
-    arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom, m.embedding_split, len(vocab.attributes),
-                        m.conditioning, m.metadata_route)
-    model = MediDiffusion(arch, vocab)
+    model = build_model(cfg, name, train_index)
+    vocab = model.vocab
     ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, inv_gamma=t.ema_inv_gamma,
                    power=t.ema_power) if main else None     # the main process's alone
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
@@ -240,6 +286,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         state = load_checkpoint(ckpt, model, ema, optimizer, lr_scheduler)
         state.mlflow_run_id = mlflow_run_id or state.mlflow_run_id
         log.info("resuming %s from %s (step %d of %d)", name, ckpt, state.step, t.max_steps)
+    state.precision = chosen
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
@@ -339,14 +386,17 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     seconds = time.perf_counter() - run_t0 - hook_seconds
     if main:
         core.save(model_dir, extra={"name": name, "attributes": attributes, "model_params": asdict(m),
-                                    "steps": state.step, "run_hash": run_hash(cfg, name, train_index)})
+                                    "steps": state.step, "run_hash": run_hash(cfg, name, train_index),
+                                    "precision": chosen})
     ips = (state.images / seconds) if seconds > 0 else math.nan
-    return TrainResult(model_dir, state.step, last_loss, ips, core)
+    return TrainResult(model_dir, state.step, last_loss, ips, core, decision)
 
 
 # ----------------------------------------------------------------------------------------------- the stage
-def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabulary, sink: dict) -> Hook:
-    """Sample the fixed (class, site) grid with fixed seeds, log it to MLflow, keep the last one in `sink`."""
+def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabulary, sink: dict,
+              precision_: str) -> Hook:
+    """Sample the fixed (class, site) grid with fixed seeds (in the training's precision `precision_`), log it to
+    MLflow, keep the last one in `sink`."""
     import matplotlib.pyplot as plt
     import mlflow
 
@@ -362,7 +412,7 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
 
     def hook(step: int, model: MediDiffusion) -> dict[str, float]:
         images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, seeds, cfg.train.grid_steps,
-                          guidance=cfg.train.grid_guidance, precision=cfg.train.precision,
+                          guidance=cfg.train.grid_guidance, precision=precision_,
                           metadata_guidance=cfg.train.grid_metadata_guidance)
         n, k = len(classes), cfg.train.grid_seeds
         cells = images.reshape(n, len(sites), k, *images.shape[1:])
@@ -383,7 +433,8 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
     return hook
 
 
-def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, tiles: np.ndarray) -> dict | None:
+def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, tiles: np.ndarray,
+                precision_: str = "fp32") -> dict | None:
     """On the synthetic world: generate every (class, largest training site of each class) pair and compare the
     tiles' stain with the conditioned site's true stain; real tiles of each site give the estimator's floor.
 
@@ -406,7 +457,7 @@ def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, ti
                               {"tss": [s for _, s in pairs for _ in range(n)]} if conditioned else {})
     images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, list(range(n)) * len(pairs),
                       cfg.train.grid_steps,
-                      guidance=cfg.train.grid_guidance, precision=cfg.train.precision,
+                      guidance=cfg.train.grid_guidance, precision=precision_,
                       metadata_guidance=cfg.train.grid_metadata_guidance).reshape(len(pairs), n, *tiles.shape[1:])
     sampled = dict(zip(pairs, images))
     cells = [(c, s, sampled[(c, s if conditioned else None)]) for c in classes for s in sites]
@@ -460,11 +511,23 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
             registry.log_checkpoint(folder, cfg.train.keep_checkpoints)
             logging_seconds[0] += time.perf_counter() - t0
 
+        decision = training_precision(cfg, name, train_index)
+        mlflow.log_params({"precision": decision.precision})       # the same on a resume (recorded in the checkpoint)
+        mlflow.log_metrics(decision.mlflow_metrics("precision"))
         last_grid: dict = {}
-        grid = grid_hook(cfg, name, train_index, vocab, last_grid)
+        grid_seconds = [0.0]                # what the sample grids cost (their share of training: docs/benchmarks.md)
+        draw_grid = grid_hook(cfg, name, train_index, vocab, last_grid, decision.precision)
+
+        def grid(step: int, model: MediDiffusion) -> dict:
+            t0 = time.perf_counter()
+            try:
+                return draw_grid(step, model)
+            finally:
+                grid_seconds[0] += time.perf_counter() - t0
+
         result = train(cfg, name, train_index, tiles_file, [(cfg.train.grid_every, grid), *extra_hooks],
                        on_log=lambda step, metrics: mlflow.log_metrics(dict(metrics), step=step),
-                       mlflow_run_id=run.info.run_id, on_checkpoint=log_checkpoint)
+                       mlflow_run_id=run.info.run_id, on_checkpoint=log_checkpoint, decision=decision)
         if not last_grid:       # resumed from the final checkpoint, so no step ran: the last grid is drawn now
             grid(result.steps, result.model)
         # the model as an MLflow model, registered as medi-<name> (a sweep trial's, nested in its trial: not registered)
@@ -482,7 +545,13 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
             log.info("registered %s as models:/%s/%s", name, registry.registered_name(name), version)
         metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second,
                    "processes": group["num_processes"]}
-        stains = stain_check(cfg, result.model, train_index, np.load(tiles_file, mmap_mode="r"))
+        t0 = time.perf_counter()
+        stains = stain_check(cfg, result.model, train_index, np.load(tiles_file, mmap_mode="r"), decision.precision)
+        stain_seconds = time.perf_counter() - t0
+        mlflow.log_metrics({"grid_seconds": grid_seconds[0], "stain_check_seconds": stain_seconds})
+        if result.images_per_second > 0:      # (nan when resumed from the last checkpoint: no step ran)
+            train_seconds = result.steps * cfg.train.batch_size / result.images_per_second
+            mlflow.log_metric("grid_stain_share_of_training", (grid_seconds[0] + stain_seconds) / train_seconds)
         if stains is not None:
             for kind in ("seen", "unseen"):
                 for key, value in stains["summary"].get(kind, {}).items():
