@@ -25,6 +25,7 @@ def run(processes: int, steps: int, model: str, root: Path, threads: int | None 
     out = root / f"p{processes}-t{threads}"
     sets = {"train.max_steps": steps, "train.checkpoint_every": steps, "train.grid_every": 0,
             "train.eval_every": 0, "model.output": out / "models", "train.metrics": out / "train_{model}.json",
+            "train.detail": out / "train_{model}_detail.json",
             "train.figure": out / "samples_{model}.png"}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "medi.cli", "--params", str(REPO / "params.yaml"), *args, "train", "--model", model]
@@ -35,7 +36,7 @@ def run(processes: int, steps: int, model: str, root: Path, threads: int | None 
         env["OMP_NUM_THREADS"] = str(threads)
     out.mkdir(parents=True)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / f"train_{model}.json").read_text())
+    return json.loads((out / f"train_{model}_detail.json").read_text())     # the headline and the processes
 
 
 def main() -> None:

@@ -297,6 +297,15 @@ def test_the_probe_stage_scores_test_sites_and_chooses_on_validation_sites(tiny_
     assert on_disk == result and on_disk["split"] == "test"
     assert on_disk["encoder"].startswith("random:resnet18") and "offline default" in on_disk["encoder"]
     assert set(on_disk["tasks"]) == {"nsclc", "rcc", "uterine"}
+    # the headline (`dvc metrics show`): one file per task, TSS-avg per method and medi-cls with its interval
+    (Path(cfg.probe.headline) / "gone.json").write_text("{}")             # a task of an earlier run: removed
+    probe.write_headline(cfg.probe.headline, on_disk)
+    rows = {p.stem: json.loads(p.read_text()) for p in Path(cfg.probe.headline).glob("*.json")}
+    assert set(rows) == {"nsclc", "rcc", "uterine"}
+    for task, row in rows.items():
+        t, d = on_disk["tasks"][task], on_disk["tasks"][task]["differences"]["medi-cls"]
+        assert row == {**{arm: t[arm]["tss_avg"] for arm in ("none", "real", "cls", "medi")}, "medi-cls": d["tss_avg"],
+                       "medi-cls_lo": d["tss_avg_lo"], "medi-cls_hi": d["tss_avg_hi"]}
     detail = json.loads(Path(cfg.probe.detail).read_text())
     holdout = pd.read_parquet(Path(cfg.split.output) / "holdout.parquet")
     tuned = detail["tuned"]["strategy"]

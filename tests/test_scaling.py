@@ -106,7 +106,7 @@ def test_two_gloo_processes_train_like_one_and_resume_after_a_kill(tiny_world, t
     diff = max_difference(runs["one"] / "models/medi/model.safetensors", runs["two"] / "models/medi/model.safetensors")
     print(f"max |w(2 processes, killed at step {resumed[0]} and resumed) - w(1 process)| after 12 steps: {diff:.3g}")
     assert diff < 1e-5
-    assert json.loads((tmp_path / "metrics/train_medi.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "reports/train_medi_detail.json").read_text())["processes"] == 2
 
 
 # ----------------------------------------------------------------------------------------------- split work
@@ -127,7 +127,8 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
     outputs = {"sample.output": two / "samples/{model}", "fid.cache": two / "cache/features",
                "fid.metrics": two / "metrics/fid_{model}.json", "fid.detail": two / "reports/fid_{model}_detail.json",
                "fid.plot": two / "reports/fid_{model}.csv", "encoder.cache": two / "cache/embeddings",
-               "probe.metrics": two / "metrics/probe.json", "probe.table": two / "probe.md",
+               "probe.metrics": two / "metrics/probe.json", "probe.headline": two / "metrics/table1",
+               "probe.table": two / "probe.md",
                "probe.figure": two / "probe.png"}
     params = write_params(cfg, tmp_path / "params.yaml")
     sets = [a for k, v in outputs.items() for a in ("--set", f"{k}={v}")]

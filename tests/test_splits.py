@@ -1,6 +1,9 @@
 """The holdout split: the public code's algorithm exactly, a seeded random variant, and zero TSS overlap."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -154,6 +157,9 @@ def test_the_split_is_made_on_the_metadata_table_not_on_slides_with_tiles(make_c
     got = pd.read_parquet(tmp_path / "artifacts/splits/slides.parquet").set_index("slide").split
     assert got["TCGA-38-1001-01Z-00-DX1"] == "train" and got["TCGA-44-1002-01Z-00-DX1"] == "holdout"
     assert m["slides_without_tiles"] == 1 and m["train_slides"] + m["holdout_slides"] == 8
+    # every count beside the split; the metrics file (dvc metrics show) without the detail-only ones
+    assert json.loads((tmp_path / "artifacts/splits/summary.json").read_text()) == m
+    assert json.loads(Path(c.split.metrics).read_text()) == {k: v for k, v in m.items() if k not in splits.DETAIL_ONLY}
     train = pd.read_parquet(tmp_path / "artifacts/splits/train.parquet")
     holdout = pd.read_parquet(tmp_path / "artifacts/splits/holdout.parquet")
     assert "38" in set(train.tss) and not {"05", "44", "49"} & set(train.tss)

@@ -161,7 +161,8 @@ class TrainConfig:
     eval_every: int              # steps between evaluation hooks (FID curve); 0 = off
     stain_check_seeds: int       # synthetic data: images per (class, site) for the ground-truth stain check
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
-    metrics: str                 # e.g. metrics/train_{model}.json
+    metrics: str                 # e.g. metrics/train_{model}.json (headline: steps, final loss, images/s)
+    detail: str                  # e.g. reports/train_{model}_detail.json (and processes, the stain check's summary)
     plot: str                    # loss (and FID, KID) by step for `dvc plots`, e.g. reports/plots/train_{model}.csv
 
 
@@ -235,7 +236,9 @@ class ProbeConfig:
     scaler: bool                 # standardise embeddings before the regression (the authors' probe: false)
     bootstrap: int               # clustered-bootstrap worlds for the 95 % intervals
     workers: int                 # parallel runs (-1 = all cores)
-    metrics: str                 # metrics/probe.json (test sites)
+    metrics: str                 # metrics/probe.json (test sites; the contract's full Table 1)
+    headline: str                # metrics/table1: {task}.json, one row each in `dvc metrics show` (TSS-avg per
+                                 # method, the medi-cls difference and its interval)
     detail: str                  # reports/probe_detail.json (validation figures, tuned strategy, draws, design)
     table: str                   # reports/probe.md
     figure: str                  # reports/probe.png

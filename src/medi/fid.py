@@ -411,16 +411,12 @@ def run_stage(cfg: Config, name: str) -> dict:
 
 def headline(metrics: dict) -> dict:
     """metrics/fid_NAME.json (`dvc metrics show`, the contract): the extractor, FID overall and per class, KID, the
-    counts, the headline conditioning accuracy and the unseen-pairs evaluation's unseen figures; per site, per
-    seen / unseen pair, n per group and settings stay in the detail file."""
+    counts, the headline conditioning accuracy and the unseen-pairs evaluation's unseen figures; the mean per class,
+    per site, per seen / unseen pair, the stain check, n per group and settings stay in the detail file."""
     cond = metrics["conditioning"]
-    out = {k: metrics[k] for k in ("extractor", "overall", "per_class", "mean_class_fid", "kid", "n_real",
-                                   "n_generated")}
+    out = {k: metrics[k] for k in ("extractor", "overall", "per_class", "kid", "n_real", "n_generated")}
     out["extractor"] = out["extractor"].split(" (")[0]        # the name; its description is in the detail file
     out.update({k: cond.get(k) for k in ("class_accuracy", "site_accuracy")})   # by seen / unseen pair: detail
-    stain = metrics.get("stain", {}).get("summary", {}).get("seen", {}).get("rank_percentile")
-    if stain is not None:
-        out["stain_rank_seen"] = stain
     from medi import unseen
 
     out.update(unseen.figures_of(metrics.get("pairs", {}), ("unseen",)))   # the unseen-pairs evaluation (seen: detail)

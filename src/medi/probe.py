@@ -620,6 +620,37 @@ def metrics_json(result: dict) -> dict:
     return out
 
 
+HEADLINE_ARMS = ("none", "real", "cls", "medi")
+HEADLINE_DIFFERENCE = "medi-cls"
+
+
+def headline_rows(metrics: dict) -> dict[str, dict]:
+    """probe.headline ({task}.json each, one row per task in `dvc metrics show`): Table 1's TSS-avg balanced accuracy
+    on the test sites per method, and the medi-cls paired difference with its 95 % interval."""
+    rows = {}
+    for task, arms in metrics["tasks"].items():
+        row = {arm: arms[arm]["tss_avg"] for arm in HEADLINE_ARMS if arm in arms}
+        d = arms["differences"].get(HEADLINE_DIFFERENCE)
+        if d:
+            row.update({HEADLINE_DIFFERENCE: d["tss_avg"], f"{HEADLINE_DIFFERENCE}_lo": d["tss_avg_lo"],
+                        f"{HEADLINE_DIFFERENCE}_hi": d["tss_avg_hi"]})
+        rows[task] = row
+    return rows
+
+
+def write_headline(folder: str, metrics: dict) -> None:
+    """One file per task of this run (atomically each); files of tasks no longer run are removed."""
+    from medi.io import write_json
+
+    rows = headline_rows(metrics)
+    out = Path(folder)
+    for task, row in rows.items():
+        write_json(out / f"{task}.json", row)
+    for stale in out.glob("*.json"):
+        if stale.stem not in rows:
+            stale.unlink()
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -755,6 +786,7 @@ def run_stage(cfg: Config) -> dict:
                      {a: f"TSS-avg {v['tss_avg']:.3f} [{v['tss_avg_lo']:.3f}, {v['tss_avg_hi']:.3f}]"
                       for a, v in t.items() if a not in ("differences", "verdict")})
         write_json(p.metrics, metrics)
+        write_headline(p.headline, metrics)
         write_json(p.detail, result)
         write_text(p.table, markdown_table(metrics, result))
         fig_path = figures.save(figure(metrics), p.figure)

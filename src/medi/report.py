@@ -253,8 +253,8 @@ def run_stage(cfg: Config) -> dict:
             mlflow.log_artifact(str(p), "figures")
         probe_path = Path(cfg.probe.table)
         probe_table = probe_path.read_text() if probe_path.exists() else None
-        train_metrics = {n: read_json(cfg.train.metrics.format(model=n)) for n in cfg.report.models
-                         if Path(cfg.train.metrics.format(model=n)).exists()}
+        train_metrics = {n: read_json(cfg.train.detail.format(model=n)) for n in cfg.report.models
+                         if Path(cfg.train.detail.format(model=n)).exists()}
         probe_metrics = Path(cfg.probe.metrics)
         if probe_metrics.exists():
             write_text(cfg.report.probe_plot, probe_rows(read_json(probe_metrics)).to_csv(index=False))

@@ -102,6 +102,9 @@ def site_table(slides: pd.DataFrame) -> pd.DataFrame:
             .reset_index().sort_values(["part", "class", "tss"], kind="stable").reset_index(drop=True))
 
 
+DETAIL_ONLY = ("validation_test_tss_overlap", "slides_without_tiles")   # in summary.json, not metrics/split.json
+
+
 def split_metrics(slides: pd.DataFrame, index: pd.DataFrame) -> dict:
     """The contract's counts (slides from the metadata table, with or without tiles), the validation / test
     division of the holdout sites, and the slides without tiles."""
@@ -129,7 +132,7 @@ def split_metrics(slides: pd.DataFrame, index: pd.DataFrame) -> dict:
 
 def write_split(cfg: SplitConfig, index: pd.DataFrame, slides: pd.DataFrame) -> tuple[SplitResult, dict]:
     """Split the slides table, join the tiles, write train / holdout (with `part`) / slides / sites and the
-    metrics (each file atomically); return the split and its metrics."""
+    metrics (each file atomically); return the split and all its counts (the metrics file: the contract's)."""
     result = split_slides(slides, cfg)
     part_of = dict(zip(result.slides.slide, result.slides.part))
     index = index.assign(part=index.slide.map(part_of))
@@ -143,7 +146,8 @@ def write_split(cfg: SplitConfig, index: pd.DataFrame, slides: pd.DataFrame) -> 
     with atomic_path(out / "sites.csv") as tmp:
         site_table(result.slides).to_csv(tmp, index=False)
     metrics = split_metrics(result.slides, index)
-    write_json(cfg.metrics, metrics)
+    write_json(out / "summary.json", metrics)                  # every count, beside the split it describes
+    write_json(cfg.metrics, {k: v for k, v in metrics.items() if k not in DETAIL_ONLY})   # dvc metrics show
     return result, metrics
 
 

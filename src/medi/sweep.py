@@ -210,6 +210,7 @@ class Workspace:
                 log.info("trial trains %s (%s) into %s", name, key, out)
                 train.run_stage(config_mod.override(cfg, {
                     "model.output": str(out), "train.metrics": str(out / "train_{model}.json"),
+                    "train.detail": str(out / "train_{model}_detail.json"),
                     "train.figure": str(out / "samples_{model}.png"), "train.plot": str(out / "train_{model}.csv")}), name)
         return out / name
 

@@ -51,6 +51,9 @@ from medi.io import write_json, write_text
 from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions
 from medi.sample import training_scheduler
 
+
+HEADLINE = ("steps", "final_loss", "images_per_second")   # metrics/train_NAME.json (dvc metrics show)
+
 log = logging.getLogger(__name__)
 
 Hook = Callable[[int, MediDiffusion], Mapping[str, float]]
@@ -561,9 +564,10 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
             log.info("stain check of %s (angle to the conditioned site's true stain; rank 0 = the nearest of all "
                      "sites, 0.5 = chance): %s; real tiles: %s", name, stains["summary"], stains["real"])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        # the metrics file: headline figures (dvc metrics show); every stain figure is in the run and stain_check.json
-        write_json(cfg.train.metrics.format(model=name),
-                   {k: v for k, v in metrics.items() if not k.startswith("stain_") or k.endswith("_rank_percentile")})
+        # the metrics file: headline figures (dvc metrics show); the detail file: those, the processes and the stain
+        # check's summary (every stain figure is in the run and its stain_check.json)
+        write_json(cfg.train.metrics.format(model=name), {k: metrics[k] for k in HEADLINE})
+        write_json(cfg.train.detail.format(model=name), metrics)
         write_text(cfg.train.plot.format(model=name), curves(run.info.run_id, name).to_csv(index=False))
         if last_grid:
             path = figures.save(last_grid["figure"], cfg.train.figure.format(model=name))
