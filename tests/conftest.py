@@ -6,6 +6,10 @@ import os
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
                "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}.items():
     os.environ[_k] = _v
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets an equal share of the cores, set before
+# torch is imported and inherited by the processes the tests start: workers do not oversubscribe the machine.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -161,3 +165,9 @@ def tiny_world(make_cfg, tmp_path, _tiny_world_once):
         return make_cfg(**{**TINY, **overrides})
 
     return build
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end tests first: the longest ones, so that with several xdist workers they do not start last and
+    hold up the suite (the order of the others is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
