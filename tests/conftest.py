@@ -168,6 +168,6 @@ def tiny_world(make_cfg, tmp_path, _tiny_world_once):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end tests first: the longest ones, so that with several xdist workers they do not start last and
-    hold up the suite (the order of the others is kept)."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """The longest tests first (e2e, then slow), so that pytest-xdist workers do not start one of them last and hold
+    up the suite; the order of the others is kept."""
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, item.get_closest_marker("slow") is None))
