@@ -52,7 +52,7 @@ train: setup  ## the training stages only (both diffusion models, and what they 
 	dvc repro train
 
 test: setup  ## the test suite (CI runs this): one pytest-xdist worker per core, each with its share of the cores
-	python -m pytest -q -n auto --dist worksteal --durations=15
+	python -m pytest -q -n auto --dist loadgroup --durations=15
 
 sweep: setup  ## Optuna studies (one per method, validation sites) over params sweep.space; again = continue them (make sweep SWEEP="--trials 20 --workers 2")
 	medi check

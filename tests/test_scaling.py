@@ -61,7 +61,7 @@ def max_difference(a: Path, b: Path) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- training
-@pytest.mark.slow
+@pytest.mark.processes
 def test_two_gloo_processes_train_like_one_and_resume_after_a_kill(tiny_world, tmp_path):
     """1 process for 12 steps; 2 processes killed (SIGKILL, every process) after a checkpoint and restarted:
     the restarted pair resumes, forms a gloo group of ranks 0 and 1, and ends with the one process's weights."""
@@ -111,7 +111,7 @@ def test_two_gloo_processes_train_like_one_and_resume_after_a_kill(tiny_world, t
 
 
 # ----------------------------------------------------------------------------------------------- split work
-@pytest.mark.slow
+@pytest.mark.processes
 def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_makes_them(tiny_world, tmp_path):
     """`medi sample`, `medi fid` and `medi probe` on 2 gloo processes write what one process writes: the same
     manifest, the same PNG bytes, the same features and embeddings, so the same figures."""
@@ -190,6 +190,7 @@ with tracking.stage_run(cfg, "split", ("split",), run_name=f"process-{i}"):
 """
 
 
+@pytest.mark.processes
 def test_processes_opening_a_fresh_store_at_once_all_log(make_cfg, tmp_path):
     """4 processes released together on a fresh sqlite store: MLflow's migrations ran once (under the lock),
     every process logged its run. Without the lock they raced and all but one failed."""
@@ -248,7 +249,7 @@ def trials_by_worker(study) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_study_on_postgresql_survives_a_worker_killed_mid_trial(tiny_world, tmp_path, postgres):
     """`medi sweep --workers 2` on PostgreSQL; one worker is SIGKILLed while a trial of it is RUNNING: the
     heartbeat fails that trial (Optuna FAIL, MLflow FAILED) and the call still adds its 6 trials."""
@@ -303,7 +304,7 @@ def test_a_study_on_postgresql_survives_a_worker_killed_mid_trial(tiny_world, tm
     assert "stopped sending heartbeats" in run.data.tags["medi.error"]
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_make_mlflow_server_serves_the_stages_from_postgresql(make_cfg, tmp_path, monkeypatch):
     """`make mlflow-server` (on free ports, data and artifacts under tmp): PostgreSQL starts, the tracking server
     answers on 127.0.0.1, a stage logs through MLFLOW_TRACKING_URI alone (run in PostgreSQL, artifact in the

@@ -92,7 +92,7 @@ def study_runs(cfg, study: str) -> tuple[mlflow.entities.Run, list[mlflow.entiti
     return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_trial(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space=PROBE_SPACE, sweep__trials=4, sweep__startup_trials=2, sweep__fid_count=8,
                      sweep__pruner="median", sweep__methods=["medi"], fid__unseen_per_pair=2)
@@ -170,7 +170,6 @@ def test_a_failed_trial_is_failed_in_optuna_and_mlflow_and_the_study_goes_on(tin
     assert client.get_run(orphan.info.run_id).info.status == "FAILED"
 
 
-@pytest.mark.slow
 def test_trials_that_change_the_model_train_it_once_nested_in_the_trial(tiny_world, tmp_path):
     cfg = tiny_world(sweep__space={"model.d_e": [16, 24]}, sweep__sampler="random", sweep__trials=3,
                      sweep__fid_count=0, sweep__study="d_e", sweep__pruner="none", sweep__methods=["medi"])
@@ -257,7 +256,7 @@ def test_a_trial_below_the_median_of_earlier_trials_is_pruned_in_optuna_and_kill
     assert run.info.status == "KILLED"
 
 
-@pytest.mark.slow
+@pytest.mark.processes
 def test_two_workers_run_their_trials_at_the_same_time(tiny_world, tmp_path, monkeypatch):
     """Each worker process waits at the start of its first trial until the other has started one (a barrier
     of files, injected by a sitecustomize on PYTHONPATH): workers that ran one after the other would fail

@@ -47,7 +47,6 @@ def hook_recording(steps: list, stop_at: int | None = None):
     return hook
 
 
-@pytest.mark.slow
 def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tiny_world, tmp_path):
     cfg = tiny_world(train__max_steps=12, train__checkpoint_every=3, train__augment=True,
                      train__eval_every=0)       # no FID curve in its 3 processes (test_fid: it leaves the RNG alone)
