@@ -170,7 +170,7 @@ def tiny_world(make_cfg, tmp_path, _tiny_world_once):
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`--dist loadgroup`): the end-to-end test and the tests that run several processes at once
     are two groups, each on one worker, started first; the other tests fill in around them. Two multi-process tests
-    at once would oversubscribe the cores (measured on 2 cores: the suite took 577 s instead of 334 s)."""
+    at once would run four or more busy processes on two cores."""
     for item in items:
         for marker, group in (("e2e", "e2e"), ("processes", "processes")):
             if item.get_closest_marker(marker):
