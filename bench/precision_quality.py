@@ -28,12 +28,16 @@ sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
 from bench_report import cpu_name, write_section  # noqa: E402
 
 FIGURES = {"FID": ("overall",), "mean class FID": ("mean_class_fid",),
-           "class accuracy": ("conditioning", "class_accuracy"), "site accuracy": ("conditioning", "tss_accuracy")}
+           "class accuracy": ("conditioning", "class_accuracy"), "site accuracy": ("conditioning", "site_accuracy")}
 
 
 def figure(metrics: dict, path: tuple[str, ...]) -> float:
+    """The figure at `path` of fid.evaluate's result; nan where the stage had none (e.g. no class with
+    fid.min_count images); a path the result lacks is an error, not a silent nan."""
     for key in path:
-        metrics = metrics.get(key) if isinstance(metrics, dict) else None
+        if not isinstance(metrics, dict) or key not in metrics:
+            raise KeyError(f"fid.evaluate's result has no {'.'.join(path)}")
+        metrics = metrics[key]
     return float("nan") if metrics is None else float(metrics)
 
 
