@@ -172,7 +172,7 @@ def pytest_collection_modifyitems(config, items):
     are two groups, each on one worker, started first; the other tests fill in around them. Two multi-process tests
     at once would run four or more busy processes on two cores."""
     for item in items:
-        for marker, group in (("e2e", "e2e"), ("processes", "processes")):
-            if item.get_closest_marker(marker):
+        for group in ("e2e", "processes"):          # the marker names the group
+            if item.get_closest_marker(group):
                 item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, item.get_closest_marker("processes") is None))

@@ -53,7 +53,10 @@ def stages() -> list[tuple[str, str, list[str]]]:
     return out
 
 
-@pytest.mark.parametrize("stage, command, deps", stages(), ids=[s[0] for s in stages()])
+STAGES = stages()
+
+
+@pytest.mark.parametrize("stage, command, deps", STAGES, ids=[s[0] for s in STAGES])
 def test_a_stage_depends_on_exactly_the_modules_its_command_imports(stage, command, deps):
     declared = {Path(d).stem for d in deps}
     assert all(d.endswith(".py") for d in deps), deps

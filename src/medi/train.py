@@ -51,7 +51,6 @@ from medi.io import write_json, write_text
 from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions
 from medi.sample import training_scheduler
 
-
 HEADLINE = ("steps", "final_loss", "images_per_second")   # metrics/train_NAME.json (dvc metrics show)
 
 log = logging.getLogger(__name__)
