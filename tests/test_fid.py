@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from helpers import save_untrained, train_index
-from medi import data, embed, fid, report, sample, train
+from medi import artifacts, data, embed, fid, report, sample, train
 from medi.errors import MediError
 from medi.groundtruth import GroundTruth
 from medi.model import MediDiffusion
@@ -185,7 +185,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert plot["class"].tolist() == sorted(on_disk["n_per_class"]) and plot["reliable"].sum() == len(on_disk["per_class"])
         # every figure again from the files on disk: the PNGs against all real training tiles
         folder = Path(cfg.sample.output.format(model=name))
-        manifest = sample.read_manifest(folder / sample.MANIFEST)
+        manifest = artifacts.read_manifest(folder / artifacts.MANIFEST)
         gen = extractor.features(np.stack([np.asarray(Image.open(folder / p)) for p in manifest["path"]]), verbose=False)
         gen_classes = manifest["class"].to_numpy(str)
         assert (on_disk["n_real"], on_disk["n_generated"]) == (len(idx), 42)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import autocast_spy, save_untrained, train_index
-from medi import precision, sample, train
+from medi import artifacts, precision, sample, train
 from medi.model import MediDiffusion
 
 
@@ -153,29 +153,29 @@ def test_the_sample_stage_records_the_auto_choice_and_an_interrupted_set_keeps_i
     timings.seconds = {"fp32": 1.0, "bf16": 2.0}
     sample.run_stage(cfg, "medi")
     out = Path(cfg.sample.output.format(model="medi"))
-    manifest = sample.read_manifest(out / sample.MANIFEST)
+    manifest = artifacts.read_manifest(out / artifacts.MANIFEST)
     assert set(manifest["precision"]) == {"fp32"}
     run = mlflow.search_runs(filter_string="tags.mlflow.runName = 'sample-medi'", output_format="list")[0]
     assert run.data.params["precision"] == "fp32" and run.data.params["sample.precision"] == "auto"
     # batch 16, 2 steps, guidance 1: 16 / (1 s x 2) = 8 images/s in fp32, 4 in bf16
     assert (run.data.metrics["precision_fp32_images_per_second"], run.data.metrics["precision_bf16_images_per_second"]) \
         == (8.0, 4.0)
-    images = sample.load_images(out, manifest)
+    images = artifacts.load_images(out, manifest)
     model = MediDiffusion.load(Path(cfg.model.output) / "medi")
     assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
 
     # interrupted (a batch lost, no manifest yet), resumed where bf16 now looks faster: the set stays fp32
     (out / manifest["path"].iloc[18]).unlink()
-    (out / sample.MANIFEST).unlink()
-    info = json.loads((out / sample.INFO).read_text())
-    (out / sample.INFO).write_text(json.dumps({**info, "complete": False}))
+    (out / artifacts.MANIFEST).unlink()
+    info = json.loads((out / artifacts.SAMPLE_INFO).read_text())
+    (out / artifacts.SAMPLE_INFO).write_text(json.dumps({**info, "complete": False}))
     timings.seconds = {"fp32": 2.0, "bf16": 1.0}
     precision._SAMPLING.clear()                          # a new process: nothing decided yet
     calls = timings.calls
     sample.run_stage(cfg, "medi")
     assert timings.calls == calls
-    assert set(sample.read_manifest(out / sample.MANIFEST)["precision"]) == {"fp32"}
-    assert np.array_equal(sample.load_images(out, manifest), images)
+    assert set(artifacts.read_manifest(out / artifacts.MANIFEST)["precision"]) == {"fp32"}
+    assert np.array_equal(artifacts.load_images(out, manifest), images)
 
 
 def test_the_train_stage_logs_the_choice_both_figures_and_what_grids_and_stain_check_cost(tiny_world, timings,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medi import clustered, embed, pools, probe, sample
+from medi import artifacts, clustered, embed, pools, probe, sample
 from medi.errors import MediError
 from helpers import save_untrained, write_params
 
@@ -332,7 +332,7 @@ def test_the_probe_stage_scores_test_sites_and_chooses_on_validation_sites(tiny_
     assert "Generator variance: not in the intervals" in table and Path(cfg.probe.figure).stat().st_size > 10_000
     size = probe.pool_size(cfg.probe)
     for name in ("cls", "medi"):                                     # every pool key holds the pool size
-        manifest = sample.read_manifest(Path(cfg.sample.output.format(model=f"probe/{name}")) / "manifest.csv")
+        manifest = artifacts.read_manifest(Path(cfg.sample.output.format(model=f"probe/{name}")) / "manifest.csv")
         assert (manifest.groupby("pool_key").size() >= size).all() and (manifest["strategy"] == "probe-pool").all()
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     (run,) = [r for r in runs if r.data.tags["medi.stage"] == "probe"]
@@ -368,21 +368,21 @@ def test_pools_grow_on_demand_and_keep_their_images(tiny_world, caplog):
     model_dir, out = Path(cfg.model.output) / "medi", Path("pool")
     keys = [("LUAD", str(train[train["class"] == "LUAD"]["tss"].iloc[0])), ("LUSC", None)][:1]
     small = pools.ensure(cfg, model_dir, keys, 2, out, train)
-    first = sample.load_images(out, small)
+    first = artifacts.load_images(out, small)
     with caplog.at_level("INFO"):
         big = pools.ensure(cfg, model_dir, keys, 5, out, train)
     assert "generating 3 images" in caplog.text                     # only the missing ones
-    assert list(big["i"]) == [0, 1, 2, 3, 4] and np.array_equal(sample.load_images(out, big)[:2], first)
+    assert list(big["i"]) == [0, 1, 2, 3, 4] and np.array_equal(artifacts.load_images(out, big)[:2], first)
     assert list(big["seed"][:2]) == list(small["seed"])              # image i of a pair keeps its seed
-    regenerated = sample.regenerate(sample.read_manifest(out / "manifest.csv"),
+    regenerated = sample.regenerate(artifacts.read_manifest(out / "manifest.csv"),
                                     __import__("medi.model", fromlist=["MediDiffusion"]).MediDiffusion.load(model_dir),
                                     cfg.model)
-    assert np.array_equal(regenerated, sample.load_images(out, sample.read_manifest(out / "manifest.csv")))
+    assert np.array_equal(regenerated, artifacts.load_images(out, artifacts.read_manifest(out / "manifest.csv")))
     save_untrained(cfg, "medi", seed=5)                              # other weights: the pool starts afresh
     caplog.clear()
     with caplog.at_level("INFO"):
         pools.ensure(cfg, model_dir, keys, 2, out, train)
-    assert "starting afresh" in caplog.text and len(sample.read_manifest(out / "manifest.csv")) == 2
+    assert "starting afresh" in caplog.text and len(artifacts.read_manifest(out / "manifest.csv")) == 2
 
 
 def test_a_preset_loads_a_local_state_dict_of_its_architecture(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 
 from helpers import write_params
 from medi import cli, fid, registry, sample, train
-from medi.sample import load_images, read_manifest
+from medi.artifacts import load_images, read_manifest
 
 
 def artifact_files(client, run_id: str, path: str = "") -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import save_untrained, train_index, write_params
-from medi import cli, sample
+from medi import artifacts, cli, sample
 from medi.errors import MediError
 from medi.model import MediDiffusion, Vocabulary, architecture
 
@@ -63,7 +63,7 @@ def test_manifest_keeps_site_code_NA_as_text(tmp_path):
     rows = pd.DataFrame({"path": ["images/UCS/000000.png"], "class": ["UCS"], "tss": ["NA"], "race": ["white"],
                          "gender": ["female"], "age": [float("nan")], "seed": [0], "batch": [0]})
     rows.to_csv(tmp_path / "manifest.csv", index=False)
-    back = sample.read_manifest(tmp_path / "manifest.csv")
+    back = artifacts.read_manifest(tmp_path / "manifest.csv")
     assert back["tss"].tolist() == ["NA"] and np.isnan(back["age"].iloc[0])
 
 
@@ -72,12 +72,12 @@ def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(ti
     save_untrained(cfg, "medi")
     result = sample.run_stage(cfg, "medi")
     out = Path(cfg.sample.output.format(model="medi"))
-    manifest = sample.read_manifest(out / sample.MANIFEST)
+    manifest = artifacts.read_manifest(out / artifacts.MANIFEST)
     assert result["images"] == len(manifest) == 40
     assert {"path", "class", "tss", "race", "gender", "age", "seed", "batch", "model", "scheduler", "steps",
             "guidance", "conditioned_on", "precision", "strategy"} <= set(manifest.columns)
     assert (manifest["conditioned_on"] == "class,tss").all() and (manifest["guidance"] == 2.0).all()
-    images = sample.load_images(out, manifest)
+    images = artifacts.load_images(out, manifest)
     assert images.shape == (40, cfg.data.resolution, cfg.data.resolution, 3) and images.dtype == np.uint8
     assert len({im.tobytes() for im in images}) == 40            # one seed per image: all different
 
@@ -87,13 +87,13 @@ def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(ti
 
     # an interrupted run: the missing batch is made again, identically, and the rest is kept
     (out / manifest["path"].iloc[20]).unlink()
-    (out / sample.MANIFEST).unlink()
+    (out / artifacts.MANIFEST).unlink()
     before = (out / manifest["path"].iloc[0]).stat().st_mtime_ns
     with caplog.at_level("INFO"):
         sample.run_stage(cfg, "medi")
     assert "resuming: 2 of 3 batches already on disk" in caplog.text
     assert (out / manifest["path"].iloc[0]).stat().st_mtime_ns == before
-    assert np.array_equal(sample.load_images(out, manifest), images)
+    assert np.array_equal(artifacts.load_images(out, manifest), images)
 
     # a manifest this model cannot replay: sampler settings mixed within a batch, other conditioning attributes
     mixed = manifest.assign(steps=np.where(np.arange(40) == 3, cfg.sample.steps + 1, cfg.sample.steps))
@@ -106,24 +106,24 @@ def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(ti
 
     # the CLI checks a regeneration against the files on disk: exit 0 when identical, 2 when a file differs
     params = str(write_params(cfg, Path("params.yaml")))
-    regen = ["--params", params, "sample", "--model", "medi", "--from-manifest", str(out / sample.MANIFEST)]
+    regen = ["--params", params, "sample", "--model", "medi", "--from-manifest", str(out / artifacts.MANIFEST)]
     assert cli.main([*regen, "--output", "regen"]) == 0
-    assert np.array_equal(sample.load_images("regen", manifest), images)
+    assert np.array_equal(artifacts.load_images("regen", manifest), images)
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert any(r.data.tags["medi.stage"] == "sample@medi" and r.data.metrics["images"] == 40 for r in runs)
     Image.fromarray(255 - images[7]).save(out / manifest["path"].iloc[7])      # one file on disk altered
     capsys.readouterr()
     assert cli.main([*regen, "--output", "regen2"]) == 2
     assert capsys.readouterr().err == (f"medi sample: error: 1 of 40 regenerated images differ from the files beside "
-                                       f"{out / sample.MANIFEST}\n")
+                                       f"{out / artifacts.MANIFEST}\n")
 
 
 def test_other_weights_cannot_regenerate_a_set(tiny_world, capsys):
     cfg = tiny_world(sample__count=8)
     save_untrained(cfg, "cls")
     sample.run_stage(cfg, "cls")
-    manifest = Path(cfg.sample.output.format(model="cls")) / sample.MANIFEST
-    assert (sample.read_manifest(manifest)["conditioned_on"] == "class").all()
+    manifest = Path(cfg.sample.output.format(model="cls")) / artifacts.MANIFEST
+    assert (artifacts.read_manifest(manifest)["conditioned_on"] == "class").all()
     save_untrained(cfg, "cls", seed=1)
     with pytest.raises(MediError, match="not the model that generated"):
         sample.regenerate_stage(cfg, "cls", str(manifest), None)
@@ -141,14 +141,14 @@ def test_a_changed_setting_or_other_weights_start_the_set_afresh(tiny_world, cap
     out = Path(cfg.sample.output.format(model="cls"))
     model = save_untrained(cfg, "cls")
     sample.run_stage(cfg, "cls")
-    first = sample.load_images(out, sample.read_manifest(out / sample.MANIFEST))
+    first = artifacts.load_images(out, artifacts.read_manifest(out / artifacts.MANIFEST))
 
     def again(c, model) -> np.ndarray:
         caplog.clear()
         with caplog.at_level("INFO", logger="medi.sample"):
             sample.run_stage(c, "cls")
-        manifest = sample.read_manifest(out / sample.MANIFEST)
-        images = sample.load_images(out, manifest)
+        manifest = artifacts.read_manifest(out / artifacts.MANIFEST)
+        images = artifacts.load_images(out, manifest)
         assert np.array_equal(images, sample.regenerate(manifest, model, c.model))   # what this model makes now
         return images
 
@@ -235,9 +235,9 @@ def test_metadata_guidance_in_the_sample_stage_regenerates_and_joint_is_unchange
     model = save_untrained(cfg, "medi")
     sample.run_stage(cfg, "medi")
     out = Path(cfg.sample.output.format(model="medi"))
-    manifest = sample.read_manifest(out / sample.MANIFEST)
+    manifest = artifacts.read_manifest(out / artifacts.MANIFEST)
     assert (manifest["guidance"] == 2.0).all() and (manifest["metadata_guidance"] == 4.0).all()
-    images = sample.load_images(out, manifest)
+    images = artifacts.load_images(out, manifest)
     assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
     cond, seeds = sample.conditions_of(manifest, model), manifest["seed"].tolist()
 

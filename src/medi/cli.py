@@ -109,13 +109,11 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     hooks = []
     if cfg.train.eval_every > 0:      # the FID curve, in the feature space of params `fid`
         import numpy as np
-        import pandas as pd
 
-        from medi import data, fid
+        from medi import artifacts, data, fid
 
-        split = Path(cfg.split.output) / "train.parquet"
-        if split.exists():
-            hooks.append((cfg.train.eval_every, fid.curve_hook(cfg, args.model, pd.read_parquet(split),
+        if artifacts.has_split(cfg):
+            hooks.append((cfg.train.eval_every, fid.curve_hook(cfg, args.model, artifacts.train_frame(cfg),
                                                                np.asarray(data.load_tiles(cfg.data.output)))))
     train.run_stage(cfg, args.model, extra_hooks=hooks)
 

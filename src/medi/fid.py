@@ -294,11 +294,11 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
     """Every figure of `metrics/fid_NAME.json` for the sample set of model NAME. Under a launch the processes
     split the feature extraction; the main process alone computes the figures (the others return None)."""
     from medi import data
-    from medi.sample import load_images, read_manifest
+    from medi.artifacts import load_images, read_manifest, train_frame
 
     sample_dir = Path(cfg.sample.output.format(model=name))
     manifest = read_manifest(sample_dir / "manifest.csv")
-    train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+    train_index = train_frame(cfg)
     tiles = data.load_tiles(cfg.data.output)
     real_images = tiles[np.sort(train_index["idx"].to_numpy())]
     train_index = train_index.set_index("idx").loc[np.sort(train_index["idx"].to_numpy())].reset_index()

@@ -499,15 +499,10 @@ def tuned_strategy(tasks: Mapping[str, dict], strategies: Sequence[str]) -> dict
 
 # ----------------------------------------------------------------------------------------------- the stage's inputs
 def load_splits(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
-    split = Path(cfg.split.output)
-    for name in ("train.parquet", "holdout.parquet"):
-        if not (split / name).exists():
-            raise MediError(f"{split / name} not found; run `medi split` (or `dvc repro split`) first")
-    holdout = pd.read_parquet(split / "holdout.parquet")
-    if "part" not in holdout:
-        raise MediError(f"{split / 'holdout.parquet'} has no validation / test division (made by an older "
-                        "`medi split`); run `medi split` (or `dvc repro split`) again")
-    return pd.read_parquet(split / "train.parquet"), holdout
+    from medi import artifacts
+
+    holdout = artifacts.holdout_frame(cfg)
+    return artifacts.train_frame(cfg), holdout
 
 
 def real_embeddings(cfg: Config, spec, train_index: pd.DataFrame, holdout_index: pd.DataFrame,

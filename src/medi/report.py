@@ -81,7 +81,7 @@ def sites_figure(cfg: Config, train_index: pd.DataFrame, tiles: np.ndarray, sets
     """Per class, columns = its largest training sites; rows = real tiles of the site, then each model's tiles
     generated for that (class, site), `report.tiles_per_row` side by side (blank: none generated)."""
     from medi import figures
-    from medi.sample import read_png
+    from medi.artifacts import read_png
 
     r = cfg.report
     classes = [c for c in r.site_classes if c in set(train_index["class"])] or \
@@ -237,10 +237,10 @@ def run_stage(cfg: Config) -> dict:
     import mlflow
 
     from medi import data, figures, tracking
-    from medi.sample import read_manifest
+    from medi.artifacts import read_manifest, train_frame
 
     metrics = load_fid_metrics(cfg)
-    train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+    train_index = train_frame(cfg)
     tiles = data.load_tiles(cfg.data.output)
     sets = {}
     for name in cfg.report.models:

@@ -33,7 +33,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
-from medi import distributed
+from medi import artifacts, distributed
+from medi.artifacts import MANIFEST, SAMPLE_INFO as INFO, read_manifest, read_png
 from medi.config import Config, ModelConfig, SampleConfig
 from medi.errors import MediError
 from medi.io import atomic_path, read_json, write_json
@@ -42,10 +43,7 @@ from medi.precision import AUTO, Decision, for_sampling
 
 log = logging.getLogger(__name__)
 
-MANIFEST, INFO = "manifest.csv", "sample_info.json"
 METADATA = ("tss", "race", "gender", "age")            # metadata columns a plan row carries
-TEXT_COLUMNS = ("path", "class", "tss", "race", "gender", "conditioned_on", "model", "scheduler", "precision",
-                "strategy")
 
 SAMPLERS = ("ddim", "dpmsolver++")  # both deterministic given the initial noise
 
@@ -269,30 +267,6 @@ def write_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
 
 
-def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode != "RGB":
-            raise MediError(f"{path}: expected an RGB PNG, got mode {im.mode}")
-        return np.asarray(im, dtype=np.uint8)
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """A manifest with its text columns kept as text (site code 'NA' is a site, not a missing value)."""
-    path = Path(path)
-    if not path.exists():
-        raise MediError(f"{path} not found; run `medi sample` first")
-    return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values={"age": [""]})
-
-
-def load_images(sample_dir: str | Path, manifest: pd.DataFrame) -> np.ndarray:
-    """The manifest's images as uint8 (N, H, W, 3), in manifest order."""
-    sample_dir = Path(sample_dir)
-    missing = [p for p in manifest["path"] if not (sample_dir / p).exists()]
-    if missing:
-        raise MediError(f"{sample_dir}: {len(missing)} image(s) of the manifest are missing, e.g. {missing[0]}")
-    return np.stack([read_png(sample_dir / p) for p in manifest["path"]])
-
-
 def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, scheduler: str, steps: int, guidance: float,
                  precision: str, model_cfg: ModelConfig, metadata_guidance: float | None = None) -> float:
     """Generate the plan's images batch by batch as PNGs under `out_dir`; batches whose images all exist
@@ -353,12 +327,9 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
     from medi import tracking
 
     cfg.variant(name)
-    model_dir = model_dir or Path(cfg.model.output) / name
+    model_dir = model_dir or artifacts.model_dir(cfg, name)
     model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
-    split = Path(cfg.split.output) / "train.parquet"
-    if not split.exists():
-        raise MediError(f"{split} not found; run `medi split` first")
-    train_index = pd.read_parquet(split)
+    train_index = artifacts.train_frame(cfg)
     s = cfg.sample
     rows = plan(s, train_index, model.vocab.classes)
     conditioned = ",".join(["class", *model.vocab.attributes])

@@ -217,7 +217,7 @@ class Workspace:
     def context(self, cfg: Config, method: str, model_dir: Path):
         """The probe's context for a trial: real embeddings of the workspace's parts and the method's pool
         for this model, sampler and encoder (generated or grown once, then from disk)."""
-        from medi import probe, sample
+        from medi import artifacts, probe, sample
 
         spec = probe.encoder_spec(cfg)
         if spec.identity() not in self._embeddings:
@@ -231,10 +231,10 @@ class Workspace:
             out = self.root / "pools" / f"{model_dir.name}-{sampler}"
             with self._lock(out):
                 self._seed_from_pipeline(cfg, model_dir, out)
-                manifest = out / sample.MANIFEST
-                before = len(sample.read_manifest(manifest)) if manifest.exists() else 0
+                manifest = out / artifacts.MANIFEST
+                before = len(artifacts.read_manifest(manifest)) if manifest.exists() else 0
                 self._pools[key] = probe.method_pool(cfg, method, model_dir, out, self.train_index, spec)
-                if len(sample.read_manifest(manifest)) > before:
+                if len(artifacts.read_manifest(manifest)) > before:
                     self.work.append("new pool")
         return probe.Context(self.train_index, self.holdout_index, self._embeddings[spec.identity()],
                              {method: [self._pools[key]]}, spec.describe(), probe.site_conditioned(cfg))

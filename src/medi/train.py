@@ -44,7 +44,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from medi import distributed, precision
+from medi import artifacts, distributed, precision
 from medi.config import Config
 from medi.errors import MediError
 from medi.io import write_json, write_text
@@ -489,10 +489,7 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
 
     from medi import figures, registry, tracking
 
-    split_dir = Path(cfg.split.output)
-    if not (split_dir / "train.parquet").exists():
-        raise MediError(f"{split_dir / 'train.parquet'} not found; run `medi split` (or `dvc repro split`) first")
-    train_index = pd.read_parquet(split_dir / "train.parquet")
+    train_index = artifacts.train_frame(cfg)
     tiles_file = Path(cfg.data.output) / "tiles.npy"
     attributes = cfg.variant(name)
     if not distributed.is_main():   # the other processes of a launch: train, nothing else

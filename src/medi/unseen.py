@@ -108,7 +108,9 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
 
     t0 = time.perf_counter()
     if train_index is None:
-        train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
+        from medi.artifacts import train_frame
+
+        train_index = train_frame(cfg)
         train_index = train_index.sort_values("idx").reset_index(drop=True)
     extractor = extractor or Extractor.from_config(cfg.fid)
     if classifiers is None:
