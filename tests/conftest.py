@@ -124,7 +124,7 @@ TINY = {
     "synthetic__tile_size": 32, "data__resolution": 16, "data__workers": 1,
     "train__max_steps": 8, "train__batch_size": 8, "train__checkpoint_every": 2, "train__keep_checkpoints": 2,
     "train__log_every": 2, "train__grid_every": 0, "train__grid_steps": 2, "train__grid_seeds": 1,
-    "train__warmup_steps": 2, "train__precision": "fp32", "train__stain_check_seeds": 2, "sample__precision": "fp32",
+    "train__warmup_steps": 2, "train__precision": "fp32", "sample__precision": "fp32",
     "sample__count": 42, "sample__steps": 2, "sample__batch_size": 16, "fid__input_size": 32, "fid__min_count": 4,
     "fid__curve_count": 16, "fid__stain_tiles": 4, "report__sites_per_class": 2, "report__tiles_per_row": 3,
     "probe__real_per_class": 3, "probe__pool_per_pair": 2, "probe__runs": 4, "probe__workers": 1, "probe__bootstrap": 200,

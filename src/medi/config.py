@@ -155,11 +155,10 @@ class TrainConfig:
     grid_every: int              # steps between sample grids logged to MLflow (0 = only at the end)
     grid_scheduler: Literal["ddim", "dpmsolver++"]   # sampler of those grids and of the stain check
     grid_steps: int              # its steps
-    grid_seeds: int              # images (seeds) per (class, site) cell of those grids
+    grid_seeds: int              # images (seeds) per (class, site) cell of those grids (the stain check's, too)
     grid_guidance: float         # classifier-free guidance scale for the grids and the stain check (1 = none)
     grid_metadata_guidance: float | None  # their metadata scale (as sample.metadata_guidance; None = grid_guidance)
     eval_every: int              # steps between evaluation hooks (FID curve); 0 = off
-    stain_check_seeds: int       # synthetic data: images per (class, site) for the ground-truth stain check
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
     metrics: str                 # e.g. metrics/train_{model}.json (headline: steps, final loss, images/s)
     detail: str                  # e.g. reports/train_{model}_detail.json (and processes, the stain check's summary)

@@ -435,36 +435,31 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
     return hook
 
 
-def stain_check(cfg: Config, model: MediDiffusion, train_index: pd.DataFrame, tiles: np.ndarray,
-                precision_: str = "fp32") -> dict | None:
-    """On the synthetic world: generate every (class, largest training site of each class) pair and compare the
-    tiles' stain with the conditioned site's true stain; real tiles of each site give the estimator's floor.
+def stain_check(cfg: Config, grid: dict, train_index: pd.DataFrame, tiles: np.ndarray) -> dict | None:
+    """On the synthetic world: score the last sample grid (`grid_hook`'s sink) against the ground truth. Its
+    cells are every (class, largest training site of each class) pair, so each cell's tiles are compared with the
+    conditioned site's true stain; real tiles of each site (as many as a cell holds) give the estimator's floor.
+    Nothing is generated here: the grid's images are the stain check's (same pairs, sampler and precision).
 
-    A model not conditioned on the site (CLS) is scored against the same sites, which shows how far class
-    conditioning alone reproduces a site's stain (its dominant site) or cannot (the others)."""
+    A model not conditioned on the site (CLS) has one class-only row per class; its images are scored against the
+    same sites, which shows how far class conditioning alone reproduces a site's stain (its dominant site) or
+    cannot (the others)."""
     from medi.groundtruth import GroundTruth, stain_report
-    from medi.sample import generate, largest_sites, make_sampler
+    from medi.sample import largest_sites
 
     truth = GroundTruth.load(cfg.data.root)
     if truth is None:
         return None
-    n = cfg.train.stain_check_seeds
-    classes = list(model.vocab.classes)
+    classes, columns, k = grid["classes"], grid["sites"], cfg.train.grid_seeds
+    cells = grid["images"].reshape(len(classes), len(columns), k, *grid["images"].shape[1:])
     sites = largest_sites(train_index, classes)
-    conditioned = "tss" in model.vocab.categorical
-    # A site-conditioned model is sampled for every (class, site) pair; any other model once per class, and
-    # those class samples are then scored against every site.
-    pairs = [(c, s if conditioned else None) for c in classes for s in (sites if conditioned else [None])]
-    cond = model.vocab.encode([c for c, _ in pairs for _ in range(n)],
-                              {"tss": [s for _, s in pairs for _ in range(n)]} if conditioned else {})
-    images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, list(range(n)) * len(pairs),
-                      cfg.train.grid_steps,
-                      guidance=cfg.train.grid_guidance, precision=precision_,
-                      metadata_guidance=cfg.train.grid_metadata_guidance).reshape(len(pairs), n, *tiles.shape[1:])
-    sampled = dict(zip(pairs, images))
-    cells = [(c, s, sampled[(c, s if conditioned else None)]) for c in classes for s in sites]
-    report = stain_report(cells, truth)
-    real = [(c, s, tiles[train_index[train_index.tss == s]["idx"].to_numpy()[:n]]) for c, s in zip(classes, sites)]
+    if columns[0] is None:                  # class-only rows: every image of the row is the class's sample
+        rows = {c: cells[i].reshape(-1, *cells.shape[3:]) for i, c in enumerate(classes)}
+        scored = [(c, s, rows[c]) for c in classes for s in sites]
+    else:
+        scored = [(c, s, cells[i, j]) for i, c in enumerate(classes) for j, s in enumerate(columns)]
+    report = stain_report(scored, truth)
+    real = [(c, s, tiles[train_index[train_index.tss == s]["idx"].to_numpy()[:k]]) for c, s in zip(classes, sites)]
     report["real"] = stain_report(real, truth)["summary"]["seen"]
     return report
 
@@ -545,7 +540,7 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
         metrics = {"steps": result.steps, "final_loss": result.final_loss, "images_per_second": result.images_per_second,
                    "processes": group["num_processes"]}
         t0 = time.perf_counter()
-        stains = stain_check(cfg, result.model, train_index, np.load(tiles_file, mmap_mode="r"), decision.precision)
+        stains = stain_check(cfg, last_grid, train_index, np.load(tiles_file, mmap_mode="r"))
         stain_seconds = time.perf_counter() - t0
         mlflow.log_metrics({"grid_seconds": grid_seconds[0], "stain_check_seconds": stain_seconds})
         if result.images_per_second > 0:      # (nan when resumed from the last checkpoint: no step ran)
