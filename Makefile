@@ -90,11 +90,14 @@ PG_DATA ?= .postgres
 PG_PORT ?= 5433
 MLFLOW_PORT ?= 5000
 MLFLOW_ARTIFACTS ?= mlartifacts
+# the server's worker processes (MLflow's default; each one imports the server app at start)
+MLFLOW_WORKERS ?= 4
 mlflow-server: setup  ## MLflow tracking server on http://127.0.0.1:5000, PostgreSQL backend (.postgres/), artifacts in mlartifacts/ (docs/scaling.md)
 	python -m medi.postgres start --data $(PG_DATA) --port $(PG_PORT) --database mlflow
 	trap 'python -m medi.postgres stop --data $(PG_DATA)' EXIT; \
 	mlflow server --backend-store-uri postgresql://postgres@127.0.0.1:$(PG_PORT)/mlflow \
-	  --artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)) --host 127.0.0.1 --port $(MLFLOW_PORT)
+	  --artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)) --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --workers $(MLFLOW_WORKERS)
 
 tcga-ut: setup  ## download TCGA-UT classes from Zenodo into data/ and version them with DVC
 	medi fetch-tcga-ut --classes $(CLASSES)
