@@ -54,13 +54,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from medi import data, figures, unseen
+    from medi import artifacts, figures, unseen
     from medi.fid import Extractor, condition_classifiers
 
     base = config.load(args.params)
     extractor = Extractor.from_config(base.fid)
     train_index = pd.read_parquet(Path(base.split.output) / "train.parquet").sort_values("idx").reset_index(drop=True)
-    tiles = data.load_tiles(base.data.output)
+    tiles = artifacts.load_tiles(base.data.output)
     real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], base.fid.cache, verbose=False)
     classifiers = condition_classifiers(real.float().numpy(), train_index, base.fid.seed)   # once for all models
     for folder in sorted(ROOT.glob("*-seed*")):

@@ -19,7 +19,7 @@ import pandas as pd
 
 
 def main() -> None:
-    from medi import config, data, fid, train
+    from medi import artifacts, config, fid, train
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")
@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config.load(args.params)
     index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
-    tiles = np.asarray(data.load_tiles(cfg.data.output))
+    tiles = np.asarray(artifacts.load_tiles(cfg.data.output))
     with tempfile.TemporaryDirectory() as tmp:
         short = config.override(cfg, {"train.max_steps": args.steps, "train.checkpoint_every": 10 ** 6,
                                       "model.output": str(Path(tmp) / "models"), "train.warmup_steps": 0})

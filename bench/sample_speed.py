@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medi import config, data
+from medi import artifacts, config
 from medi.fid import Extractor, frechet
 from medi.model import MediDiffusion
-from medi.sample import conditions_of, generate, guidance_conditions, make_sampler, plan, sampling_precision
+from medi.sampling import conditions_of, generate, guidance_conditions, make_sampler, plan, sampling_precision
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
 from bench_report import cpu_name, write_section  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
     with torch.no_grad():
         step_flops = counted_flops(lambda: model(x, torch.full((len(x),), 500), batched)) / args.batch  # per image
     extractor = Extractor.from_config(cfg.fid)
-    tiles = data.load_tiles(cfg.data.output)
+    tiles = artifacts.load_tiles(cfg.data.output)
     real_idx = np.sort(train_index["idx"].to_numpy())
     real = extractor.features(tiles[real_idx], verbose=False)
     real_class = train_index.set_index("idx").loc[real_idx, "class"].to_numpy(str)

@@ -138,7 +138,7 @@ WORLD_SECTIONS = ("synthetic__", "data__", "split__")       # what the tiny worl
 @pytest.fixture(scope="session")
 def _tiny_world_once(tmp_path_factory) -> Path:
     """The tiny synthetic world, synthesized, prepared and split once per session (about 2 s)."""
-    from medi import data, splits, synthetic
+    from medi import artifacts, data, splits, synthetic
 
     root = tmp_path_factory.mktemp("tiny_world")
     raw = redirected_params(root)
@@ -148,7 +148,7 @@ def _tiny_world_once(tmp_path_factory) -> Path:
     cfg = config.from_dict(raw, "tiny-world")
     synthetic.synthesize(cfg, workers=1)
     data.prepare(cfg)
-    splits.write_split(cfg.split, data.load_index(cfg.data.output), data.load_slides(cfg.data.output))
+    splits.write_split(cfg.split, artifacts.load_index(cfg.data.output), artifacts.load_slides(cfg.data.output))
     return root
 
 

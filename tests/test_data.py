@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import tcga_fixture as tf
-from medi import data
+from medi import artifacts, data
 from medi.errors import MediError
 
 
@@ -26,7 +26,7 @@ def test_prepare_packs_every_tile_with_its_metadata(real_cfg, tmp_path):
     fx = tf.build(tmp_path / "data")
     cfg = real_cfg()
     report = data.prepare(cfg)
-    index, tiles = data.load_index(cfg.data.output), data.load_tiles(cfg.data.output)
+    index, tiles = artifacts.load_index(cfg.data.output), artifacts.load_tiles(cfg.data.output)
     n = sum(s.tiles for s in fx.slides)
     assert report["tiles"] == len(index) == n and tiles.shape == (n, 8, 8, 3) and tiles.dtype == np.uint8
     assert isinstance(tiles, np.memmap)
@@ -43,7 +43,7 @@ def test_prepare_packs_every_tile_with_its_metadata(real_cfg, tmp_path):
     expected = np.asarray(Image.open(fx.tiles_root / r.path).resize((8, 8), Image.Resampling.LANCZOS))
     assert np.array_equal(tiles[r.idx], expected)
     assert report["skipped"]["tiles_without_metadata"] == 0 and report["skipped"]["bad_tiles"] == 0
-    slides = data.load_slides(cfg.data.output)
+    slides = artifacts.load_slides(cfg.data.output)
     assert slides.tiles.sum() == n and slides.meta_row.is_monotonic_increasing
 
 
@@ -56,7 +56,7 @@ def test_the_32_classes_are_built_in_and_coad_and_read_share_their_folder(real_c
               tf.FixtureSlide("LUAD", "05", "4244")]
     tf.build(tmp_path / "data", slides)
     data.prepare(real_cfg(data__classes=["COAD", "READ", "LUAD"]))
-    index = data.load_index(str(tmp_path / "artifacts/dataset"))
+    index = artifacts.load_index(str(tmp_path / "artifacts/dataset"))
     assert sorted(map(tuple, index.groupby("class")["slide"].agg(["first", "size"]).reset_index().values.tolist())) == [
         ("COAD", "TCGA-AA-3514-01Z-00-DX1", 3), ("LUAD", "TCGA-05-4244-01Z-00-DX1", 3),
         ("READ", "TCGA-AG-3580-01Z-00-DX1", 2)]
@@ -91,8 +91,8 @@ def test_corrupt_tile_stops_with_its_path_or_is_skipped_and_counted(real_cfg, tm
     report = data.prepare(real_cfg(data__on_bad_tile="skip"))
     assert report["skipped"]["bad_tiles"] == 1
     assert report["skipped"]["bad_tile_list"][0]["path"].endswith("TCGA-18-3406-01Z-00-DX1/0_1_2.jpg")
-    index = data.load_index(tmp_path / "artifacts/dataset")
-    assert len(index) == sum(s.tiles for s in fx.slides) - 1 == len(data.load_tiles(tmp_path / "artifacts/dataset"))
+    index = artifacts.load_index(tmp_path / "artifacts/dataset")
+    assert len(index) == sum(s.tiles for s in fx.slides) - 1 == len(artifacts.load_tiles(tmp_path / "artifacts/dataset"))
     assert not index.path.str.endswith("TCGA-18-3406-01Z-00-DX1/0_1_2.jpg").any()
     assert (index.idx.to_numpy() == np.arange(len(index))).all()
 
@@ -157,7 +157,7 @@ def test_packing_resumes_after_a_crash(real_cfg, tmp_path, monkeypatch):
     tf.build(tmp_path / "data", slides)
     cfg = real_cfg(data__classes=["LUAD", "LUSC"])
     reference = data.prepare(cfg)
-    expected = np.array(data.load_tiles(cfg.data.output))
+    expected = np.array(artifacts.load_tiles(cfg.data.output))
     seen = []
     real_decode = data._decode_chunk
 
@@ -178,7 +178,7 @@ def test_packing_resumes_after_a_crash(real_cfg, tmp_path, monkeypatch):
     calls_before = len(seen)
     assert data.prepare(cfg) == reference
     assert len(seen) - calls_before == -(-(800 - 2 * data.CHUNK) // data.CHUNK)  # only the remaining chunks
-    assert np.array_equal(np.array(data.load_tiles(cfg.data.output)), expected)
+    assert np.array_equal(np.array(artifacts.load_tiles(cfg.data.output)), expected)
 
 
 def test_packing_starts_again_when_a_tile_or_the_resolution_changed(real_cfg, tmp_path, monkeypatch, caplog):
@@ -209,7 +209,7 @@ def test_packing_starts_again_when_a_tile_or_the_resolution_changed(real_cfg, tm
         with monkeypatch.context() as m, caplog.at_level("INFO", logger="medi.data"):
             m.setattr(data, "_decode_chunk", lambda args: calls.append(args[2]) or real_decode(args))
             data.prepare(c)
-        return data.load_index(c.data.output), np.array(data.load_tiles(c.data.output))
+        return artifacts.load_index(c.data.output), np.array(artifacts.load_tiles(c.data.output))
 
     crashed_after_one_chunk(cfg)
     changed = tf.tile_path(fx, fx.slides[0], 0)                      # a tile of the chunk already packed

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 
 from helpers import save_untrained, train_index
-from medi import artifacts, data, embed, fid, report, sample, train
+from medi import artifacts, embed, fid, report, sample, sampling, train
 from medi.errors import MediError
 from medi.groundtruth import GroundTruth
 from medi.model import MediDiffusion
 
 
 def real_tiles(cfg) -> np.ndarray:
-    return np.asarray(data.load_tiles(cfg.data.output))
+    return np.asarray(artifacts.load_tiles(cfg.data.output))
 
 
 def test_fid_sanity_real_halves_near_zero_and_noise_large(tiny_world):
@@ -291,10 +291,10 @@ def test_training_logs_an_fid_curve(tiny_world):
     # the last point by hand: the saved model (the EMA weights of step 6) samples the curve's plan, against all
     # real training tiles
     model = MediDiffusion.load(result.model_dir)
-    rows = sample.plan(dataclasses.replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), idx,
+    rows = sampling.plan(dataclasses.replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), idx,
                        sorted(idx["class"].unique()))
     s = cfg.sample
-    images = sample.generate(model, sample.make_sampler(s.scheduler, cfg.model), sample.conditions_of(rows, model),
+    images = sampling.generate(model, sampling.make_sampler(s.scheduler, cfg.model), sampling.conditions_of(rows, model),
                              rows["seed"].tolist(), s.steps, s.guidance, s.precision, batch_size=s.batch_size)
     extractor = fid.Extractor.from_config(cfg.fid)
     real = extractor.features(real_tiles(cfg)[np.sort(idx["idx"].to_numpy())], verbose=False)

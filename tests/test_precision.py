@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import autocast_spy, save_untrained, train_index
-from medi import artifacts, precision, sample, train
+from medi import artifacts, precision, sample, sampling, train
 from medi.model import MediDiffusion
 
 
@@ -80,11 +80,11 @@ def test_time_rounds_alternates_and_takes_each_precisions_median(monkeypatch):
 def test_explicit_settings_are_untouched_and_cuda_decides_by_capability(tiny_world, timings, monkeypatch):
     cfg = tiny_world()
     model = save_untrained(cfg, "medi")
-    cond = sample.conditions_of(sample.plan(cfg.sample, train_index(cfg), model.vocab.classes).iloc[:1], model)
+    cond = sampling.conditions_of(sampling.plan(cfg.sample, train_index(cfg), model.vocab.classes).iloc[:1], model)
     for p in ("fp32", "fp16", "bf16"):
         d = precision.for_training(p, model, lambda: pytest.fail("no batch for an explicit setting"), torch.device("cpu"))
         assert (d.precision, d.how, dict(d.images_per_second)) == (p, "explicit", {})
-        assert sample.sampling_precision(model, p, cond, 16, 2).precision == p
+        assert sampling.sampling_precision(model, p, cond, 16, 2).precision == p
         assert precision.for_training(p, model, None, torch.device("cpu"), recorded="bf16").precision == p
     assert timings.calls == 0
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -99,13 +99,13 @@ def test_explicit_settings_are_untouched_and_cuda_decides_by_capability(tiny_wor
 def test_sampling_auto_is_timed_once_per_shape_with_the_guidance_evaluations(tiny_world, timings):
     cfg = tiny_world()
     model = save_untrained(cfg, "medi")
-    cond = sample.conditions_of(sample.plan(cfg.sample, train_index(cfg), model.vocab.classes).iloc[:1], model)
+    cond = sampling.conditions_of(sampling.plan(cfg.sample, train_index(cfg), model.vocab.classes).iloc[:1], model)
     timings.seconds = {"fp32": 0.5, "bf16": 0.25}
-    d = sample.sampling_precision(model, "auto", cond, 16, 4, guidance=2.0)
+    d = sampling.sampling_precision(model, "auto", cond, 16, 4, guidance=2.0)
     # batch 16, 4 steps, one forward of 2 x 16 rows (guided) per step: 16 / (0.5 x 4) = 8 images/s in fp32
     assert (d.precision, d.how, dict(d.images_per_second)) == ("bf16", "measured", {"fp32": 8.0, "bf16": 16.0})
-    assert sample.sampling_precision(model, "auto", cond, 16, 4, guidance=2.0) == d and timings.calls == 1
-    sample.sampling_precision(model, "auto", cond, 8, 4, guidance=2.0)
+    assert sampling.sampling_precision(model, "auto", cond, 16, 4, guidance=2.0) == d and timings.calls == 1
+    sampling.sampling_precision(model, "auto", cond, 8, 4, guidance=2.0)
     assert timings.calls == 2
     key = [k for k in precision._SAMPLING if k[1] == 16]
     assert [k[2] for k in key] == [2]                   # two condition sets per step under guidance 2
@@ -162,7 +162,7 @@ def test_the_sample_stage_records_the_auto_choice_and_an_interrupted_set_keeps_i
         == (8.0, 4.0)
     images = artifacts.load_images(out, manifest)
     model = MediDiffusion.load(Path(cfg.model.output) / "medi")
-    assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
+    assert np.array_equal(sampling.regenerate(manifest, model, cfg.model), images)
 
     # interrupted (a batch lost, no manifest yet), resumed where bf16 now looks faster: the set stays fp32
     (out / manifest["path"].iloc[18]).unlink()

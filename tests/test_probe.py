@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medi import artifacts, clustered, embed, pools, probe, sample
+from medi import artifacts, clustered, embed, pools, probe, sampling
 from medi.errors import MediError
 from helpers import save_untrained, write_params
 
@@ -374,7 +374,7 @@ def test_pools_grow_on_demand_and_keep_their_images(tiny_world, caplog):
     assert "generating 3 images" in caplog.text                     # only the missing ones
     assert list(big["i"]) == [0, 1, 2, 3, 4] and np.array_equal(artifacts.load_images(out, big)[:2], first)
     assert list(big["seed"][:2]) == list(small["seed"])              # image i of a pair keeps its seed
-    regenerated = sample.regenerate(artifacts.read_manifest(out / "manifest.csv"),
+    regenerated = sampling.regenerate(artifacts.read_manifest(out / "manifest.csv"),
                                     __import__("medi.model", fromlist=["MediDiffusion"]).MediDiffusion.load(model_dir),
                                     cfg.model)
     assert np.array_equal(regenerated, artifacts.load_images(out, artifacts.read_manifest(out / "manifest.csv")))

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 
 from helpers import write_params
-from medi import cli, fid, registry, sample, train
+from medi import cli, fid, registry, sample, sampling, train
 from medi.artifacts import load_images, read_manifest
 
 
@@ -35,7 +35,7 @@ def test_the_registered_model_samples_like_the_local_one_with_only_the_tracking_
     (version,) = client.search_model_versions("name = 'medi-medi'")
     local_dir = Path(cfg.model.output) / "medi"
     assert str(version.version) == "1" and version.run_id == run.info.run_id
-    assert version.tags[registry.DIGEST_TAG] == sample.weights_digest(local_dir)
+    assert version.tags[registry.DIGEST_TAG] == sampling.weights_digest(local_dir)
     assert run.data.tags["medi.registered_model"] == "models:/medi-medi/1"
 
     sample.run_stage(cfg, "medi")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medi import report
+from medi import figures, report
 
 
 def fid_metrics(per_site: dict) -> dict:
@@ -19,10 +19,10 @@ def fid_metrics(per_site: dict) -> dict:
 
 def test_fid_figure_draws_when_no_site_reaches_min_count():
     """A tiny or heavily filtered run has no per-site FID; the figure still draws (it used to fail on log scale)."""
-    fig = report.fid_figure({"cls": fid_metrics({}), "medi": fid_metrics({})})
+    fig = figures.fid_figure({"cls": fid_metrics({}), "medi": fid_metrics({})})
     ax, ax2 = fig.axes
     assert [b.get_height() for b in ax.patches] == [310.5, 280.0, 310.5, 280.0] and ax2.get_xscale() == "linear"
-    fig = report.fid_figure({"cls": fid_metrics({"05": 120.0}), "medi": fid_metrics({"05": 90.0})})
+    fig = figures.fid_figure({"cls": fid_metrics({"05": 120.0}), "medi": fid_metrics({"05": 90.0})})
     assert fig.axes[1].get_xscale() == "log" and np.isfinite(fig.axes[1].get_xlim()).all()
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import save_untrained, train_index, write_params
-from medi import artifacts, cli, sample
+from medi import artifacts, cli, sample, sampling
 from medi.errors import MediError
 from medi.model import MediDiffusion, Vocabulary, architecture
 
@@ -20,10 +20,10 @@ from medi.model import MediDiffusion, Vocabulary, architecture
 def test_match_reproduces_the_training_frequencies(tiny_world):
     cfg = tiny_world()
     idx = train_index(cfg)
-    rows = sample.plan(dataclasses.replace(cfg.sample, strategy="match", count=0), idx, sorted(idx["class"].unique()))
+    rows = sampling.plan(dataclasses.replace(cfg.sample, strategy="match", count=0), idx, sorted(idx["class"].unique()))
     assert len(rows) == len(idx)
     pd.testing.assert_series_equal(rows.groupby(["class", "tss"]).size(), idx.groupby(["class", "tss"]).size())
-    twice = sample.plan(dataclasses.replace(cfg.sample, strategy="match", count=2 * len(idx) + 5), idx,
+    twice = sampling.plan(dataclasses.replace(cfg.sample, strategy="match", count=2 * len(idx) + 5), idx,
                         sorted(idx["class"].unique()))
     assert (twice.groupby(["class", "tss"]).size() >= 2 * idx.groupby(["class", "tss"]).size()).all()
     assert twice["seed"].is_unique and twice["path"].is_unique
@@ -34,13 +34,13 @@ def test_uniform_grid_and_explicit_strategies(tiny_world):
     cfg = tiny_world()
     idx = train_index(cfg)
     classes = sorted(idx["class"].unique())
-    uni = sample.plan(dataclasses.replace(cfg.sample, strategy="uniform", count=7 * len(classes) + 3), idx, classes)
+    uni = sampling.plan(dataclasses.replace(cfg.sample, strategy="uniform", count=7 * len(classes) + 3), idx, classes)
     counts = uni["class"].value_counts()
     assert set(counts) <= {7, 8} and counts.sum() == len(uni)
     assert all(idx[(idx["class"] == r["class"]) & (idx["tss"] == r["tss"])].shape[0] for _, r in uni.iterrows())
 
     sites = sorted(idx["tss"].unique())[:3]
-    grid = sample.plan(dataclasses.replace(cfg.sample, strategy="grid", per_pair=2, grid_classes=classes[:2],
+    grid = sampling.plan(dataclasses.replace(cfg.sample, strategy="grid", per_pair=2, grid_classes=classes[:2],
                                            grid_sites=sites), idx, classes)
     assert len(grid) == 2 * 2 * 3
     assert set(zip(grid["class"], grid["tss"])) == {(c, s) for c in classes[:2] for s in sites}
@@ -50,13 +50,13 @@ def test_uniform_grid_and_explicit_strategies(tiny_world):
         assert ((donors["race"] == r["race"]) & (donors["gender"] == r["gender"])).any()
 
     pairs = [{"class": classes[0], "tss": sites[-1]}, {"class": classes[1], "tss": sites[0]}]
-    exp = sample.plan(dataclasses.replace(cfg.sample, strategy="explicit", per_pair=3, pairs=pairs), idx, classes)
+    exp = sampling.plan(dataclasses.replace(cfg.sample, strategy="explicit", per_pair=3, pairs=pairs), idx, classes)
     assert list(zip(exp["class"], exp["tss"])) == [(p["class"], p["tss"]) for p in pairs for _ in range(3)]
 
     with pytest.raises(MediError, match="grid_sites.*not in the training split"):
-        sample.plan(dataclasses.replace(cfg.sample, strategy="grid", grid_sites=["ZZ"]), idx, classes)
+        sampling.plan(dataclasses.replace(cfg.sample, strategy="grid", grid_sites=["ZZ"]), idx, classes)
     with pytest.raises(MediError, match="unknown class 'BRCA'"):
-        sample.plan(dataclasses.replace(cfg.sample, strategy="explicit", pairs=[{"class": "BRCA"}]), idx, classes)
+        sampling.plan(dataclasses.replace(cfg.sample, strategy="explicit", pairs=[{"class": "BRCA"}]), idx, classes)
 
 
 def test_manifest_keeps_site_code_NA_as_text(tmp_path):
@@ -82,8 +82,8 @@ def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(ti
     assert len({im.tobytes() for im in images}) == 40            # one seed per image: all different
 
     model = MediDiffusion.load(Path(cfg.model.output) / "medi")
-    assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
-    assert np.array_equal(sample.regenerate(manifest.iloc[16:32], model, cfg.model), images[16:32])
+    assert np.array_equal(sampling.regenerate(manifest, model, cfg.model), images)
+    assert np.array_equal(sampling.regenerate(manifest.iloc[16:32], model, cfg.model), images[16:32])
 
     # an interrupted run: the missing batch is made again, identically, and the rest is kept
     (out / manifest["path"].iloc[20]).unlink()
@@ -98,11 +98,11 @@ def test_sample_stage_writes_pngs_and_a_manifest_that_regenerates_bit_for_bit(ti
     # a manifest this model cannot replay: sampler settings mixed within a batch, other conditioning attributes
     mixed = manifest.assign(steps=np.where(np.arange(40) == 3, cfg.sample.steps + 1, cfg.sample.steps))
     with pytest.raises(MediError, match=r"manifest batch 0 mixes sampler settings"):
-        sample.regenerate(mixed, model, cfg.model)
+        sampling.regenerate(mixed, model, cfg.model)
     class_only = MediDiffusion(architecture(cfg.model.preset, cfg.data.resolution, cfg.model.d_e),
                                Vocabulary.from_frame(train_index(cfg), "class", [], cfg.model.continuous))
     with pytest.raises(MediError, match=r"the manifest was conditioned on \['tss'\], this model on the class only"):
-        sample.regenerate(manifest, class_only, cfg.model)
+        sampling.regenerate(manifest, class_only, cfg.model)
 
     # the CLI checks a regeneration against the files on disk: exit 0 when identical, 2 when a file differs
     params = str(write_params(cfg, Path("params.yaml")))
@@ -149,7 +149,7 @@ def test_a_changed_setting_or_other_weights_start_the_set_afresh(tiny_world, cap
             sample.run_stage(c, "cls")
         manifest = artifacts.read_manifest(out / artifacts.MANIFEST)
         images = artifacts.load_images(out, manifest)
-        assert np.array_equal(images, sample.regenerate(manifest, model, c.model))   # what this model makes now
+        assert np.array_equal(images, sampling.regenerate(manifest, model, c.model))   # what this model makes now
         return images
 
     assert np.array_equal(again(cfg, model), first) and "starting afresh" not in caplog.text   # same set: kept
@@ -167,27 +167,27 @@ def test_one_ddim_step_is_the_models_prediction_of_the_clean_image(tiny_world):
     x0 = sqrt(a) x - sqrt(1 - a) v, a the last cumulative alpha (0 here)."""
     cfg = tiny_world()
     model = save_untrained(cfg, "medi").eval()
-    rows = sample.plan(dataclasses.replace(cfg.sample, count=6), train_index(cfg), model.vocab.classes)
-    cond, seeds = sample.conditions_of(rows, model), rows["seed"].tolist()
-    images = sample.generate(model, sample.make_sampler("ddim", cfg.model), cond, seeds, 1)
+    rows = sampling.plan(dataclasses.replace(cfg.sample, count=6), train_index(cfg), model.vocab.classes)
+    cond, seeds = sampling.conditions_of(rows, model), rows["seed"].tolist()
+    images = sampling.generate(model, sampling.make_sampler("ddim", cfg.model), cond, seeds, 1)
 
     size = cfg.data.resolution
     x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    a = sample.make_sampler("ddim", cfg.model).alphas_cumprod[-1]
+    a = sampling.make_sampler("ddim", cfg.model).alphas_cumprod[-1]
     with torch.no_grad():
         v = model(x, torch.full((len(x),), cfg.model.timesteps - 1), cond)
     x0 = a.sqrt() * x - (1 - a).sqrt() * v
     assert np.array_equal(images, ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     manifest = rows.assign(conditioned_on="class,tss", scheduler="ddim", steps=1, guidance=1.0, precision="fp32")
-    assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
-    assert not np.array_equal(sample.generate(model, sample.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2), images)
+    assert np.array_equal(sampling.regenerate(manifest, model, cfg.model), images)
+    assert not np.array_equal(sampling.generate(model, sampling.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2), images)
 
 
 def test_bf16_and_fp16_sampling_autocast_on_the_cpu_and_regenerate(tiny_world, monkeypatch):
     cfg = tiny_world()
     model = save_untrained(cfg, "cls").eval()
-    rows = sample.plan(dataclasses.replace(cfg.sample, count=4), train_index(cfg), model.vocab.classes)
-    cond, seeds = sample.conditions_of(rows, model), rows["seed"].tolist()
+    rows = sampling.plan(dataclasses.replace(cfg.sample, count=4), train_index(cfg), model.vocab.classes)
+    cond, seeds = sampling.conditions_of(rows, model), rows["seed"].tolist()
     seen = []
     real_forward = MediDiffusion.forward
 
@@ -196,13 +196,13 @@ def test_bf16_and_fp16_sampling_autocast_on_the_cpu_and_regenerate(tiny_world, m
         return real_forward(self, x, t, c)
 
     monkeypatch.setattr(MediDiffusion, "forward", spy)
-    images = {p: sample.generate(model, sample.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2, precision=p)
+    images = {p: sampling.generate(model, sampling.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2, precision=p)
               for p in ("fp32", "bf16", "fp16")}
     assert seen == [None] * 2 + [torch.bfloat16] * 2 + [torch.float16] * 2
     assert not np.array_equal(images["bf16"], images["fp32"]) and not np.array_equal(images["fp16"], images["fp32"])
     for p, expected in images.items():
         manifest = rows.assign(conditioned_on="class", scheduler="dpmsolver++", steps=2, guidance=1.0, precision=p)
-        assert np.array_equal(sample.regenerate(manifest, model, cfg.model), expected), p
+        assert np.array_equal(sampling.regenerate(manifest, model, cfg.model), expected), p
 
 
 def test_compositional_guidance_pushes_the_class_and_the_metadata_by_their_own_scales():
@@ -215,18 +215,18 @@ def test_compositional_guidance_pushes_the_class_and_the_metadata_by_their_own_s
 
     # joint guidance (the metadata's scale unset or equal): e(null) + g (e(c, m) - e(null)), two evaluations
     for metadata in (None, 2.0):
-        variants, combine = sample.guidance_conditions(cond, 2.0, metadata)
+        variants, combine = sampling.guidance_conditions(cond, 2.0, metadata)
         assert len(variants) == 2 and torch.equal(combine(evaluations(variants)), e_null + 2.0 * (e_full - e_null))
-    variants, combine = sample.guidance_conditions(cond, 1.0, None)
+    variants, combine = sampling.guidance_conditions(cond, 1.0, None)
     assert len(variants) == 1 and torch.equal(combine(evaluations(variants)), e_full)
     # compositional: e(null) + g_c (e(c) - e(null)) + g_m (e(c, m) - e(c)); the class-only batch keeps the class
-    variants, combine = sample.guidance_conditions(cond, 2.0, 3.0)
+    variants, combine = sampling.guidance_conditions(cond, 2.0, 3.0)
     assert torch.equal(variants[1]["class"], cond["class"]) and (variants[1]["tss"] == 0).all()
     assert torch.equal(combine(evaluations(variants)), e_null + 2.0 * (e_class - e_null) + 3.0 * (e_full - e_class))
-    variants, combine = sample.guidance_conditions(cond, 1.0, 3.0)       # g_c = 1: e(null) cancels, two evaluations
+    variants, combine = sampling.guidance_conditions(cond, 1.0, 3.0)       # g_c = 1: e(null) cancels, two evaluations
     assert len(variants) == 2 and torch.equal(combine(evaluations(variants)), e_class + 3.0 * (e_full - e_class))
     # a class-only model has no metadata to guide: its scale is ignored
-    variants, _ = sample.guidance_conditions({"class": cond["class"]}, 2.0, 3.0)
+    variants, _ = sampling.guidance_conditions({"class": cond["class"]}, 2.0, 3.0)
     assert len(variants) == 2
 
 
@@ -238,17 +238,17 @@ def test_metadata_guidance_in_the_sample_stage_regenerates_and_joint_is_unchange
     manifest = artifacts.read_manifest(out / artifacts.MANIFEST)
     assert (manifest["guidance"] == 2.0).all() and (manifest["metadata_guidance"] == 4.0).all()
     images = artifacts.load_images(out, manifest)
-    assert np.array_equal(sample.regenerate(manifest, model, cfg.model), images)
-    cond, seeds = sample.conditions_of(manifest, model), manifest["seed"].tolist()
+    assert np.array_equal(sampling.regenerate(manifest, model, cfg.model), images)
+    cond, seeds = sampling.conditions_of(manifest, model), manifest["seed"].tolist()
 
     def draw(guidance, metadata):
-        return sample.generate(model, sample.make_sampler(cfg.sample.scheduler, cfg.model), cond, seeds,
+        return sampling.generate(model, sampling.make_sampler(cfg.sample.scheduler, cfg.model), cond, seeds,
                                cfg.sample.steps, guidance, metadata_guidance=metadata)
 
     assert np.array_equal(draw(2.0, 4.0), images)
     assert np.array_equal(draw(2.0, None), draw(2.0, 2.0)) and not np.array_equal(draw(2.0, 2.0), images)
     # a manifest written before the setting existed replays as joint guidance
     old = manifest.drop(columns="metadata_guidance")
-    assert np.array_equal(sample.regenerate(old, model, cfg.model), draw(2.0, 2.0))
+    assert np.array_equal(sampling.regenerate(old, model, cfg.model), draw(2.0, 2.0))
     grown = manifest.assign(metadata_guidance=np.nan)      # older rows of a pool grown after it existed
-    assert np.array_equal(sample.regenerate(grown, model, cfg.model), draw(2.0, 2.0))
+    assert np.array_equal(sampling.regenerate(grown, model, cfg.model), draw(2.0, 2.0))

@@ -137,7 +137,7 @@ def test_the_split_is_made_on_the_metadata_table_not_on_slides_with_tiles(make_c
     """Problem 6: a slide without tiles still holds its key's place in file order; the split is the one the
     full metadata gives (here: LUAD's first key belongs to a slide whose tiles are missing)."""
     import tcga_fixture as tf
-    from medi import data
+    from medi import artifacts, data
 
     slides = [tf.FixtureSlide("LUAD", "05", "1000", "male", "white", has_folder=False),   # first key, no tiles
               tf.FixtureSlide("LUAD", "38", "1001", "female", "white"),
@@ -149,9 +149,9 @@ def test_the_split_is_made_on_the_metadata_table_not_on_slides_with_tiles(make_c
     c = make_cfg(data__source="tcga_ut", data__root=str(tmp_path / "data"), data__classes=["LUAD", "LUSC", "UCS"],
                  data__resolution=8, data__workers=1)
     data.prepare(c)
-    table_ = data.load_slides(c.data.output)
+    table_ = artifacts.load_slides(c.data.output)
     assert len(table_) == 8 and table_.set_index("slide").loc["TCGA-05-1000-01Z-00-DX1", "tiles"] == 0
-    _, m = splits.write_split(c.split, data.load_index(c.data.output), table_)
+    _, m = splits.write_split(c.split, artifacts.load_index(c.data.output), table_)
     # LUAD keys in file order 05, 38, 44, 49: floor(0.7 * 4) = 2 train (05 and 38), 44 and 49 held out.
     # Split on slides with tiles only, 38, 44, 49 -> floor(2.1) = 2 would train 38 and 44 instead.
     got = pd.read_parquet(tmp_path / "artifacts/splits/slides.parquet").set_index("slide").split

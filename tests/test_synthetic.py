@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medi import data, synthetic
+from medi import artifacts, data, synthetic
 from medi.synthetic import FACTS
 
 
@@ -49,7 +49,7 @@ def test_same_format_as_tcga_ut(world):
 
 def test_structure_follows_the_reference(world):
     cfg, summary = world
-    index = data.load_index(cfg.data.output)
+    index = artifacts.load_index(cfg.data.output)
     slides = index.drop_duplicates("slide")
     assert (slides.groupby("tss")["class"].nunique() == 1).all()     # every TSS belongs to one class
     assert "NA" in set(slides[slides["class"] == "UCS"].tss)         # the real pitfall is present
@@ -89,8 +89,8 @@ def test_site_is_a_shortcut(world):
     """A linear model trained on one TSS per class is near-perfect on held-out tiles of those TSS and clearly
     worse on unseen TSS; trained on many TSS, the same model generalises to unseen TSS far better."""
     cfg, _ = world
-    index = data.load_index(cfg.data.output)
-    feats = simple_features(np.asarray(data.load_tiles(cfg.data.output)))
+    index = artifacts.load_index(cfg.data.output)
+    feats = simple_features(np.asarray(artifacts.load_tiles(cfg.data.output)))
     y = index["class"].to_numpy()
     fit = lambda rows: make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, class_weight="balanced")).fit(feats[rows], y[rows])
     score = lambda model, rows: balanced_accuracy_score(y[rows], model.predict(feats[rows]))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from helpers import save_untrained, train_index
-from medi import data, fid, sample, unseen
+from medi import artifacts, fid, sampling, unseen
 from medi.groundtruth import GroundTruth, stain_match
 
 
@@ -16,7 +16,7 @@ def test_pair_grid_is_every_class_at_every_class_largest_site(tiny_world):
     idx = train_index(cfg)
     classes = sorted(idx["class"].unique())
     pairs = unseen.pair_grid(idx, classes)
-    sites = sample.largest_sites(idx, classes)
+    sites = sampling.largest_sites(idx, classes)
     assert pairs[["class", "tss"]].values.tolist() == [[c, s] for c in classes for s in sites]
     truth = GroundTruth.load(cfg.data.root)          # each synthetic site sends one class: the diagonal is seen
     assert pairs["seen"].tolist() == [truth.site_class[s] == c for c in classes for s in sites]
@@ -53,7 +53,7 @@ def test_stain_rank_reads_the_ground_truth(tiny_world):
     """Real tiles of a site put in every pair of its column: the stain figures are the ground truth's, per pair."""
     cfg = tiny_world()
     idx = train_index(cfg)
-    tiles = np.asarray(data.load_tiles(cfg.data.output))
+    tiles = np.asarray(artifacts.load_tiles(cfg.data.output))
     truth = GroundTruth.load(cfg.data.root)
     pairs = unseen.pair_grid(idx, sorted(idx["class"].unique()))
     own = {s: tiles[idx[idx["tss"] == s]["idx"].to_numpy()[:3]] for s in pairs["tss"].unique()}
@@ -100,6 +100,6 @@ def test_evaluate_samples_each_pair_with_shared_seeds_and_a_class_only_model_onc
         assert all(np.array_equal(rows[i, 0], rows[i, j]) for i in range(k) for j in range(k)) == (name == "cls")
         first = cells.iloc[1]           # one pair again, on its own, with seeds sample.seed + 0, 1
         cond = model.vocab.encode([first["class"]] * 2, {"tss": [first["tss"]] * 2} if name == "medi" else {})
-        again = sample.generate(model, sample.make_sampler(cfg.sample.scheduler, cfg.model), cond,
+        again = sampling.generate(model, sampling.make_sampler(cfg.sample.scheduler, cfg.model), cond,
                                 [cfg.sample.seed, cfg.sample.seed + 1], cfg.sample.steps, 2.0, metadata_guidance=3.0)
         assert np.array_equal(again, images[1])

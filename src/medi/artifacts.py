@@ -2,8 +2,9 @@
 
 | artifact | written by | where (params) |
 |---|---|---|
+| raw tiles in the TCGA-UT layout (`tcga-ut/CLASS/...`) and the GDC metadata (`gdc_metadata.csv`) | `medi synthesize` or `make tcga-ut` | `data.root` |
+| the prepared dataset: `index.parquet` (one row per tile), `slides.parquet`, packed tiles `tiles.npy` (row `idx`) | `medi prepare` | `data.output` |
 | split frames: `train.parquet`, `holdout.parquet` (part = validation / test) | `medi split` | `split.output` |
-| packed tiles: `tiles.npy` (row `idx` of the frames) | `medi prepare` | `data.output` |
 | a trained model: `model.safetensors`, `config.json`, `vocab.json` | `medi train` | `model.output`/NAME |
 | a sample set: `manifest.csv` (one row per image) + lossless PNGs under `images/` | `medi sample`, the probe's pools | `sample.output` |
 
@@ -22,10 +23,25 @@ from PIL import Image
 from medi.config import Config
 from medi.errors import MediError
 
+TILES_DIR, METADATA_FILE = "tcga-ut", "gdc_metadata.csv"   # inside data.root, for real and synthetic data alike
 MANIFEST, SAMPLE_INFO = "manifest.csv", "sample_info.json"
 # manifest columns read as text: site code 'NA' is a site, not a missing value
 TEXT_COLUMNS = ("path", "class", "tss", "race", "gender", "conditioned_on", "model", "scheduler", "precision",
                 "strategy")
+
+
+# ----------------------------------------------------------------------------------------------- the dataset
+def load_tiles(dataset_dir: str | Path) -> np.ndarray:
+    """The packed tiles, memory-mapped read-only: (N, R, R, 3) uint8, row i = index.idx == i."""
+    return np.load(Path(dataset_dir) / "tiles.npy", mmap_mode="r")
+
+
+def load_index(dataset_dir: str | Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(dataset_dir) / "index.parquet")
+
+
+def load_slides(dataset_dir: str | Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(dataset_dir) / "slides.parquet")
 
 
 # ----------------------------------------------------------------------------------------------- splits

@@ -9,7 +9,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from medi import config as config_mod
@@ -25,55 +24,15 @@ OFFLINE_ENV = {
 
 
 def cmd_synthesize(cfg: Config, args: argparse.Namespace) -> None:
-    import mlflow
+    from medi import synthetic
 
-    from medi import figures, synthetic, tracking
-
-    with tracking.stage_run(cfg, "synthesize", ("synthetic",)):
-        t0 = time.perf_counter()
-        summary = synthetic.synthesize(cfg, workers=args.workers)
-        seconds = time.perf_counter() - t0
-        log.info("synthesized %d tiles of %d slides at %d sites in %.1fs", summary["tiles"], summary["slides"],
-                 summary["sites"], seconds)
-        mlflow.log_metrics({"tiles": summary["tiles"], "slides": summary["slides"], "sites": summary["sites"],
-                            "seconds": seconds, "tiles_per_second": summary["tiles"] / seconds})
-        grid, rows, cols = synthetic.dataset_grid(cfg.synthetic)
-        fig_path = Path(cfg.synthetic.figure)
-        figures.save(figures.tile_grid(grid, rows, cols, "Synthetic TCGA-UT: tiles per class (rows) at that "
-                                       "class's largest sites (columns)", scale=1.2), fig_path)
-        grid, rows, cols = synthetic.counterfactual_grid(cfg.synthetic)
-        cf_path = fig_path.with_name(fig_path.stem + "_counterfactual" + fig_path.suffix)
-        figures.save(figures.tile_grid(grid, rows, cols, "Every class under the stains of sites of other classes "
-                                       "(ground-truth renderer; pairs the dataset never has)", scale=1.2), cf_path)
-        mlflow.log_artifact(str(fig_path), "figures")
-        mlflow.log_artifact(str(cf_path), "figures")
-        mlflow.log_dict(summary, "synthetic_summary.json")
+    synthetic.run_stage(cfg, workers=args.workers)
 
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
-    import mlflow
+    from medi import data
 
-    from medi import data, tracking
-
-    with tracking.stage_run(cfg, "prepare", ("data",) + (("synthetic",) if cfg.data.source == "synthetic" else ())):
-        t0 = time.perf_counter()
-        report = data.prepare(cfg)
-        seconds = time.perf_counter() - t0
-        sk = report["skipped"]
-        log.info("prepared %d tiles from %d slides (%d TSS) in %.1fs", report["tiles"], report["slides"],
-                 report["tss"], seconds)
-        for name in ("tiles_without_metadata", "metadata_rows_without_tiles", "bad_tiles"):
-            if sk[name]:
-                log.warning("skipped: %s = %d (listed in %s/prepare_report.json)", name, sk[name], cfg.data.output)
-        for name in ("empty_slide_folders", "ignored_files", "slides_without_metadata"):
-            if sk[name]:
-                log.warning("skipped: %d %s (listed in %s/prepare_report.json)", len(sk[name]), name.replace("_", " "),
-                            cfg.data.output)
-        mlflow.log_metrics({"tiles": report["tiles"], "slides": report["slides"], "tss": report["tss"],
-                            "seconds": seconds, "tiles_per_second": report["tiles"] / max(seconds, 1e-9),
-                            **{f"skipped_{k}": (v if isinstance(v, int) else len(v)) for k, v in sk.items()
-                               if k != "bad_tile_list"}})
-        mlflow.log_dict(report, "prepare_report.json")
+    data.run_stage(cfg)
 
 
 def cmd_split(cfg: Config, args: argparse.Namespace) -> None:
@@ -110,11 +69,11 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     if cfg.train.eval_every > 0:      # the FID curve, in the feature space of params `fid`
         import numpy as np
 
-        from medi import artifacts, data, fid
+        from medi import artifacts, fid
 
         if artifacts.has_split(cfg):
             hooks.append((cfg.train.eval_every, fid.curve_hook(cfg, args.model, artifacts.train_frame(cfg),
-                                                               np.asarray(data.load_tiles(cfg.data.output)))))
+                                                               np.asarray(artifacts.load_tiles(cfg.data.output)))))
     train.run_stage(cfg, args.model, extra_hooks=hooks)
 
 

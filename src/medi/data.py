@@ -5,7 +5,7 @@ Input in `data.root` (real data in `data/`, or the synthetic world in the same f
   gdc_metadata.csv: the GDC slide metadata export, one row per slide, `'--` for missing values.
 
 Output in `data.output` (default `artifacts/dataset/`):
-  tiles.npy            uint8 (N, R, R, 3), R = data.resolution; open with `load_tiles` (memory-mapped)
+  tiles.npy            uint8 (N, R, R, 3), R = data.resolution; open with `artifacts.load_tiles` (memory-mapped)
   index.parquet        one row per tile: idx (row in tiles.npy), path, slide, case, class, tss, race, gender, age
   slides.parquet       one row per metadata slide of the classes, with or without tiles (`tiles` counts them),
                        in metadata-file order: the split is made on this table, as the paper's code does
@@ -33,6 +33,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from medi.artifacts import METADATA_FILE, TILES_DIR
 from medi.config import Config
 from medi.errors import MediError
 from medi.io import write_json, write_parquet
@@ -45,7 +46,6 @@ REQUIRED_COLUMNS = ["project_id", "case_submitter_id", "slide_submitter_id", "ge
 BARCODE = re.compile(r"^TCGA-(?P<tss>[A-Z0-9]{2})-(?P<participant>[A-Z0-9]{4})-(?P<sample>\d{2}[A-Z])"
                      r"-(?P<portion>\d{2})-(?P<slide>[A-Z]{2}[0-9A-Z]+)$")
 TILE_SUFFIXES = {".jpg", ".jpeg"}
-TILES_DIR, METADATA_FILE = "tcga-ut", "gdc_metadata.csv"   # inside data.root, for real and synthetic data alike
 CHUNK = 256
 
 
@@ -282,19 +282,6 @@ def metadata_slides(meta: pd.DataFrame, classes: list[str], index: pd.DataFrame)
     return slides
 
 
-def load_tiles(dataset_dir: str | Path) -> np.ndarray:
-    """The packed tiles, memory-mapped read-only: (N, R, R, 3) uint8, row i = index.idx == i."""
-    return np.load(Path(dataset_dir) / "tiles.npy", mmap_mode="r")
-
-
-def load_index(dataset_dir: str | Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(dataset_dir) / "index.parquet")
-
-
-def load_slides(dataset_dir: str | Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(dataset_dir) / "slides.parquet")
-
-
 def dataset_paths(cfg: Config) -> tuple[Path, Path]:
     """Tile root and metadata CSV of the active data source, with a clear message when they are absent."""
     root = Path(cfg.data.root)
@@ -358,4 +345,33 @@ def prepare(cfg: Config) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp_out, out)
     shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+def run_stage(cfg: Config) -> dict:
+    """`medi prepare`: index, check and pack the raw tiles (`prepare`), report what was skipped, log to MLflow."""
+    import mlflow
+
+    from medi import tracking
+
+    with tracking.stage_run(cfg, "prepare", ("data",) + (("synthetic",) if cfg.data.source == "synthetic" else ())):
+        t0 = time.perf_counter()
+        report = prepare(cfg)
+        seconds = time.perf_counter() - t0
+        sk = report["skipped"]
+        log.info("prepared %d tiles from %d slides (%d TSS) in %.1fs", report["tiles"], report["slides"],
+                 report["tss"], seconds)
+        for name in ("tiles_without_metadata", "metadata_rows_without_tiles", "bad_tiles"):
+            if sk[name]:
+                log.warning("skipped: %s = %d (listed in %s/prepare_report.json)", name, sk[name], cfg.data.output)
+        for name in ("empty_slide_folders", "ignored_files", "slides_without_metadata"):
+            if sk[name]:
+                log.warning("skipped: %d %s (listed in %s/prepare_report.json)", len(sk[name]), name.replace("_", " "),
+                            cfg.data.output)
+        mlflow.log_metrics({"tiles": report["tiles"], "slides": report["slides"], "tss": report["tss"],
+                            "seconds": seconds, "tiles_per_second": report["tiles"] / max(seconds, 1e-9),
+                            **{f"skipped_{k}": (v if isinstance(v, int) else len(v)) for k, v in sk.items()
+                               if k != "bad_tile_list"}})
+        mlflow.log_dict(report, "prepare_report.json")
     return report

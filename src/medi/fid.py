@@ -293,13 +293,13 @@ def stain_vs_truth(cfg: Config, manifest: pd.DataFrame, gen: np.ndarray, train_i
 def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict | None:
     """Every figure of `metrics/fid_NAME.json` for the sample set of model NAME. Under a launch the processes
     split the feature extraction; the main process alone computes the figures (the others return None)."""
-    from medi import data
+    from medi import artifacts
     from medi.artifacts import load_images, read_manifest, train_frame
 
     sample_dir = Path(cfg.sample.output.format(model=name))
     manifest = read_manifest(sample_dir / "manifest.csv")
     train_index = train_frame(cfg)
-    tiles = data.load_tiles(cfg.data.output)
+    tiles = artifacts.load_tiles(cfg.data.output)
     real_images = tiles[np.sort(train_index["idx"].to_numpy())]
     train_index = train_index.set_index("idx").loc[np.sort(train_index["idx"].to_numpy())].reset_index()
     gen_images = load_images(sample_dir, manifest)
@@ -359,7 +359,7 @@ def run_stage(cfg: Config, name: str) -> dict:
     """`medi fid --model NAME`: evaluate, write metrics/fid_NAME.json, log metrics and figures to MLflow."""
     import mlflow
 
-    from medi import registry, report, tracking
+    from medi import figures, registry, tracking
     from medi.io import read_json, write_json, write_text
 
     cfg.variant(name)
@@ -395,7 +395,7 @@ def run_stage(cfg: Config, name: str) -> dict:
                               f"figures/pairs_{name}.png")
         mlflow.log_metrics(flat)
         mlflow.log_dict(detail, f"fid_{name}.json")
-        mlflow.log_figure(report.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
+        mlflow.log_figure(figures.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
         info = Path(cfg.sample.output.format(model=name)) / "sample_info.json"
         figures = {k: v for k, v in headline(metrics).items() if isinstance(v, (int, float))}
         version = registry.tag_version(name, read_json(info)["weights_sha256_16"], figures) \
@@ -435,7 +435,7 @@ def per_class_rows(name: str, metrics: dict) -> pd.DataFrame:
 def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndarray):
     """The training FID curve (train.eval_every): FID and KID of `fid.curve_count` images generated with the
     sample settings (match strategy) against all real training tiles, with the EMA weights."""
-    from medi.sample import conditions_of, generate, make_sampler, plan
+    from medi.sampling import conditions_of, generate, make_sampler, plan
 
     state: dict = {}
     rows = plan(replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), train_index,

@@ -1,7 +1,8 @@
-"""Figures shared by the stages: the dataset figure (the paper's Figure 2) and tile grids."""
+"""Figures shared by the stages: the dataset figure (the paper's Figure 2), tile grids, FID per class and site."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import matplotlib
 
@@ -94,5 +95,59 @@ def tile_grid(tiles: np.ndarray, row_labels: list[str], col_labels: list[str] | 
                 ax.set_title(col_labels[c], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+COLOURS = {"cls": "tab:red", "medi": "tab:blue"}
+
+
+def fid_figure(metrics: Mapping[str, dict]):
+    """Per-class FID bars per model with each model's mean as a dotted line; per-site FID against n real (the
+    paper's Figure 3; the report's, and each fid run's in MLflow)."""
+    names = list(metrics)
+    first = metrics[names[0]]
+    classes = sorted(first["n_per_class"], key=lambda c: -first["n_per_class"][c]["real"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(classes) + 5), 4.2),
+                                  gridspec_kw={"width_ratios": [max(len(classes), 3), 4]})
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        m = metrics[name]
+        colour = COLOURS.get(name, f"C{i + 2}")
+        values = [m["per_class"].get(c, m["below_min_count"]["class"].get(c, {}).get("fid", np.nan)) for c in classes]
+        flagged = [c not in m["per_class"] for c in classes]
+        x = np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width
+        bars = ax.bar(x, values, width, color=colour, label=f"{name} (mean {m['mean_class_fid']:.3g})"
+                      if m["mean_class_fid"] is not None else name)
+        for bar, flag in zip(bars, flagged):
+            if flag:                       # fewer than fid.min_count images: shown hatched, not averaged
+                bar.set_hatch("//")
+                bar.set_alpha(0.5)
+        if m["mean_class_fid"] is not None:
+            ax.axhline(m["mean_class_fid"], color=colour, linestyle=":", linewidth=1.5)
+        sites = sorted(m["per_site"])
+        ax2.scatter([m["n_per_site"][s]["real"] for s in sites], [m["per_site"][s] for s in sites], color=colour,
+                    s=18, alpha=0.8, label=name)
+    ax.set_xticks(np.arange(len(classes)))
+    ax.set_xticklabels([f"{c}\n(n={first['n_per_class'][c]['real']})" for c in classes], fontsize=8)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("FID per class; dotted: mean over classes", fontsize=9)
+    ax.legend(fontsize=8)
+    if any(m["per_site"] for m in metrics.values()):   # no site with fid.min_count images: nothing to log-scale
+        ax2.set_xscale("log")
+    else:
+        ax2.text(0.5, 0.5, f"no site has {first['min_count']} (fid.min_count)\nreal and generated images",
+                 ha="center", va="center", transform=ax2.transAxes, fontsize=9, color="0.4")
+    if not any(m["per_class"] for m in metrics.values()):
+        ax.text(0.5, 0.95, f"every class has fewer than {first['min_count']} (fid.min_count) real or generated images:"
+                "\nhatched bars are unreliable; no mean", ha="center", va="top", transform=ax.transAxes, fontsize=8,
+                color="0.3")
+    ax2.set_xlabel("real training tiles of the site")
+    ax2.set_ylabel("FID of the site's images")
+    ax2.set_title(f"FID per site (n >= {first['min_count']} both sides)", fontsize=9)
+    ax2.legend(fontsize=8)
+    s = first["sampling"]
+    fig.suptitle(f"Feature space: {first['extractor']}\n{s['strategy']} samples, {s['scheduler']} {s['steps']} steps, "
+                 f"guidance {s['guidance']}; {first['n_generated']} generated vs {first['n_real']} real", fontsize=8)
     fig.tight_layout()
     return fig

@@ -33,10 +33,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medi.config import ModelConfig
 from medi.errors import MediError
 from medi.io import atomic_path, write_json
 
@@ -313,3 +314,15 @@ def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None
     if split == "equal" and attributes > 0:
         arch = replace(arch, d_e=arch.d_t // (attributes + 1))
     return arch
+
+
+# ----------------------------------------------------------------------------------------------- noise schedule
+def noise_kwargs(cfg: ModelConfig) -> dict:
+    """The training noise schedule, shared by the training scheduler and every sampler."""
+    return {"num_train_timesteps": cfg.timesteps, "beta_schedule": cfg.beta_schedule,
+            "prediction_type": cfg.prediction_type, "rescale_betas_zero_snr": cfg.rescale_zero_snr}
+
+
+def training_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    """The forward (noising) process training draws from; samplers share its schedule (`noise_kwargs`)."""
+    return DDPMScheduler(**noise_kwargs(cfg), clip_sample=False)

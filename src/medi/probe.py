@@ -509,9 +509,9 @@ def real_embeddings(cfg: Config, spec, train_index: pd.DataFrame, holdout_index:
                     parts: Sequence[str]) -> dict[int, np.ndarray]:
     """Embeddings of the real tiles the probe reads (training tiles of the task classes and holdout tiles of
     `parts`), by tile idx, from the cache when there."""
-    from medi import data, embed
+    from medi import artifacts, embed
 
-    tiles = data.load_tiles(cfg.data.output)
+    tiles = artifacts.load_tiles(cfg.data.output)
     classes = sorted({c for cs in cfg.probe.tasks.values() for c in cs})
     hold = holdout_index[holdout_index["part"].isin(parts)]
     needed = pd.concat([train_index[train_index["class"].isin(classes)], hold[hold["class"].isin(classes)]])

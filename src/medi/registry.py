@@ -58,7 +58,7 @@ class MediPyfunc(mlflow.pyfunc.PythonModel):
 def sample_frame(model, config: Mapping[str, Any], sampler: Mapping[str, Any], frame: pd.DataFrame):
     """Images of `model` for the rows of `frame` (class, the model's attributes, seed)."""
     from medi.config import ModelConfig
-    from medi.sample import generate, make_sampler
+    from medi.sampling import generate, make_sampler
 
     missing = [c for c in ("class", "seed", *model.vocab.attributes) if c not in frame.columns]
     if missing:
@@ -98,7 +98,7 @@ def log_model(model_dir: Path, name: str, sample_settings: Mapping[str, Any], ta
 
     import mlflow
 
-    from medi import sample
+    from medi import sampling
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / WEIGHTS
@@ -114,7 +114,7 @@ def log_model(model_dir: Path, name: str, sample_settings: Mapping[str, Any], ta
         return None
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in {DIGEST_TAG: sample.weights_digest(model_dir), **tags}.items():
+    for key, value in {DIGEST_TAG: sampling.weights_digest(model_dir), **tags}.items():
         client.set_model_version_tag(registered_name(name), str(version), key, str(value))
     return version
 

@@ -22,61 +22,6 @@ from medi.io import read_json, write_text
 
 log = logging.getLogger(__name__)
 
-COLOURS = {"cls": "tab:red", "medi": "tab:blue"}
-
-
-def fid_figure(metrics: Mapping[str, dict]):
-    """Per-class FID bars per model with each model's mean as a dotted line; per-site FID against n real."""
-    import matplotlib.pyplot as plt
-
-    names = list(metrics)
-    first = metrics[names[0]]
-    classes = sorted(first["n_per_class"], key=lambda c: -first["n_per_class"][c]["real"])
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(classes) + 5), 4.2),
-                                  gridspec_kw={"width_ratios": [max(len(classes), 3), 4]})
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        m = metrics[name]
-        colour = COLOURS.get(name, f"C{i + 2}")
-        values = [m["per_class"].get(c, m["below_min_count"]["class"].get(c, {}).get("fid", np.nan)) for c in classes]
-        flagged = [c not in m["per_class"] for c in classes]
-        x = np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width
-        bars = ax.bar(x, values, width, color=colour, label=f"{name} (mean {m['mean_class_fid']:.3g})"
-                      if m["mean_class_fid"] is not None else name)
-        for bar, flag in zip(bars, flagged):
-            if flag:                       # fewer than fid.min_count images: shown hatched, not averaged
-                bar.set_hatch("//")
-                bar.set_alpha(0.5)
-        if m["mean_class_fid"] is not None:
-            ax.axhline(m["mean_class_fid"], color=colour, linestyle=":", linewidth=1.5)
-        sites = sorted(m["per_site"])
-        ax2.scatter([m["n_per_site"][s]["real"] for s in sites], [m["per_site"][s] for s in sites], color=colour,
-                    s=18, alpha=0.8, label=name)
-    ax.set_xticks(np.arange(len(classes)))
-    ax.set_xticklabels([f"{c}\n(n={first['n_per_class'][c]['real']})" for c in classes], fontsize=8)
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title("FID per class; dotted: mean over classes", fontsize=9)
-    ax.legend(fontsize=8)
-    if any(m["per_site"] for m in metrics.values()):   # no site with fid.min_count images: nothing to log-scale
-        ax2.set_xscale("log")
-    else:
-        ax2.text(0.5, 0.5, f"no site has {first['min_count']} (fid.min_count)\nreal and generated images",
-                 ha="center", va="center", transform=ax2.transAxes, fontsize=9, color="0.4")
-    if not any(m["per_class"] for m in metrics.values()):
-        ax.text(0.5, 0.95, f"every class has fewer than {first['min_count']} (fid.min_count) real or generated images:"
-                "\nhatched bars are unreliable; no mean", ha="center", va="top", transform=ax.transAxes, fontsize=8,
-                color="0.3")
-    ax2.set_xlabel("real training tiles of the site")
-    ax2.set_ylabel("FID of the site's images")
-    ax2.set_title(f"FID per site (n >= {first['min_count']} both sides)", fontsize=9)
-    ax2.legend(fontsize=8)
-    s = first["sampling"]
-    fig.suptitle(f"Feature space: {first['extractor']}\n{s['strategy']} samples, {s['scheduler']} {s['steps']} steps, "
-                 f"guidance {s['guidance']}; {first['n_generated']} generated vs {first['n_real']} real", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def sites_figure(cfg: Config, train_index: pd.DataFrame, tiles: np.ndarray, sets: Mapping[str, tuple[Path, pd.DataFrame]]):
     """Per class, columns = its largest training sites; rows = real tiles of the site, then each model's tiles
     generated for that (class, site), `report.tiles_per_row` side by side (blank: none generated)."""
@@ -236,18 +181,18 @@ def run_stage(cfg: Config) -> dict:
     """`medi report`: the comparison figures and reports/index.md, in reports/ and MLflow."""
     import mlflow
 
-    from medi import data, figures, tracking
+    from medi import artifacts, figures, tracking
     from medi.artifacts import read_manifest, train_frame
 
     metrics = load_fid_metrics(cfg)
     train_index = train_frame(cfg)
-    tiles = data.load_tiles(cfg.data.output)
+    tiles = artifacts.load_tiles(cfg.data.output)
     sets = {}
     for name in cfg.report.models:
         folder = Path(cfg.sample.output.format(model=name))
         sets[name] = (folder, read_manifest(folder / "manifest.csv"))
     with tracking.stage_run(cfg, "report", ("report",), run_name="report"):
-        fid_path = figures.save(fid_figure(metrics), cfg.report.fid_figure)
+        fid_path = figures.save(figures.fid_figure(metrics), cfg.report.fid_figure)
         sites_path = figures.save(sites_figure(cfg, train_index, tiles, sets), cfg.report.sites_figure)
         for p in (fid_path, sites_path):
             mlflow.log_artifact(str(p), "figures")

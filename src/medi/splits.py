@@ -157,11 +157,11 @@ def run_stage(cfg: Config) -> dict:
 
     import mlflow
 
-    from medi import data, figures, tracking
+    from medi import artifacts, figures, tracking
 
     with tracking.stage_run(cfg, "split", ("split",)):
-        index = data.load_index(cfg.data.output)
-        result, metrics = write_split(cfg.split, index, data.load_slides(cfg.data.output))
+        index = artifacts.load_index(cfg.data.output)
+        result, metrics = write_split(cfg.split, index, artifacts.load_slides(cfg.data.output))
         logging.getLogger(__name__).info("split: %s (moved to holdout: %d TSS)", metrics, len(result.moved_tss))
         mlflow.log_metrics({**{k: v for k, v in metrics.items() if isinstance(v, int)},
                             "moved_tss": len(result.moved_tss)})

@@ -217,14 +217,14 @@ class Workspace:
     def context(self, cfg: Config, method: str, model_dir: Path):
         """The probe's context for a trial: real embeddings of the workspace's parts and the method's pool
         for this model, sampler and encoder (generated or grown once, then from disk)."""
-        from medi import artifacts, probe, sample
+        from medi import artifacts, probe, sampling
 
         spec = probe.encoder_spec(cfg)
         if spec.identity() not in self._embeddings:
             self._embeddings[spec.identity()] = probe.real_embeddings(cfg, spec, self.train_index, self.holdout_index,
                                                                       self.parts)
         s = cfg.sample
-        sampler = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed,
+        sampler = _digest(sampling.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed,
                           *([] if s.metadata_guidance is None else [s.metadata_guidance]))
         key = _digest(sampler, probe.pool_size(cfg.probe), cfg.probe.real_per_class, cfg.probe.tasks, spec.identity())
         if key not in self._pools:
@@ -256,12 +256,12 @@ class Workspace:
     def fid(self, cfg: Config, name: str, model_dir: Path) -> dict:
         """FID and KID of `sweep.fid_count` images (match strategy) of the model under the trial's sampler, and
         the unseen-pairs evaluation's headline figures (`pairs_*`, medi.unseen) unless fid.unseen_per_pair is 0."""
-        from medi import data, fid, sample
+        from medi import artifacts, fid, sampling
         from medi.io import read_json, write_json
         from medi.model import MediDiffusion
 
         s, n = cfg.sample, cfg.sweep.fid_count
-        key = _digest(sample.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed, n,
+        key = _digest(sampling.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed, n,
                       {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")},
                       *([] if s.metadata_guidance is None else [s.metadata_guidance]))
         path = self.root / "fid" / f"{model_dir.name}-{key}.json"
@@ -272,7 +272,7 @@ class Workspace:
 
                     fcfg = config_mod.override(cfg, {"fid.curve_count": n})
                     model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
-                    hook = fid.curve_hook(fcfg, name, self.train_index, np.asarray(data.load_tiles(cfg.data.output)))
+                    hook = fid.curve_hook(fcfg, name, self.train_index, np.asarray(artifacts.load_tiles(cfg.data.output)))
                     record = {**hook(0, model), "images": n, "extractor": cfg.fid.extractor}
                     if cfg.fid.unseen_per_pair:
                         from medi import unseen

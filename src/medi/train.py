@@ -49,7 +49,7 @@ from medi.config import Config
 from medi.errors import MediError
 from medi.io import write_json, write_text
 from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions
-from medi.sample import training_scheduler
+from medi.model import training_scheduler
 
 HEADLINE = ("steps", "final_loss", "images_per_second")   # metrics/train_NAME.json (dvc metrics show)
 
@@ -403,7 +403,7 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
     import mlflow
 
     from medi import figures
-    from medi.sample import generate, grid_conditions, grid_layout, make_sampler
+    from medi.sampling import generate, grid_conditions, grid_layout, make_sampler
 
     classes, sites = grid_layout(vocab, train_index)
     cond, seeds = grid_conditions(vocab, classes, sites, cfg.train.grid_seeds)
@@ -445,7 +445,7 @@ def stain_check(cfg: Config, grid: dict, train_index: pd.DataFrame, tiles: np.nd
     same sites, which shows how far class conditioning alone reproduces a site's stain (its dominant site) or
     cannot (the others)."""
     from medi.groundtruth import GroundTruth, stain_report
-    from medi.sample import largest_sites
+    from medi.sampling import largest_sites
 
     truth = GroundTruth.load(cfg.data.root)
     if truth is None:

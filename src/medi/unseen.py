@@ -33,7 +33,7 @@ FIGURES = ("site_accuracy", "stain_rank", "class_accuracy")
 def pair_grid(train_index: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """The (class, site) pairs: every class x the largest training site of each class, with `seen` (the site
     sent that class in training)."""
-    from medi.sample import largest_sites
+    from medi.sampling import largest_sites
 
     sites = list(dict.fromkeys(largest_sites(train_index, classes)))     # a site largest for two classes: once
     sent = set(zip(train_index["class"].astype(str), train_index["tss"].astype(str)))
@@ -43,7 +43,7 @@ def pair_grid(train_index: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 def sample_pairs(cfg: Config, model, pairs: pd.DataFrame) -> np.ndarray:
     """`fid.unseen_per_pair` images per pair, (pairs, n, H, W, 3) uint8; seeds `sample.seed` + 0..n-1 in every
     pair. A model without the site is sampled once per class (its images repeat across the row's sites)."""
-    from medi.sample import generate, make_sampler
+    from medi.sampling import generate, make_sampler
 
     s, n = cfg.sample, cfg.fid.unseen_per_pair
     conditioned = "tss" in model.vocab.categorical
@@ -101,7 +101,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     (pairs, n, H, W, 3))."""
     from pathlib import Path
 
-    from medi import data, distributed
+    from medi import artifacts, distributed
     from medi.fid import Extractor, condition_classifiers
     from medi.groundtruth import GroundTruth
     from medi.model import MediDiffusion
@@ -115,7 +115,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     extractor = extractor or Extractor.from_config(cfg.fid)
     if classifiers is None:
         if real is None:
-            tiles = data.load_tiles(cfg.data.output)
+            tiles = artifacts.load_tiles(cfg.data.output)
             real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], cfg.fid.cache,
                                              verbose=False).float().numpy()
         classifiers = condition_classifiers(real, train_index, cfg.fid.seed)

@@ -1,0 +1,307 @@
+"""Sampling from a trained model: schedulers, classifier-free guidance, sampling plans (which conditions to
+sample), and sample sets on disk that can be regenerated bit for bit. The engine under the `sample` stage, the
+training grids, the FID curve, the unseen-pairs evaluation, the probe's pools and the registered model.
+
+Every image is generated from its own seed (its initial noise comes from a generator seeded with it).
+A sample set is lossless PNGs plus `manifest.csv`, one row per image: path, class, the metadata of the
+row (tss, race, gender, age), which of them the model was conditioned on, seed, generation batch,
+model, scheduler, steps, guidance, precision (`sample.precision: auto`: the one chosen, `medi.precision`) and
+strategy. Replaying the manifest's batches through `regenerate` gives the same pixels on the same machine
+(`medi sample --from-manifest`). Where sets live and how they are read: `medi.artifacts`.
+
+Strategies (params `sample.strategy`) say which conditions to sample:
+- `match`: the training split's rows (class with its metadata), so class and (class, site) frequencies are
+  those of the training data: the paper's FID setting. Every model gets the same rows and seeds, so CLS
+  and MeDi sets are paired; a model not conditioned on the site ignores the row's site.
+- `uniform`: equal counts per class, metadata drawn from training rows of the class (the CLS augmentation).
+- `grid`: every (class, site) of `grid_classes` x `grid_sites`, `per_pair` each, including pairs never seen
+  in training (the MeDi augmentation that fills missing pairs).
+- `explicit`: the (class, attribute) pairs listed in `sample.pairs`, `per_pair` each.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from PIL import Image
+
+from medi import distributed
+from medi.config import ModelConfig, SampleConfig
+from medi.errors import MediError
+from medi.model import MediDiffusion, noise_kwargs, null_condition
+from medi.io import atomic_path
+from medi.precision import AUTO, Decision, for_sampling
+
+log = logging.getLogger(__name__)
+
+METADATA = ("tss", "race", "gender", "age")            # metadata columns a plan row carries
+
+SAMPLERS = ("ddim", "dpmsolver++")  # both deterministic given the initial noise
+
+
+def make_sampler(kind: str, cfg: ModelConfig):
+    """A diffusers scheduler for inference. With zero-terminal-SNR the timesteps must start at the last one
+    ('trailing' spacing), as Lin et al. prescribe; we use trailing spacing for every schedule."""
+    kw = {**noise_kwargs(cfg), "timestep_spacing": "trailing"}
+    if kind == "ddim":
+        return DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=True)
+    if kind == "dpmsolver++":
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
+                                           final_sigmas_type="zero")
+    raise MediError(f"unknown sampler '{kind}'; known: {', '.join(SAMPLERS)}")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision in ("fp32", "no"):            # "no": sample sets written before fp32 was named so
+        return nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise MediError(f"unknown sampling precision '{precision}' (auto is resolved before sampling)")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sampling_precision(model: MediDiffusion, requested: str, cond: Mapping[str, torch.Tensor], batch: int, steps: int,
+                       guidance: float = 1.0, metadata_guidance: float | None = None) -> Decision:
+    """`requested` (sample.precision) as sampling applies it: auto = the faster of fp32 and bf16 for this model,
+    batch and guidance (timed once per process and shape, `medi.precision`)."""
+    device = next(model.parameters()).device
+    first = {k: v[:1] for k, v in cond.items()}
+    evaluations = len(guidance_conditions(first, guidance, metadata_guidance)[0])
+    return for_sampling(requested, model, first, batch, evaluations, steps, device)
+
+
+def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
+                        metadata_guidance: float | None) -> tuple[list[dict[str, torch.Tensor]], Callable]:
+    """The condition batches one guided step evaluates, and how their predictions combine.
+
+    With c the class and m the metadata attributes, e(.) the model's prediction and null the null token:
+    - joint (metadata_guidance None or equal to guidance, or no attributes): e(null) + g (e(c, m) - e(null)),
+      the usual classifier-free guidance (g = 1: plain conditional sampling, one evaluation);
+    - compositional: e(null) + g_c (e(c, null) - e(null)) + g_m (e(c, m) - e(c, null)): the class pushed by
+      g_c, the metadata on top of it by g_m (three evaluations; two when g_c = 1, where e(null) cancels).
+      Equal scales give the joint formula."""
+    attributes = [k for k in cond if k != "class"]
+    g_c = guidance
+    g_m = guidance if metadata_guidance is None or not attributes else metadata_guidance
+    if g_m == g_c:
+        if g_c == 1.0:
+            return [dict(cond)], lambda e: e[0]
+        return [dict(cond), null_condition(cond)], lambda e: e[1] + g_c * (e[0] - e[1])
+    class_only = {**null_condition(cond), "class": cond["class"]}
+    if g_c == 1.0:
+        return [dict(cond), class_only], lambda e: e[1] + g_m * (e[0] - e[1])
+    return ([dict(cond), class_only, null_condition(cond)],
+            lambda e: e[2] + g_c * (e[1] - e[2]) + g_m * (e[0] - e[1]))
+
+
+def metadata_scale(s: SampleConfig) -> float:
+    """The metadata's guidance scale of sample settings `s` (None in params = the class's: joint guidance)."""
+    return s.guidance if s.metadata_guidance is None else s.metadata_guidance
+
+
+@torch.no_grad()
+def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], seeds: Sequence[int], steps: int,
+             guidance: float = 1.0, precision: str = "fp32", batch_size: int = 64,
+             metadata_guidance: float | None = None) -> np.ndarray:
+    """Generate one image per seed under the encoded conditions `cond` (tensors of length len(seeds)).
+
+    guidance = 1 is plain conditional sampling; > 1 is classifier-free guidance against the null condition.
+    `metadata_guidance` (None = the same as `guidance`) scales the metadata apart from the class
+    (compositional guidance, `guidance_conditions`). Returns uint8 (N, H, W, 3).
+    """
+    device = next(model.parameters()).device
+    size = model.arch.sample_size
+    if precision == AUTO:
+        precision = sampling_precision(model, AUTO, cond, min(batch_size, len(seeds)), steps, guidance,
+                                       metadata_guidance).precision
+    out = []
+    for lo in range(0, len(seeds), batch_size):
+        chunk = list(seeds[lo:lo + batch_size])
+        c = {k: v[lo:lo + len(chunk)].to(device) for k, v in cond.items()}
+        x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in chunk]).to(device)
+        x = x * sampler.init_noise_sigma
+        variants, combine = guidance_conditions(c, guidance, metadata_guidance)
+        k = len(variants)
+        c = {key: torch.cat([v[key] for v in variants]) for key in c}
+        sampler.set_timesteps(steps)
+        for t in sampler.timesteps:
+            inp = sampler.scale_model_input(torch.cat([x] * k) if k > 1 else x, t)
+            with autocast_for(device, precision):
+                pred = model(inp, t.to(device).expand(inp.shape[0]), c).float()
+            pred = combine(pred.chunk(k))
+            x = sampler.step(pred, t, x).prev_sample
+        out.append(to_uint8(x))
+    return np.concatenate(out)
+
+
+def grid_layout(vocab, train_index) -> tuple[list[str], list[str | None]]:
+    """The fixed (class, site) grid logged during training: rows = classes; columns = the largest training
+    site of each class when the model is conditioned on the site (the diagonal is seen in training, every
+    other cell is a pair never seen together), else one unconditioned column per class row."""
+    classes = list(vocab.classes)
+    if "tss" not in vocab.categorical:
+        return classes, [None] * len(classes)
+    return classes, largest_sites(train_index, classes)
+
+
+def largest_sites(train_index, classes: Sequence[str]) -> list[str]:
+    """The training site with the most tiles of each class."""
+    largest = train_index.groupby("class").tss.agg(lambda s: s.value_counts().index[0])
+    return [largest[c] for c in classes]
+
+
+def grid_conditions(vocab, classes: Sequence[str], sites: Sequence[str | None], seeds: int):
+    """Encoded conditions and seeds for every (class, site) cell, `seeds` images each, row-major."""
+    # Cells of one row share their seeds when they differ by site (same noise, so only the site changes);
+    # unconditioned columns get seeds of their own.
+    rows = [(c, s, 1000 + k + (j * seeds if s is None else 0))
+            for c in classes for j, s in enumerate(sites) for k in range(seeds)]
+    attrs = {"tss": [s for _, s, _ in rows]} if "tss" in vocab.categorical else {}
+    return vocab.encode([c for c, _, _ in rows], attrs), [seed for _, _, seed in rows]
+
+
+# ----------------------------------------------------------------------------------------------- plans
+def plan(cfg: SampleConfig, train_index: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """The conditions of a sample set: one row per image (class, metadata, seed, batch, path), per strategy."""
+    rng = np.random.default_rng([cfg.seed, 20250])
+    meta = [c for c in METADATA if c in train_index.columns]
+    rows_of = train_index.reset_index(drop=True)
+    if cfg.strategy in ("match", "uniform"):
+        n = cfg.count or len(rows_of)
+        if cfg.strategy == "match":       # every training row once per full pass, the remainder at random
+            reps, rest = divmod(n, len(rows_of))
+            pick = np.concatenate([np.tile(np.arange(len(rows_of)), reps), np.sort(rng.permutation(len(rows_of))[:rest])])
+        else:                             # equal counts per class, each with the metadata of a random row of it
+            pick = []
+            for i, c in enumerate(classes):
+                own = np.flatnonzero(rows_of["class"].to_numpy(str) == c)
+                pick.append(own[rng.integers(0, len(own), n // len(classes) + (i < n % len(classes)))])
+            pick = np.concatenate(pick)
+        rows = rows_of.iloc[pick][["class", *meta]].reset_index(drop=True)
+    else:
+        rows = pd.DataFrame([dict(pair) for pair in _pairs(cfg, rows_of, classes) for _ in range(cfg.per_pair)])
+        rows = _fill_metadata(rows, rows_of, meta, rng)
+    rows["class"] = rows["class"].astype(str)
+    for c in ("tss", "race", "gender"):
+        if c in rows:
+            rows[c] = rows[c].astype(str)
+    n = len(rows)
+    rows["seed"] = cfg.seed * 1_000_000 + np.arange(n)
+    rows["batch"] = np.arange(n) // cfg.batch_size
+    rows.insert(0, "path", [f"images/{c}/{i:06d}.png" for i, c in enumerate(rows["class"])])
+    return rows
+
+
+def _pairs(cfg: SampleConfig, train_index: pd.DataFrame, classes: Sequence[str]) -> list[dict]:
+    if cfg.strategy == "explicit":
+        pairs = [dict(p) for p in cfg.pairs]
+        for i, p in enumerate(pairs):
+            if p["class"] not in classes:
+                raise MediError(f"sample.pairs[{i}]: unknown class '{p['class']}'; known: {list(classes)}")
+        return pairs
+    sites = sorted(train_index["tss"].astype(str).unique())
+    grid_classes, grid_sites = cfg.grid_classes or list(classes), cfg.grid_sites or sites
+    for what, chosen, known in (("grid_classes", grid_classes, list(classes)), ("grid_sites", grid_sites, sites)):
+        unknown = [v for v in chosen if v not in known]
+        if unknown:
+            raise MediError(f"sample.{what}: {unknown} not in the training split; known: {known}")
+    return [{"class": c, "tss": s} for c in grid_classes for s in grid_sites]
+
+
+def _fill_metadata(rows: pd.DataFrame, train_index: pd.DataFrame, meta: list[str], rng) -> pd.DataFrame:
+    """Metadata a pair does not give comes from a random training row of its site (or, without one, its class)."""
+    out = rows.copy()
+    for col in meta:
+        if col not in out:
+            out[col] = None
+    for i, row in out.iterrows():
+        key = ("tss", row["tss"]) if row.get("tss") is not None else ("class", row["class"])
+        pool = train_index[train_index[key[0]].astype(str) == str(key[1])]
+        if pool.empty:
+            pool = train_index[train_index["class"] == row["class"]]
+        donor = pool.iloc[int(rng.integers(0, len(pool)))]
+        for col in meta:
+            if row[col] is None or (isinstance(row[col], float) and np.isnan(row[col])):
+                out.at[i, col] = donor[col]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- sample sets
+def conditions_of(rows: pd.DataFrame, model: MediDiffusion) -> dict[str, torch.Tensor]:
+    """Encode plan rows with the model's saved vocabulary (looked up by value; unknown values are an error)."""
+    attrs = {a: [None if pd.isna(v) else v for v in rows[a]] for a in model.vocab.attributes}
+    return model.vocab.encode(rows["class"].tolist(), attrs)
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
+
+
+def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, scheduler: str, steps: int, guidance: float,
+                 precision: str, model_cfg: ModelConfig, metadata_guidance: float | None = None) -> float:
+    """Generate the plan's images batch by batch as PNGs under `out_dir`; batches whose images all exist
+    already (an interrupted run of the same plan) are skipped. Returns images per second of this run.
+
+    Under a launch this is a collective: the main process lists the batches to do, each process generates
+    every N-th of them (whole batches, so each image is computed as one process computes it), and all
+    return once every batch is on disk."""
+    from tqdm import tqdm
+
+    todo = [b for b, g in rows.groupby("batch", sort=True) if not all((out_dir / p).exists() for p in g["path"])]
+    todo = distributed.broadcast(todo)          # what the main process saw, before anyone writes
+    if len(todo) < rows["batch"].nunique() and distributed.is_main():
+        log.info("resuming: %d of %d batches already on disk", rows["batch"].nunique() - len(todo), rows["batch"].nunique())
+    mine = distributed.shard(todo, "sampling batches")
+    made, t0 = 0, time.perf_counter()
+    with tqdm(total=int(rows["batch"].isin(mine).sum()), unit="img", desc=f"sampling ({scheduler} {steps})",
+              disable=not distributed.is_main()) as bar:
+        for b in mine:
+            g = rows[rows["batch"] == b]
+            images = generate(model, make_sampler(scheduler, model_cfg), conditions_of(g, model), g["seed"].tolist(),
+                              steps, guidance, precision, batch_size=len(g), metadata_guidance=metadata_guidance)
+            for p, img in zip(g["path"], images):
+                write_png(out_dir / p, img)
+            made += len(g)
+            bar.update(len(g))
+            bar.set_postfix(img_s=f"{made / (time.perf_counter() - t0):.1f}")
+    distributed.barrier()
+    return int(rows["batch"].isin(todo).sum()) / max(time.perf_counter() - t0, 1e-9)
+
+
+def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelConfig) -> np.ndarray:
+    """Replay a manifest's batches: the images, in manifest order, bit for bit as first generated."""
+    out = np.zeros((len(manifest), model.arch.sample_size, model.arch.sample_size, 3), np.uint8)
+    for _, g in manifest.groupby("batch", sort=True):
+        # rows made before the setting existed (a whole set, or the older rows of a grown pool): joint guidance
+        g = g.assign(metadata_guidance=g.get("metadata_guidance", g["guidance"]).fillna(g["guidance"]))
+        settings = g[["scheduler", "steps", "guidance", "metadata_guidance", "precision"]].drop_duplicates()
+        if len(settings) != 1:
+            raise MediError(f"manifest batch {g['batch'].iloc[0]} mixes sampler settings: {settings.to_dict('records')}")
+        s = settings.iloc[0]
+        attrs = [a for a in str(g["conditioned_on"].iloc[0]).split(",") if a and a != "class"]
+        if sorted(attrs) != sorted(model.vocab.attributes):
+            raise MediError(f"the manifest was conditioned on {attrs or 'the class only'}, this model on "
+                            f"{model.vocab.attributes or 'the class only'}")
+        out[np.flatnonzero(manifest.index.isin(g.index))] = generate(
+            model, make_sampler(s["scheduler"], model_cfg), conditions_of(g, model), g["seed"].tolist(), int(s["steps"]),
+            float(s["guidance"]), s["precision"], batch_size=len(g), metadata_guidance=float(s["metadata_guidance"]))
+    return out
