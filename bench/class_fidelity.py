@@ -25,7 +25,7 @@ from test_synthetic import simple_features  # noqa: E402  (the features the shor
 
 from medi import config  # noqa: E402
 from medi.model import MediDiffusion  # noqa: E402
-from medi.sample import generate, make_sampler  # noqa: E402
+from medi.sampling import Sampler, generate  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
             largest = train.groupby("class").tss.agg(lambda s: s.value_counts().index[0])
             attrs = {"tss": [largest[c] for c in classes for _ in range(n)]}
         cond = model.vocab.encode([c for c in classes for _ in range(n)], attrs)
-        images = generate(model, make_sampler("ddim", noise_cfg), cond, list(range(n)) * len(classes), args.steps)
+        images = generate(model, Sampler("ddim", args.steps), noise_cfg, cond, list(range(n)) * len(classes))
         accuracy = (clf.predict(simple_features(images)) == np.repeat(classes, n)).mean()
         print(f"{folder}: class accuracy of generated tiles {accuracy:.3f} (chance {1 / len(classes):.3f})")
 

@@ -25,7 +25,7 @@ import torch
 from medi import artifacts, config
 from medi.fid import Extractor, frechet
 from medi.model import MediDiffusion
-from medi.sampling import conditions_of, generate, guidance_conditions, make_sampler, plan, sampling_precision
+from medi.sampling import Sampler, conditions_of, generate, guidance_conditions, plan, sampling_precision
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
 from bench_report import cpu_name, write_section  # noqa: E402
@@ -49,8 +49,7 @@ def main() -> None:
     rows = plan(dataclasses.replace(cfg.sample, strategy="match", count=args.count, batch_size=args.batch),
                 train_index, model.vocab.classes)
     cond = conditions_of(rows, model)
-    decision = sampling_precision(model, cfg.sample.precision, cond, args.batch, cfg.sample.steps, cfg.sample.guidance,
-                                  cfg.sample.metadata_guidance)
+    decision = sampling_precision(model, Sampler.of(cfg.sample), cond, args.batch)
     precision = decision.precision
     print(f"sampling precision: {decision.describe()}", flush=True)
     peak, n = gemm_peak(precision, "cpu")
@@ -69,9 +68,8 @@ def main() -> None:
     results = []
     for kind, steps in SAMPLERS:
         t0 = time.perf_counter()
-        images = generate(model, make_sampler(kind, cfg.model), cond, rows["seed"].tolist(), steps,
-                          cfg.sample.guidance, precision, batch_size=args.batch,
-                          metadata_guidance=cfg.sample.metadata_guidance)
+        sampler = Sampler(kind, steps, cfg.sample.guidance, cfg.sample.metadata_guidance, precision)
+        images = generate(model, sampler, cfg.model, cond, rows["seed"].tolist(), batch_size=args.batch)
         seconds = time.perf_counter() - t0
         gen = extractor.features(images, verbose=False)
         per_class = [frechet(real[real_class == c], gen[gen_class == c]) for c in sorted(set(gen_class))

@@ -68,15 +68,9 @@ def redirected_params(tmp_path: Path) -> dict:
 @pytest.fixture
 def make_cfg(params_dict: dict):
     """Build a validated Config from the test params with dotted overrides."""
-    def build(**overrides) -> config.Config:
-        raw = yaml.safe_load(yaml.safe_dump(params_dict))
-        for dotted, value in overrides.items():
-            node = raw
-            *parents, leaf = dotted.split("__")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-        return config.from_dict(raw, "test-params")
+    def build(**overrides) -> config.Config:      # section__key=value: config's own dotted overrides
+        dotted = {k.replace("__", "."): v for k, v in overrides.items()}
+        return config.from_dict(config.set_dotted(params_dict, dotted, "test-params"), "test-params")
     return build
 
 

@@ -293,9 +293,8 @@ def test_training_logs_an_fid_curve(tiny_world):
     model = MediDiffusion.load(result.model_dir)
     rows = sampling.plan(dataclasses.replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), idx,
                        sorted(idx["class"].unique()))
-    s = cfg.sample
-    images = sampling.generate(model, sampling.make_sampler(s.scheduler, cfg.model), sampling.conditions_of(rows, model),
-                             rows["seed"].tolist(), s.steps, s.guidance, s.precision, batch_size=s.batch_size)
+    images = sampling.generate(model, sampling.Sampler.of(cfg.sample), cfg.model, sampling.conditions_of(rows, model),
+                               rows["seed"].tolist(), batch_size=cfg.sample.batch_size)
     extractor = fid.Extractor.from_config(cfg.fid)
     real = extractor.features(real_tiles(cfg)[np.sort(idx["idx"].to_numpy())], verbose=False)
     assert history[1].value == fid.frechet(real, extractor.features(images, verbose=False))

@@ -84,7 +84,7 @@ def test_explicit_settings_are_untouched_and_cuda_decides_by_capability(tiny_wor
     for p in ("fp32", "fp16", "bf16"):
         d = precision.for_training(p, model, lambda: pytest.fail("no batch for an explicit setting"), torch.device("cpu"))
         assert (d.precision, d.how, dict(d.images_per_second)) == (p, "explicit", {})
-        assert sampling.sampling_precision(model, p, cond, 16, 2).precision == p
+        assert sampling.sampling_precision(model, sampling.Sampler(steps=2, precision=p), cond, 16).precision == p
         assert precision.for_training(p, model, None, torch.device("cpu"), recorded="bf16").precision == p
     assert timings.calls == 0
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -101,11 +101,12 @@ def test_sampling_auto_is_timed_once_per_shape_with_the_guidance_evaluations(tin
     model = save_untrained(cfg, "medi")
     cond = sampling.conditions_of(sampling.plan(cfg.sample, train_index(cfg), model.vocab.classes).iloc[:1], model)
     timings.seconds = {"fp32": 0.5, "bf16": 0.25}
-    d = sampling.sampling_precision(model, "auto", cond, 16, 4, guidance=2.0)
+    guided = sampling.Sampler(steps=4, guidance=2.0, precision="auto")
+    d = sampling.sampling_precision(model, guided, cond, 16)
     # batch 16, 4 steps, one forward of 2 x 16 rows (guided) per step: 16 / (0.5 x 4) = 8 images/s in fp32
     assert (d.precision, d.how, dict(d.images_per_second)) == ("bf16", "measured", {"fp32": 8.0, "bf16": 16.0})
-    assert sampling.sampling_precision(model, "auto", cond, 16, 4, guidance=2.0) == d and timings.calls == 1
-    sampling.sampling_precision(model, "auto", cond, 8, 4, guidance=2.0)
+    assert sampling.sampling_precision(model, guided, cond, 16) == d and timings.calls == 1
+    sampling.sampling_precision(model, guided, cond, 8)
     assert timings.calls == 2
     key = [k for k in precision._SAMPLING if k[1] == 16]
     assert [k[2] for k in key] == [2]                   # two condition sets per step under guidance 2

@@ -169,18 +169,18 @@ def test_one_ddim_step_is_the_models_prediction_of_the_clean_image(tiny_world):
     model = save_untrained(cfg, "medi").eval()
     rows = sampling.plan(dataclasses.replace(cfg.sample, count=6), train_index(cfg), model.vocab.classes)
     cond, seeds = sampling.conditions_of(rows, model), rows["seed"].tolist()
-    images = sampling.generate(model, sampling.make_sampler("ddim", cfg.model), cond, seeds, 1)
+    images = sampling.generate(model, sampling.Sampler("ddim", 1), cfg.model, cond, seeds)
 
     size = cfg.data.resolution
     x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    a = sampling.make_sampler("ddim", cfg.model).alphas_cumprod[-1]
+    a = sampling.Sampler("ddim", 1).scheduler(cfg.model).alphas_cumprod[-1]
     with torch.no_grad():
         v = model(x, torch.full((len(x),), cfg.model.timesteps - 1), cond)
     x0 = a.sqrt() * x - (1 - a).sqrt() * v
     assert np.array_equal(images, ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     manifest = rows.assign(conditioned_on="class,tss", scheduler="ddim", steps=1, guidance=1.0, precision="fp32")
     assert np.array_equal(sampling.regenerate(manifest, model, cfg.model), images)
-    assert not np.array_equal(sampling.generate(model, sampling.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2), images)
+    assert not np.array_equal(sampling.generate(model, sampling.Sampler("dpmsolver++", 2), cfg.model, cond, seeds), images)
 
 
 def test_bf16_and_fp16_sampling_autocast_on_the_cpu_and_regenerate(tiny_world, monkeypatch):
@@ -196,7 +196,7 @@ def test_bf16_and_fp16_sampling_autocast_on_the_cpu_and_regenerate(tiny_world, m
         return real_forward(self, x, t, c)
 
     monkeypatch.setattr(MediDiffusion, "forward", spy)
-    images = {p: sampling.generate(model, sampling.make_sampler("dpmsolver++", cfg.model), cond, seeds, 2, precision=p)
+    images = {p: sampling.generate(model, sampling.Sampler("dpmsolver++", 2, precision=p), cfg.model, cond, seeds)
               for p in ("fp32", "bf16", "fp16")}
     assert seen == [None] * 2 + [torch.bfloat16] * 2 + [torch.float16] * 2
     assert not np.array_equal(images["bf16"], images["fp32"]) and not np.array_equal(images["fp16"], images["fp32"])
@@ -242,8 +242,8 @@ def test_metadata_guidance_in_the_sample_stage_regenerates_and_joint_is_unchange
     cond, seeds = sampling.conditions_of(manifest, model), manifest["seed"].tolist()
 
     def draw(guidance, metadata):
-        return sampling.generate(model, sampling.make_sampler(cfg.sample.scheduler, cfg.model), cond, seeds,
-                               cfg.sample.steps, guidance, metadata_guidance=metadata)
+        return sampling.generate(model, sampling.Sampler(cfg.sample.scheduler, cfg.sample.steps, guidance, metadata),
+                                 cfg.model, cond, seeds)
 
     assert np.array_equal(draw(2.0, 4.0), images)
     assert np.array_equal(draw(2.0, None), draw(2.0, 2.0)) and not np.array_equal(draw(2.0, 2.0), images)

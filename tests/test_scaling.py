@@ -261,7 +261,7 @@ def test_a_study_on_postgresql_survives_a_worker_killed_mid_trial(tiny_world, tm
     heartbeat fails that trial (Optuna FAIL, MLflow FAILED) and the call still adds its 6 trials."""
     import mlflow
     import optuna
-    from medi import sweep
+    from medi import trial
 
     _, database = postgres
     url = database("optuna_kill")
@@ -305,7 +305,7 @@ def test_a_study_on_postgresql_survives_a_worker_killed_mid_trial(tiny_world, tm
     assert study.trials[victim[0]].state.name == "FAIL" and by_worker[victim[1]].count("FAIL") == 1
     assert [t.state.name for t in study.trials].count("FAIL") == 1
     assert len(by_worker) >= 2 and all(s == "COMPLETE" for w, ss in by_worker.items() if w != victim[1] for s in ss)
-    run = mlflow.tracking.MlflowClient(cfg.tracking.uri).get_run(study.trials[victim[0]].user_attrs[sweep.RUN_ATTR])
+    run = mlflow.tracking.MlflowClient(cfg.tracking.uri).get_run(study.trials[victim[0]].user_attrs[trial.RUN_ATTR])
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
     assert "stopped sending heartbeats" in run.data.tags["medi.error"]
 

@@ -12,7 +12,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from medi import cli, config, sweep
+from medi import cli, config, space, sweep, trial
 from medi.errors import MediError
 from helpers import save_pipeline_model, write_params
 
@@ -20,7 +20,7 @@ PROBE_SPACE = {"probe.strategy": ["grid", "unseen", "balanced", "uniform"],
                "probe.ratio": {"low": 0.5, "high": 2.0, "step": 0.5}, "sample.steps": [1, 2]}
 
 
-@pytest.mark.parametrize("space, message", [
+@pytest.mark.parametrize("bad, message", [
     ({}, "sweep.space is empty"),
     ({"model.d_ee": [8]}, "unknown key.*model.d_ee"),
     ({"data.resolution": [16]}, "'data.resolution' cannot be swept"),
@@ -30,21 +30,21 @@ PROBE_SPACE = {"probe.strategy": ["grid", "unseen", "balanced", "uniform"],
     ({"probe.ratio": {"low": 0.5}}, "needs {low, high}"),
     ({"sample.steps": []}, "'sample.steps' has no choices"),
 ])
-def test_a_bad_search_space_is_a_clear_error(make_cfg, space, message):
+def test_a_bad_search_space_is_a_clear_error(make_cfg, bad, message):
     with pytest.raises(MediError, match=message):
-        sweep.parse_space(make_cfg(sweep__space=space))
+        space.parse_space(make_cfg(sweep__space=bad))
 
 
 def test_a_trial_config_is_validated_like_params(make_cfg):
     cfg = make_cfg()
-    trial = sweep.trial_config(cfg, {"model.d_e": 8, "probe.strategy": "unseen"})
+    trial = space.trial_config(cfg, {"model.d_e": 8, "probe.strategy": "unseen"})
     assert (trial.model.d_e, trial.probe.strategy, trial.probe.ratio) == (8, "unseen", cfg.probe.ratio)
     with pytest.raises(MediError, match=r"sweep trial \{'probe.ratio': -1.0\}: 'probe.ratio' must be >= 0, got -1.0"):
-        sweep.trial_config(cfg, {"probe.ratio": -1.0})
+        space.trial_config(cfg, {"probe.ratio": -1.0})
     with pytest.raises(MediError, match=r"key 'probe.strategy': expected one of .*got 'diagonal'"):
-        sweep.trial_config(cfg, {"probe.strategy": "diagonal"})
+        space.trial_config(cfg, {"probe.strategy": "diagonal"})
     with pytest.raises(MediError, match=r"'probe.retio' is not a param|unknown key"):
-        sweep.trial_config(cfg, {"probe.retio": 1.0})
+        space.trial_config(cfg, {"probe.retio": 1.0})
     with pytest.raises(MediError, match="sweep.methods"):
         make_cfg(sweep__methods=["none"])
     with pytest.raises(MediError, match="sweep.methods"):
@@ -56,10 +56,10 @@ def test_a_trial_config_is_validated_like_params(make_cfg):
 def test_the_grid_sampler_needs_a_step_for_ranges(make_cfg):
     cfg = make_cfg(sweep__sampler="grid", sweep__space={"probe.ratio": {"low": 0.5, "high": 3.0}})
     with pytest.raises(MediError, match="'probe.ratio' is a range without a step"):
-        sweep.make_sampler(cfg, sweep.parse_space(cfg))
+        sweep.make_sampler(cfg, space.parse_space(cfg))
     cfg = make_cfg(sweep__sampler="grid", sweep__space={"probe.ratio": {"low": 0.5, "high": 1.5, "step": 0.5},
                                                          "model.d_e": {"low": 8, "high": 16, "step": 8}})
-    assert [d.grid_values() for d in sweep.parse_space(cfg)] == [[0.5, 1.0, 1.5], [8, 16]]
+    assert [d.grid_values() for d in space.parse_space(cfg)] == [[0.5, 1.0, 1.5], [8, 16]]
 
 
 @pytest.mark.parametrize("pruner, pruned", [("quartile", [0.1]), ("median", [0.1, 0.22]), ("none", [])])
@@ -142,7 +142,7 @@ def test_a_probe_side_study_continues_runs_workers_in_parallel_and_tracks_every_
     states = {t.state.name for t in study.trials}
     assert states <= {"COMPLETE", "PRUNED"}                          # (pruning itself: test_a_trial_below_...)
     for t in study.trials:
-        run = client.get_run(t.user_attrs[sweep.RUN_ATTR])
+        run = client.get_run(t.user_attrs[trial.RUN_ATTR])
         assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
     assert len(json.loads((reports / "study.json").read_text())["time_per_trial"]) >= 1
 
@@ -161,11 +161,11 @@ def test_a_failed_trial_is_failed_in_optuna_and_mlflow_and_the_study_goes_on(tin
     assert [t.params["probe.real_per_class"] for t in by_state["FAIL"]] == [100000, 100000] and len(by_state["COMPLETE"]) == 2
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
     for t in by_state["FAIL"]:
-        run = client.get_run(t.user_attrs[sweep.RUN_ATTR])
+        run = client.get_run(t.user_attrs[trial.RUN_ATTR])
         assert run.info.status == "FAILED" and ">= 100000 tiles" in run.data.tags["medi.error"]
     # A trial whose worker died: Optuna fails it once its heartbeat is stale and calls us to fail its MLflow run.
     orphan = client.create_run(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)
-    stale = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={sweep.RUN_ATTR: orphan.info.run_id})
+    stale = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={trial.RUN_ATTR: orphan.info.run_id})
     sweep._fail_stale_run(study, stale)
     assert client.get_run(orphan.info.run_id).info.status == "FAILED"
 
@@ -186,8 +186,8 @@ def test_trials_that_change_the_model_train_it_once_nested_in_the_trial(tiny_wor
     trained = [t for t in study.trials if "trained" in t.user_attrs["work"]]
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
                               filter_string="tags.`medi.stage` = 'train@medi'")
-    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {t.user_attrs[sweep.RUN_ATTR] for t in trained}
-    assert client.get_run(trained[0].user_attrs[sweep.RUN_ATTR]).data.params["model.d_e"] in {"16", "24"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {t.user_attrs[trial.RUN_ATTR] for t in trained}
+    assert client.get_run(trained[0].user_attrs[trial.RUN_ATTR]).data.params["model.d_e"] in {"16", "24"}
 
 
 def test_the_objective_never_reads_a_test_site(tiny_world, tmp_path):
@@ -195,8 +195,8 @@ def test_the_objective_never_reads_a_test_site(tiny_world, tmp_path):
     (the search reads validation sites only); only the best trial's separate test score sees the change."""
     import numpy as np
 
-    space = {"probe.ratio": [1.0]}
-    cfg = tiny_world(sweep__space=space, sweep__sampler="grid", sweep__trials=1, sweep__fid_count=0,
+    values = {"probe.ratio": [1.0]}
+    cfg = tiny_world(sweep__space=values, sweep__sampler="grid", sweep__trials=1, sweep__fid_count=0,
                      sweep__methods=["medi"], sweep__study="clean", probe__bootstrap=0)
     save_pipeline_model(cfg)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
@@ -217,11 +217,11 @@ def test_the_objective_never_reads_a_test_site(tiny_world, tmp_path):
 
 
 def test_cls_and_medi_get_studies_of_equal_budget_over_the_params_that_can_change_them(tiny_world, tmp_path):
-    space = {"probe.strategy": ["grid", "unseen"], "probe.ratio": [1.0, 2.0], "model.d_e": [16]}
-    cfg = tiny_world(sweep__space=space, sweep__sampler="random", sweep__trials=2, sweep__fid_count=0,
+    values = {"probe.strategy": ["grid", "unseen"], "probe.ratio": [1.0, 2.0], "model.d_e": [16]}
+    cfg = tiny_world(sweep__space=values, sweep__sampler="random", sweep__trials=2, sweep__fid_count=0,
                      sweep__pruner="none", sweep__study="both", probe__bootstrap=0)
-    assert [d.name for d in sweep.parse_space(cfg, "cls")] == ["probe.ratio"]      # no sites, no attributes
-    assert [d.name for d in sweep.parse_space(cfg, "medi")] == list(space)
+    assert [d.name for d in space.parse_space(cfg, "cls")] == ["probe.ratio"]      # no sites, no attributes
+    assert [d.name for d in space.parse_space(cfg, "medi")] == list(values)
     for name in ("cls", "medi"):
         save_pipeline_model(config.override(cfg, {"model.d_e": 16}), name)
     assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
@@ -252,7 +252,7 @@ def test_a_trial_below_the_median_of_earlier_trials_is_pruned_in_optuna_and_kill
     study = optuna.load_study(study_name="prune-medi", storage=cfg.sweep.storage)
     last = study.trials[-1]
     assert last.state.name == "PRUNED" and list(last.intermediate_values) == [0]   # stopped after the first task
-    run = mlflow.tracking.MlflowClient(cfg.tracking.uri).get_run(last.user_attrs[sweep.RUN_ATTR])
+    run = mlflow.tracking.MlflowClient(cfg.tracking.uri).get_run(last.user_attrs[trial.RUN_ATTR])
     assert run.info.status == "KILLED"
 
 
@@ -281,8 +281,8 @@ def test_two_workers_run_their_trials_at_the_same_time(tiny_world, tmp_path, mon
 BARRIER_HOOK = """
 import os, pathlib, time
 if os.environ.get("MEDI_TEST_BARRIER"):
-    from medi import sweep
-    real, waited = sweep.run_trial, []
+    from medi import trial
+    real, waited = trial.run_trial, []
 
     def run_trial(*args, **kwargs):
         if not waited:
@@ -296,7 +296,7 @@ if os.environ.get("MEDI_TEST_BARRIER"):
                 time.sleep(0.05)
         return real(*args, **kwargs)
 
-    sweep.run_trial = run_trial
+    trial.run_trial = run_trial
 """
 
 
@@ -304,10 +304,10 @@ def test_objectives_gain_and_fid(tiny_world, tmp_path):
     tasks = {"a": {"validation": {"arms": {"medi": {"tss_avg": 0.8}, "none": {"tss_avg": 0.5}}}},
              "b": {"validation": {"arms": {"medi": {"tss_avg": 0.6}, "none": {"tss_avg": 0.7}}}},
              "c": {"test": {}}}                                       # no validation sites: not counted
-    assert sweep.objective_value(tasks, "gain", "medi") == pytest.approx(0.1)        # ((0.3) + (-0.1)) / 2
-    assert sweep.objective_value(tasks, "tss_avg", "medi") == pytest.approx(0.7)
+    assert space.objective_value(tasks, "gain", "medi") == pytest.approx(0.1)        # ((0.3) + (-0.1)) / 2
+    assert space.objective_value(tasks, "tss_avg", "medi") == pytest.approx(0.7)
     with pytest.raises(MediError, match="no task has validation sites"):
-        sweep.objective_value({"c": {"test": {}}}, "tss_avg", "medi")
+        space.objective_value({"c": {"test": {}}}, "tss_avg", "medi")
     cfg = tiny_world(sweep__space={"sample.guidance": [1.0, 2.0]}, sweep__sampler="grid", sweep__trials=2,
                      sweep__objective="fid", sweep__fid_count=8, sweep__methods=["medi"], sweep__study="fid",
                      sweep__pruner="none", probe__bootstrap=0, fid__unseen_per_pair=0)   # (pairs: the probe-side study)

@@ -6,6 +6,7 @@ code below the CLI reads `params.yaml` again.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -13,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Mapping, get_args, get_origin
 
 import yaml
 
@@ -26,6 +27,7 @@ PROBE_METHODS = ("none", "real", "cls", "medi")
 # a boolean is refused with a message (it could be any of no / off / false). auto: fp32 or bf16, whichever runs
 # faster here (timed at start on a CPU; bf16 where a GPU supports it), recorded with the results (medi.precision).
 Precision = Literal["fp32", "fp16", "bf16", "auto"]
+SamplerKind = Literal["ddim", "dpmsolver++"]         # diffusers schedulers for inference (medi.sampling)
 PRECISION_ALIASES = {"no": "fp32"}
 
 # The 32 TCGA projects of TCGA-UT with their folder (zip) names in the Zenodo record: the seven of the paper's three
@@ -153,7 +155,7 @@ class TrainConfig:
     checkpoint_every: int
     keep_checkpoints: int
     grid_every: int              # steps between sample grids logged to MLflow (0 = only at the end)
-    grid_scheduler: Literal["ddim", "dpmsolver++"]   # sampler of those grids and of the stain check
+    grid_scheduler: SamplerKind  # sampler of those grids and of the stain check
     grid_steps: int              # its steps
     grid_seeds: int              # images (seeds) per (class, site) cell of those grids (the stain check's, too)
     grid_guidance: float         # classifier-free guidance scale for the grids and the stain check (1 = none)
@@ -167,7 +169,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    scheduler: Literal["ddim", "dpmsolver++"]
+    scheduler: SamplerKind
     steps: int
     guidance: float              # classifier-free guidance scale (1 = plain conditional sampling, the paper's)
     metadata_guidance: float | None  # the metadata's own scale (compositional guidance; None = guidance: joint)
@@ -553,16 +555,36 @@ def from_dict(raw: Any, where: str = "params") -> Config:
     return cfg
 
 
+def set_dotted(raw: dict[str, Any], overrides: Mapping[str, Any], where: str, label: str = "") -> dict[str, Any]:
+    """`raw` params with {"section.key": value} (or deeper, "model.custom.layers") set: the one place a dotted
+    override is applied (`--set`, a sweep trial, `override`). Missing sections along the path are made; a value
+    addressed as a section is an error naming the key. Validation is `from_dict`'s, afterwards."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        if not all(parents) or not leaf:
+            raise MediError(f"{where}: {label}'{dotted}' is not a param; params are section.key")
+        node = raw
+        for i, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise MediError(f"{where}: {label}{dotted}: '{'.'.join(parents[:i + 1])}' is a value ({node!r}), "
+                                "not a section")
+        node[leaf] = value
+    return raw
+
+
 def override(cfg: Config, overrides: dict[str, Any], where: str = "") -> Config:
     """A validated copy of `cfg` with {"section.key": value} replaced (a sweep trial's config)."""
     raw = {f.name: cfg.section_dict(f.name) for f in dataclasses.fields(cfg) if f.name != "source_path"}
-    for dotted, value in overrides.items():
-        section, _, key = dotted.partition(".")
-        if section not in raw or not key or "." in key:
-            raise MediError(f"{where or cfg.source_path}: '{dotted}' is not a param; params are section.key with "
-                            f"section one of {', '.join(raw)}")
-        raw[section][key] = value
-    return dataclasses.replace(from_dict(raw, where or cfg.source_path), source_path=cfg.source_path)
+    where = where or cfg.source_path
+    unknown = [d for d in overrides if d.partition(".")[0] not in raw]
+    if unknown:
+        raise MediError(f"{where}: '{unknown[0]}' is not a param; params are section.key with section one of "
+                        f"{', '.join(raw)}")
+    return dataclasses.replace(from_dict(set_dotted(raw, overrides, where), where), source_path=cfg.source_path)
 
 
 def generator_name(name: str, seed: int) -> str:
@@ -590,15 +612,4 @@ def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = No
     if not isinstance(raw, dict):
         raise MediError(f"{path}: expected a mapping of sections (data, synthetic, ...), got "
                         f"{'an empty file' if raw is None else type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for i, p in enumerate(parents):
-            if node.get(p) is None:
-                node[p] = {}
-            node = node[p]
-            if not isinstance(node, dict):
-                raise MediError(f"{path}: --set {dotted}: '{'.'.join(parents[:i + 1])}' is a value ({node!r}), "
-                                "not a section")
-        node[leaf] = value
-    return from_dict(raw, str(path))
+    return from_dict(set_dotted(raw, overrides or {}, str(path), label="--set "), str(path))

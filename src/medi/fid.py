@@ -435,7 +435,7 @@ def per_class_rows(name: str, metrics: dict) -> pd.DataFrame:
 def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndarray):
     """The training FID curve (train.eval_every): FID and KID of `fid.curve_count` images generated with the
     sample settings (match strategy) against all real training tiles, with the EMA weights."""
-    from medi.sampling import conditions_of, generate, make_sampler, plan
+    from medi.sampling import Sampler, conditions_of, generate, plan
 
     state: dict = {}
     rows = plan(replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), train_index,
@@ -453,9 +453,8 @@ def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndar
             state["extractor"] = Extractor.from_config(cfg.fid)
             state["real"] = state["extractor"].cached_features(tiles[np.sort(train_index["idx"].to_numpy())],
                                                                cfg.fid.cache, verbose=False)
-        s = cfg.sample
-        images = generate(model, make_sampler(s.scheduler, cfg.model), conditions_of(rows, model), rows["seed"].tolist(),
-                          s.steps, s.guidance, s.precision, batch_size=s.batch_size, metadata_guidance=s.metadata_guidance)
+        images = generate(model, Sampler.of(cfg.sample), cfg.model, conditions_of(rows, model), rows["seed"].tolist(),
+                          batch_size=cfg.sample.batch_size)
         gen = state["extractor"].features(images, verbose=False)
         return {"fid": frechet(state["real"], gen), "kid": kid(state["real"], gen, cfg.fid)}
 

@@ -72,12 +72,8 @@ def identity(cfg: Config, model_dir: Path) -> dict:
     """What makes a pool's images what they are: the weights and the sampler."""
     from medi import sampling
 
-    s = cfg.sample
-    out = {"weights_sha256_16": sampling.weights_digest(model_dir), "scheduler": s.scheduler, "steps": s.steps,
-           "guidance": s.guidance, "precision": s.precision, "seed": s.seed}
-    if s.metadata_guidance is not None:     # set apart from the class: other images (joint pools keep their identity)
-        out["metadata_guidance"] = s.metadata_guidance
-    return out
+    return {"weights_sha256_16": sampling.weights_digest(model_dir), **sampling.Sampler.of(cfg.sample).settings(),
+            "seed": cfg.sample.seed}
 
 
 def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Path,
@@ -105,13 +101,12 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
             raise MediError(f"{model_dir}: the model is not conditioned on the site but its pool asks for sites")
         first_batch = int(old["batch"].max()) + 1 if old is not None and len(old) else 0
         new = _fill_metadata(new, train_index, model.vocab.attributes)
-        precision = distributed.broadcast(sampling.sampling_precision(     # sample.precision auto: the one chosen
-            model, s.precision, sampling.conditions_of(new.iloc[:1], model), s.batch_size, s.steps, s.guidance,
-            s.metadata_guidance).precision if main else None)
+        sampler = sampling.Sampler.of(s)
+        sampler = sampler.at(distributed.broadcast(sampling.sampling_precision(    # auto: the one chosen
+            model, sampler, sampling.conditions_of(new.iloc[:1], model), s.batch_size).precision if main else None))
         new = new.assign(batch=first_batch + np.arange(len(new)) // s.batch_size,
                          conditioned_on=",".join(["class", *model.vocab.attributes]), model=model_dir.name,
-                         scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                         metadata_guidance=sampling.metadata_scale(s), precision=precision, strategy="probe-pool")
+                         **sampler.columns(), strategy="probe-pool")
         if "tss" not in model.vocab.attributes:
             new["tss"] = new["tss"].replace("", None)
         if main:
@@ -119,8 +114,7 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
             write_json(out / INFO, info)
             log.info("pool %s: generating %d images (%d keys, %d per key)", out, len(new), len(keys), size)
         distributed.barrier()
-        sampling.generate_set(model, new, out, s.scheduler, s.steps, s.guidance, precision, cfg.model,
-                            s.metadata_guidance)
+        sampling.generate_set(model, new, out, sampler, cfg.model)
         if main:
             manifest = pd.concat([old, new], ignore_index=True) if old is not None else new
             with atomic_path(manifest_path) as tmp:

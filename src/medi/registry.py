@@ -58,7 +58,7 @@ class MediPyfunc(mlflow.pyfunc.PythonModel):
 def sample_frame(model, config: Mapping[str, Any], sampler: Mapping[str, Any], frame: pd.DataFrame):
     """Images of `model` for the rows of `frame` (class, the model's attributes, seed)."""
     from medi.config import ModelConfig
-    from medi.sampling import generate, make_sampler
+    from medi.sampling import Sampler, generate
 
     missing = [c for c in ("class", "seed", *model.vocab.attributes) if c not in frame.columns]
     if missing:
@@ -67,8 +67,7 @@ def sample_frame(model, config: Mapping[str, Any], sampler: Mapping[str, Any], f
     cond = model.vocab.encode(frame["class"].astype(str).tolist(),
                               {a: frame[a].tolist() for a in model.vocab.attributes})
     model_cfg = ModelConfig(**config["model_params"])
-    return generate(model, make_sampler(sampler["scheduler"], model_cfg), cond, frame["seed"].astype(int).tolist(),
-                    int(sampler["steps"]), float(sampler["guidance"]), sampler["precision"],
+    return generate(model, Sampler.from_settings(sampler), model_cfg, cond, frame["seed"].astype(int).tolist(),
                     int(sampler.get("batch_size", 64)))
 
 

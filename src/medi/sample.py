@@ -21,8 +21,8 @@ from medi.errors import MediError
 from medi.io import atomic_path, read_json, write_json
 from medi.model import MediDiffusion
 from medi.precision import AUTO, Decision
-from medi.sampling import (conditions_of, generate_set, metadata_scale, plan, regenerate, sampling_precision,
-                           weights_digest, write_png)
+from medi.sampling import (Sampler, conditions_of, generate_set, plan, regenerate, sampling_precision, weights_digest,
+                           write_png)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
     model_dir = model_dir or artifacts.model_dir(cfg, name)
     model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
     train_index = artifacts.train_frame(cfg)
-    s = cfg.sample
+    s, sampler = cfg.sample, Sampler.of(cfg.sample)
     rows = plan(s, train_index, model.vocab.classes)
     conditioned = ",".join(["class", *model.vocab.attributes])
     out = Path(s.output.format(model=name))
@@ -52,11 +52,10 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
         if same_set and s.precision == AUTO and previous.get("precision"):   # an interrupted set keeps its choice
             decision = Decision(previous["precision"], AUTO, "recorded by the interrupted sample set resumed")
         else:
-            decision = sampling_precision(model, s.precision, conditions_of(rows.iloc[:1], model), s.batch_size,
-                                          s.steps, s.guidance, s.metadata_guidance)
+            decision = sampling_precision(model, sampler, conditions_of(rows.iloc[:1], model), s.batch_size)
     decision = distributed.broadcast(decision)
-    rows = rows.assign(conditioned_on=conditioned, model=name, scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                       metadata_guidance=metadata_scale(s), precision=decision.precision, strategy=s.strategy)
+    sampler = sampler.at(decision.precision)
+    rows = rows.assign(conditioned_on=conditioned, model=name, **sampler.columns(), strategy=s.strategy)
     info.update(precision=decision.precision, plan_sha256_16=hashlib.sha256(
         pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16])
     if distributed.is_main():
@@ -69,8 +68,7 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
         write_json(out / INFO, {**info, "complete": False})
     distributed.barrier()
     if not distributed.is_main():           # the other processes of a launch: their share of the batches
-        generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, decision.precision, cfg.model,
-                     s.metadata_guidance)
+        generate_set(model, rows, out, sampler, cfg.model)
         return {"images": len(rows), "output": str(out)}
     with tracking.stage_run(cfg, f"sample@{name}", ("sample",), run_name=f"sample-{name}"):
         mlflow.log_params({"model_name": name, "conditioned_on": conditioned, "weights_sha256_16": info["weights_sha256_16"],
@@ -78,17 +76,15 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
         mlflow.log_metrics(decision.mlflow_metrics("precision"))
         log.info("sampling %s in %s", name, decision.describe())
         t0 = time.perf_counter()
-        ips = generate_set(model, rows, out, s.scheduler, s.steps, s.guidance, decision.precision, cfg.model,
-                           s.metadata_guidance)
+        ips = generate_set(model, rows, out, sampler, cfg.model)
         seconds = time.perf_counter() - t0
         with atomic_path(out / MANIFEST) as tmp:
             rows.to_csv(tmp, index=False)
         write_json(out / INFO, {**info, "complete": True, "seconds": seconds})
         mlflow.log_metrics({"images": len(rows), "seconds": seconds, "images_per_second": ips})
         mlflow.log_artifact(str(out / MANIFEST), "samples")
-        mlflow.log_figure(preview(out, rows, f"{name}: {s.strategy} samples, {s.scheduler} {s.steps} steps, "
-                                             f"guidance {s.guidance} / metadata {metadata_scale(s)}"),
-                      f"samples/preview_{name}.png")
+        mlflow.log_figure(preview(out, rows, f"{name}: {s.strategy} samples, {sampler.describe()}"),
+                          f"samples/preview_{name}.png")
         log.info("sampled %d images of %s in %.1fs (%.1f images/s) -> %s", len(rows), name, seconds, ips, out)
     return {"images": len(rows), "seconds": seconds, "images_per_second": ips, "output": str(out)}
 

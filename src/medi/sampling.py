@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import typing
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -34,7 +36,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
 from medi import distributed
-from medi.config import ModelConfig, SampleConfig
+from medi.config import ModelConfig, SampleConfig, SamplerKind, TrainConfig
 from medi.errors import MediError
 from medi.model import MediDiffusion, noise_kwargs, null_condition
 from medi.io import atomic_path
@@ -44,12 +46,13 @@ log = logging.getLogger(__name__)
 
 METADATA = ("tss", "race", "gender", "age")            # metadata columns a plan row carries
 
-SAMPLERS = ("ddim", "dpmsolver++")  # both deterministic given the initial noise
+SAMPLERS = typing.get_args(SamplerKind)  # both deterministic given the initial noise
 
 
-def make_sampler(kind: str, cfg: ModelConfig):
-    """A diffusers scheduler for inference. With zero-terminal-SNR the timesteps must start at the last one
-    ('trailing' spacing), as Lin et al. prescribe; we use trailing spacing for every schedule."""
+def diffusers_scheduler(kind: str, cfg: ModelConfig):
+    """A diffusers scheduler for inference on the noise schedule of `cfg`. With zero-terminal-SNR the timesteps
+    must start at the last one ('trailing' spacing), as Lin et al. prescribe; we use trailing spacing for every
+    schedule."""
     kw = {**noise_kwargs(cfg), "timestep_spacing": "trailing"}
     if kind == "ddim":
         return DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=True)
@@ -57,6 +60,64 @@ def make_sampler(kind: str, cfg: ModelConfig):
         return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
                                            final_sigmas_type="zero")
     raise MediError(f"unknown sampler '{kind}'; known: {', '.join(SAMPLERS)}")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How images are drawn from a model, besides its weights and the seeds: the scheduler and its steps, the
+    guidance scales and the precision. One value where these travelled as five loose arguments; it builds the
+    diffusers scheduler (`scheduler`) and names itself in manifests, pool identities, cache keys and the
+    registered model (`settings`)."""
+    kind: str = "dpmsolver++"                   # ddim | dpmsolver++ (params: scheduler)
+    steps: int = 15
+    guidance: float = 1.0                       # classifier-free guidance scale (1 = plain conditional sampling)
+    metadata_guidance: float | None = None      # the metadata's own scale (None = guidance: joint guidance)
+    precision: str = "fp32"                     # fp32 | bf16 | fp16 | auto (resolved before sampling)
+
+    @classmethod
+    def of(cls, s: SampleConfig) -> "Sampler":
+        """The sampler of params `sample` (the sample stage, FID curve, unseen pairs, pools, registry)."""
+        return cls(s.scheduler, s.steps, s.guidance, s.metadata_guidance, s.precision)
+
+    @classmethod
+    def for_grids(cls, t: TrainConfig, precision: str) -> "Sampler":
+        """The sampler of the training grids (and the stain check that scores them), in `precision`."""
+        return cls(t.grid_scheduler, t.grid_steps, t.grid_guidance, t.grid_metadata_guidance, precision)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> "Sampler":
+        """Back from `settings()` or a manifest row (rows made before metadata guidance existed: joint)."""
+        mg = settings.get("metadata_guidance")
+        mg = None if mg is None or mg != mg else float(mg)       # (NaN: a manifest cell left empty)
+        return cls(str(settings["scheduler"]), int(settings["steps"]), float(settings["guidance"]), mg,
+                   str(settings["precision"]))
+
+    @property
+    def metadata_scale(self) -> float:
+        return self.guidance if self.metadata_guidance is None else self.metadata_guidance
+
+    def at(self, precision: str) -> "Sampler":
+        return replace(self, precision=precision)
+
+    def scheduler(self, noise: ModelConfig):
+        """A fresh diffusers scheduler (it keeps state while sampling) on the model's noise schedule."""
+        return diffusers_scheduler(self.kind, noise)
+
+    def settings(self) -> dict:
+        """What makes images what they are, as plain values; metadata_guidance only when set apart from the class
+        (joint-guidance pools and sets made before it existed keep their identity)."""
+        out = {"scheduler": self.kind, "steps": self.steps, "guidance": self.guidance, "precision": self.precision}
+        if self.metadata_guidance is not None:
+            out["metadata_guidance"] = self.metadata_guidance
+        return out
+
+    def columns(self) -> dict:
+        """The manifest columns of the images it makes (metadata_guidance: the scale applied, joint or not)."""
+        return {"scheduler": self.kind, "steps": self.steps, "guidance": self.guidance,
+                "metadata_guidance": self.metadata_scale, "precision": self.precision}
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.steps} steps, guidance {self.guidance} / metadata {self.metadata_scale}, {self.precision}"
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -73,14 +134,13 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def sampling_precision(model: MediDiffusion, requested: str, cond: Mapping[str, torch.Tensor], batch: int, steps: int,
-                       guidance: float = 1.0, metadata_guidance: float | None = None) -> Decision:
-    """`requested` (sample.precision) as sampling applies it: auto = the faster of fp32 and bf16 for this model,
-    batch and guidance (timed once per process and shape, `medi.precision`)."""
+def sampling_precision(model: MediDiffusion, sampler: Sampler, cond: Mapping[str, torch.Tensor], batch: int) -> Decision:
+    """`sampler.precision` as sampling applies it: auto = the faster of fp32 and bf16 for this model, batch and
+    guidance (timed once per process and shape, `medi.precision`)."""
     device = next(model.parameters()).device
     first = {k: v[:1] for k, v in cond.items()}
-    evaluations = len(guidance_conditions(first, guidance, metadata_guidance)[0])
-    return for_sampling(requested, model, first, batch, evaluations, steps, device)
+    evaluations = len(guidance_conditions(first, sampler.guidance, sampler.metadata_guidance)[0])
+    return for_sampling(sampler.precision, model, first, batch, evaluations, sampler.steps, device)
 
 
 def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
@@ -107,42 +167,37 @@ def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
             lambda e: e[2] + g_c * (e[1] - e[2]) + g_m * (e[0] - e[1]))
 
 
-def metadata_scale(s: SampleConfig) -> float:
-    """The metadata's guidance scale of sample settings `s` (None in params = the class's: joint guidance)."""
-    return s.guidance if s.metadata_guidance is None else s.metadata_guidance
-
-
 @torch.no_grad()
-def generate(model: MediDiffusion, sampler, cond: Mapping[str, torch.Tensor], seeds: Sequence[int], steps: int,
-             guidance: float = 1.0, precision: str = "fp32", batch_size: int = 64,
-             metadata_guidance: float | None = None) -> np.ndarray:
-    """Generate one image per seed under the encoded conditions `cond` (tensors of length len(seeds)).
+def generate(model: MediDiffusion, sampler: Sampler, noise: ModelConfig, cond: Mapping[str, torch.Tensor],
+             seeds: Sequence[int], batch_size: int = 64) -> np.ndarray:
+    """Generate one image per seed under the encoded conditions `cond` (tensors of length len(seeds)), with
+    `sampler` on the noise schedule of `noise` (params `model`).
 
-    guidance = 1 is plain conditional sampling; > 1 is classifier-free guidance against the null condition.
-    `metadata_guidance` (None = the same as `guidance`) scales the metadata apart from the class
-    (compositional guidance, `guidance_conditions`). Returns uint8 (N, H, W, 3).
+    guidance = 1 is plain conditional sampling; > 1 is classifier-free guidance against the null condition;
+    `metadata_guidance` scales the metadata apart from the class (compositional guidance,
+    `guidance_conditions`). Returns uint8 (N, H, W, 3).
     """
     device = next(model.parameters()).device
     size = model.arch.sample_size
-    if precision == AUTO:
-        precision = sampling_precision(model, AUTO, cond, min(batch_size, len(seeds)), steps, guidance,
-                                       metadata_guidance).precision
+    if sampler.precision == AUTO:
+        sampler = sampler.at(sampling_precision(model, sampler, cond, min(batch_size, len(seeds))).precision)
+    scheduler = sampler.scheduler(noise)
     out = []
     for lo in range(0, len(seeds), batch_size):
         chunk = list(seeds[lo:lo + batch_size])
         c = {k: v[lo:lo + len(chunk)].to(device) for k, v in cond.items()}
         x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in chunk]).to(device)
-        x = x * sampler.init_noise_sigma
-        variants, combine = guidance_conditions(c, guidance, metadata_guidance)
+        x = x * scheduler.init_noise_sigma
+        variants, combine = guidance_conditions(c, sampler.guidance, sampler.metadata_guidance)
         k = len(variants)
         c = {key: torch.cat([v[key] for v in variants]) for key in c}
-        sampler.set_timesteps(steps)
-        for t in sampler.timesteps:
-            inp = sampler.scale_model_input(torch.cat([x] * k) if k > 1 else x, t)
-            with autocast_for(device, precision):
+        scheduler.set_timesteps(sampler.steps)
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(torch.cat([x] * k) if k > 1 else x, t)
+            with autocast_for(device, sampler.precision):
                 pred = model(inp, t.to(device).expand(inp.shape[0]), c).float()
             pred = combine(pred.chunk(k))
-            x = sampler.step(pred, t, x).prev_sample
+            x = scheduler.step(pred, t, x).prev_sample
         out.append(to_uint8(x))
     return np.concatenate(out)
 
@@ -256,8 +311,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
 
 
-def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, scheduler: str, steps: int, guidance: float,
-                 precision: str, model_cfg: ModelConfig, metadata_guidance: float | None = None) -> float:
+def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, sampler: Sampler, noise: ModelConfig) -> float:
     """Generate the plan's images batch by batch as PNGs under `out_dir`; batches whose images all exist
     already (an interrupted run of the same plan) are skipped. Returns images per second of this run.
 
@@ -272,12 +326,11 @@ def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, schedu
         log.info("resuming: %d of %d batches already on disk", rows["batch"].nunique() - len(todo), rows["batch"].nunique())
     mine = distributed.shard(todo, "sampling batches")
     made, t0 = 0, time.perf_counter()
-    with tqdm(total=int(rows["batch"].isin(mine).sum()), unit="img", desc=f"sampling ({scheduler} {steps})",
+    with tqdm(total=int(rows["batch"].isin(mine).sum()), unit="img", desc=f"sampling ({sampler.kind} {sampler.steps})",
               disable=not distributed.is_main()) as bar:
         for b in mine:
             g = rows[rows["batch"] == b]
-            images = generate(model, make_sampler(scheduler, model_cfg), conditions_of(g, model), g["seed"].tolist(),
-                              steps, guidance, precision, batch_size=len(g), metadata_guidance=metadata_guidance)
+            images = generate(model, sampler, noise, conditions_of(g, model), g["seed"].tolist(), batch_size=len(g))
             for p, img in zip(g["path"], images):
                 write_png(out_dir / p, img)
             made += len(g)
@@ -287,7 +340,7 @@ def generate_set(model: MediDiffusion, rows: pd.DataFrame, out_dir: Path, schedu
     return int(rows["batch"].isin(todo).sum()) / max(time.perf_counter() - t0, 1e-9)
 
 
-def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelConfig) -> np.ndarray:
+def regenerate(manifest: pd.DataFrame, model: MediDiffusion, noise: ModelConfig) -> np.ndarray:
     """Replay a manifest's batches: the images, in manifest order, bit for bit as first generated."""
     out = np.zeros((len(manifest), model.arch.sample_size, model.arch.sample_size, 3), np.uint8)
     for _, g in manifest.groupby("batch", sort=True):
@@ -296,12 +349,11 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, model_cfg: ModelCon
         settings = g[["scheduler", "steps", "guidance", "metadata_guidance", "precision"]].drop_duplicates()
         if len(settings) != 1:
             raise MediError(f"manifest batch {g['batch'].iloc[0]} mixes sampler settings: {settings.to_dict('records')}")
-        s = settings.iloc[0]
         attrs = [a for a in str(g["conditioned_on"].iloc[0]).split(",") if a and a != "class"]
         if sorted(attrs) != sorted(model.vocab.attributes):
             raise MediError(f"the manifest was conditioned on {attrs or 'the class only'}, this model on "
                             f"{model.vocab.attributes or 'the class only'}")
         out[np.flatnonzero(manifest.index.isin(g.index))] = generate(
-            model, make_sampler(s["scheduler"], model_cfg), conditions_of(g, model), g["seed"].tolist(), int(s["steps"]),
-            float(s["guidance"]), s["precision"], batch_size=len(g), metadata_guidance=float(s["metadata_guidance"]))
+            model, Sampler.from_settings(settings.iloc[0]), noise, conditions_of(g, model), g["seed"].tolist(),
+            batch_size=len(g))
     return out

@@ -36,7 +36,6 @@ coordinates, also written to `sweep.reports`/STUDY/ with a table of the trials (
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -45,325 +44,20 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medi import config as config_mod
 from medi.config import Config
 from medi.errors import MediError
+from medi.space import SWEEPABLE, Dimension, parse_space, study_name, trial_config
+from medi import trial as medi_trial
+from medi.trial import RUN_ATTR, Workspace, score
 
 log = logging.getLogger(__name__)
 
-# What changing a section costs a trial; the other sections change the dataset or only the reports.
-SWEEPABLE = {"model": "trains", "train": "trains", "sample": "new pool", "probe": "probe only", "encoder": "probe only"}
 MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain")
-RUN_ATTR = "mlflow_run_id"          # study user attribute: the study's MLflow run
-
-
-# ----------------------------------------------------------------------------------------------- the space
-@dataclass(frozen=True)
-class Dimension:
-    """One searched param: categorical choices, or an int / float range."""
-    name: str
-    choices: tuple | None = None
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-
-    @property
-    def is_int(self) -> bool:
-        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high, self.step or 1))
-
-    def suggest(self, trial) -> Any:
-        if self.choices is not None:
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.is_int:
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
-
-    def grid_values(self) -> list:
-        """Every value, for the grid sampler (a range needs a step)."""
-        if self.choices is not None:
-            return list(self.choices)
-        if self.step is None:
-            raise MediError(f"sweep.sampler grid: '{self.name}' is a range without a step; give it a step or choices")
-        values = np.arange(self.low, self.high + self.step / 2, self.step)
-        return [int(v) for v in values] if self.is_int else [round(float(v), 10) for v in values]
-
-    def ends(self) -> list:
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
-
-
-def parse_space(cfg: Config, method: str | None = None) -> list[Dimension]:
-    """`sweep.space` as dimensions; every choice and both ends of every range are checked as param values.
-    With a method, the params that cannot change it are left out (`inert`)."""
-    where = f"{cfg.source_path}: sweep.space"
-    if not cfg.sweep.space:
-        raise MediError(f"{where} is empty; name at least one param to search, e.g. probe.strategy: [grid, unseen]")
-    dims = []
-    for name, spec in cfg.sweep.space.items():
-        section = name.partition(".")[0]
-        if section not in SWEEPABLE:
-            raise MediError(f"{where}: '{name}' cannot be swept; sweepable sections: {', '.join(SWEEPABLE)} "
-                            "(data, split and synthetic change the dataset: run a pipeline per setting)")
-        if isinstance(spec, list):
-            if not spec:
-                raise MediError(f"{where}: '{name}' has no choices")
-            dim = Dimension(name, choices=tuple(spec))
-        elif isinstance(spec, dict):
-            extra = sorted(set(spec) - {"low", "high", "step", "log"})
-            if extra or not {"low", "high"} <= set(spec):
-                raise MediError(f"{where}: '{name}' needs {{low, high}} and optionally step and log; got {spec}")
-            dim = Dimension(name, low=spec["low"], high=spec["high"], step=spec.get("step"), log=bool(spec.get("log", False)))
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (dim.low, dim.high)) \
-                    or dim.low >= dim.high:
-                raise MediError(f"{where}: '{name}' needs numbers low < high, got {spec}")
-        else:
-            raise MediError(f"{where}: '{name}' must be a list of choices or {{low, high, step, log}}, got {spec!r}")
-        for value in dim.ends():
-            config_mod.override(cfg, {name: value}, where=f"{where} ({name}: {value!r})")
-        dims.append(dim)
-    if method is not None:
-        dims = [d for d in dims if d.name not in inert(cfg, method)]
-        if not dims:
-            raise MediError(f"{where}: no param of the space can change method '{method}' "
-                            f"(left out: {', '.join(sorted(inert(cfg, method)))})")
-    return dims
-
-
-def inert(cfg: Config, method: str) -> set[str]:
-    """Params that cannot change a method's figures: the site strategy without site conditioning, attribute
-    embeddings and their dropout without any attribute."""
-    attributes = cfg.variant(cfg.probe.models[method])
-    out = set() if "tss" in attributes else {"probe.strategy"}
-    if not attributes:
-        out |= {"model.d_e", "model.attribute_dropout", "model.continuous", "model.nested_dropout",
-                "model.metadata_route", "sample.metadata_guidance"}
-    return out
-
-
-def study_name(cfg: Config, method: str) -> str:
-    return f"{cfg.sweep.study}-{method}"
-
-
-def trial_config(cfg: Config, values: dict[str, Any]) -> Config:
-    return config_mod.override(cfg, values, where=f"{cfg.source_path}: sweep trial {values}")
-
-
-def objective_value(tasks: dict[str, dict], objective: str, method: str) -> float:
-    """The objective over the tasks scored so far: the mean of the method's validation figure (gain: minus
-    none's)."""
-    figures = [t["validation"]["arms"] for t in tasks.values() if "arms" in t.get("validation", {})]
-    if not figures:
-        raise MediError("sweep: no task has validation sites (a class needs two or more holdout sites to give one "
-                        "to validation; see split.validation_fraction and artifacts/splits/sites.csv)")
-    if objective == "gain":
-        return float(np.mean([m[method]["tss_avg"] - m["none"]["tss_avg"] for m in figures]))
-    return float(np.mean([m[method][objective] for m in figures]))
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-# ----------------------------------------------------------------------------------------------- a worker's state
-class Workspace:
-    """What the trials of one worker share: the split, real embeddings, models, pools and FID records (in
-    memory, and on disk under `sweep.output` for other workers and later calls). It holds validation tiles
-    only unless asked for the test part (`parts`)."""
-
-    def __init__(self, cfg: Config, parts: tuple[str, ...] = ("validation",)):
-        from medi import probe
-
-        self.base = cfg
-        self.parts = parts
-        self.root = Path(cfg.sweep.output)
-        self.train_index, holdout = probe.load_splits(cfg)
-        self.holdout_index = holdout[holdout["part"].isin(parts)]
-        self._embeddings: dict[str, dict] = {}
-        self._pools: dict[str, dict] = {}
-        self._fid: dict[str, dict] = {}
-        self.work: list[str] = []              # what the current trial had to do, beside fitting the probe
-
-    def _lock(self, path: Path):
-        from filelock import FileLock
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(path) + ".lock")
-
-    def model(self, cfg: Config, name: str) -> Path:
-        """The trained model `name` of the trial's params: the pipeline's if they match, else trained once."""
-        from medi import train
-
-        key = train.run_hash(cfg, name, self.train_index)
-        pipeline = Path(self.base.model.output) / name
-        if (pipeline / "config.json").exists() and json.loads((pipeline / "config.json").read_text()).get("run_hash") == key:
-            return pipeline
-        out = self.root / "models" / key
-        with self._lock(out):
-            if not (out / name / "model.safetensors").exists():
-                self.work.append("trained")
-                log.info("trial trains %s (%s) into %s", name, key, out)
-                train.run_stage(config_mod.override(cfg, {
-                    "model.output": str(out), "train.metrics": str(out / "train_{model}.json"),
-                    "train.detail": str(out / "train_{model}_detail.json"),
-                    "train.figure": str(out / "samples_{model}.png"), "train.plot": str(out / "train_{model}.csv")}), name)
-        return out / name
-
-    def context(self, cfg: Config, method: str, model_dir: Path):
-        """The probe's context for a trial: real embeddings of the workspace's parts and the method's pool
-        for this model, sampler and encoder (generated or grown once, then from disk)."""
-        from medi import artifacts, probe, sampling
-
-        spec = probe.encoder_spec(cfg)
-        if spec.identity() not in self._embeddings:
-            self._embeddings[spec.identity()] = probe.real_embeddings(cfg, spec, self.train_index, self.holdout_index,
-                                                                      self.parts)
-        s = cfg.sample
-        sampler = _digest(sampling.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed,
-                          *([] if s.metadata_guidance is None else [s.metadata_guidance]))
-        key = _digest(sampler, probe.pool_size(cfg.probe), cfg.probe.real_per_class, cfg.probe.tasks, spec.identity())
-        if key not in self._pools:
-            out = self.root / "pools" / f"{model_dir.name}-{sampler}"
-            with self._lock(out):
-                self._seed_from_pipeline(cfg, model_dir, out)
-                manifest = out / artifacts.MANIFEST
-                before = len(artifacts.read_manifest(manifest)) if manifest.exists() else 0
-                self._pools[key] = probe.method_pool(cfg, method, model_dir, out, self.train_index, spec)
-                if len(artifacts.read_manifest(manifest)) > before:
-                    self.work.append("new pool")
-        return probe.Context(self.train_index, self.holdout_index, self._embeddings[spec.identity()],
-                             {method: [self._pools[key]]}, spec.describe(), probe.site_conditioned(cfg))
-
-    def _seed_from_pipeline(self, cfg: Config, model_dir: Path, out: Path) -> None:
-        """Start a new pool from the pipeline's (`samples/probe/NAME`) when it was made by the same weights and
-        sampler: a copy, so growing it never touches the DVC output."""
-        import shutil
-
-        from medi import pools
-
-        theirs = Path(self.base.sample.output.format(model=f"probe/{model_dir.name}"))
-        if out.exists() or not (theirs / pools.INFO).exists():
-            return
-        if pools.read_json(theirs / pools.INFO) == pools.identity(cfg, model_dir):
-            shutil.copytree(theirs, out)
-            log.info("pool %s starts from the pipeline's %s", out, theirs)
-
-    def fid(self, cfg: Config, name: str, model_dir: Path) -> dict:
-        """FID and KID of `sweep.fid_count` images (match strategy) of the model under the trial's sampler, and
-        the unseen-pairs evaluation's headline figures (`pairs_*`, medi.unseen) unless fid.unseen_per_pair is 0."""
-        from medi import artifacts, fid, sampling
-        from medi.io import read_json, write_json
-        from medi.model import MediDiffusion
-
-        s, n = cfg.sample, cfg.sweep.fid_count
-        key = _digest(sampling.weights_digest(model_dir), s.scheduler, s.steps, s.guidance, s.precision, s.seed, n,
-                      {k: v for k, v in cfg.section_dict("fid").items() if k not in ("metrics", "cache")},
-                      *([] if s.metadata_guidance is None else [s.metadata_guidance]))
-        path = self.root / "fid" / f"{model_dir.name}-{key}.json"
-        if key not in self._fid:
-            with self._lock(path):
-                if not path.exists():
-                    from accelerate import PartialState
-
-                    fcfg = config_mod.override(cfg, {"fid.curve_count": n})
-                    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
-                    hook = fid.curve_hook(fcfg, name, self.train_index, np.asarray(artifacts.load_tiles(cfg.data.output)))
-                    record = {**hook(0, model), "images": n, "extractor": cfg.fid.extractor}
-                    if cfg.fid.unseen_per_pair:
-                        from medi import unseen
-
-                        pairs = unseen.evaluate(fcfg, name, model=model)[0]
-                        record |= unseen.figures_of(pairs)
-                    write_json(path, record)
-                self._fid[key] = read_json(path)
-        return self._fid[key]
-
-
-# ----------------------------------------------------------------------------------------------- a trial
-def score(cfg: Config, method: str, ws: Workspace, on_task=None) -> dict:
-    """The probe's figures of `method` (beside `none`) on the workspace's parts, for the trial's params: the
-    model, the pool and the same evaluation function as `medi probe`."""
-    from medi import probe
-
-    model_dir = ws.model(cfg, cfg.probe.models[method])
-    ctx = ws.context(cfg, method, model_dir)
-    return probe.evaluate(cfg.probe, ctx, ws.parts, methods=["none", method], on_task=on_task, tune=False,
-                          n_boot=cfg.probe.bootstrap if "test" in ws.parts else 0)
-
-
-def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Workspace, parent_run_id: str) -> float:
-    """One trial: its params, what they need (model, pool), the probe task by task on the validation sites with
-    pruning, FID beside."""
-    import mlflow
-    import optuna
-
-    from medi import tracking
-
-    values = {d.name: d.suggest(trial) for d in dims}
-    t0 = time.perf_counter()
-    ws.work = []
-
-    def work() -> str:
-        return ", ".join(ws.work) or "probe only"
-
-    with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=parent_run_id, tags={
-            **tracking.run_tags(cfg, "sweep-trial", ("sweep",)), "medi.study": study_name(cfg, method),
-            "medi.method": method, "optuna.trial": str(trial.number)}) as run:
-        trial.set_user_attr(RUN_ATTR, run.info.run_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        mlflow.log_params({k: str(v) for k, v in values.items()})
-        try:
-            tcfg = trial_config(cfg, values)
-            metrics: dict[str, float] = {}
-            if cfg.sweep.fid_count:
-                model_dir = ws.model(tcfg, tcfg.probe.models[method])
-                metrics.update({k: v for k, v in ws.fid(tcfg, tcfg.probe.models[method], model_dir).items()
-                                if k in ("fid", "kid") or k.startswith("pairs_")})
-            done: dict[str, dict] = {}
-
-            def after_task(task: str, figures: dict) -> None:
-                done[task] = figures
-                for m, f in figures.get("validation", {}).get("arms", {}).items():
-                    metrics.update({f"{task}_{m}_{k}_validation": v for k, v in f.items()
-                                    if k in ("tss_avg", "overall", "worst_tss")})
-                if cfg.sweep.objective != "fid":
-                    running = objective_value(done, cfg.sweep.objective, method)
-                    mlflow.log_metric("objective_running", running, step=len(done) - 1)
-                    trial.report(running, len(done) - 1)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"running objective {running:.4f} after {task}")
-
-            score(tcfg, method, ws, after_task)
-            for k in ("tss_avg", "overall", "worst_tss", "gain"):
-                metrics[f"mean_{k}_validation"] = objective_value(done, k, method)
-            value = metrics["fid"] if cfg.sweep.objective == "fid" else metrics[f"mean_{cfg.sweep.objective}_validation"]
-            seconds = time.perf_counter() - t0
-            metrics.update({"objective": value, "seconds": seconds})
-            mlflow.log_metrics(metrics)
-            mlflow.set_tag("medi.work", work())
-            mlflow.tracking.MlflowClient().log_metric(parent_run_id, "trial_objective", value, step=trial.number)
-            trial.set_user_attr("metrics", {k: metrics[k] for k in ("mean_tss_avg_validation", "mean_gain_validation",
-                                                                    "fid", "seconds") if k in metrics})
-            trial.set_user_attr("work", work())
-            log.info("trial %d (%s): %s -> validation %s %.4f (%s; %.1fs)", trial.number, method, values,
-                     cfg.sweep.objective, value, work(), seconds)
-            return value
-        except optuna.TrialPruned as exc:
-            trial.set_user_attr("work", work())
-            mlflow.set_tags({"optuna.state": "PRUNED", "medi.pruned": str(exc), "medi.work": work()})
-            mlflow.log_metric("seconds", time.perf_counter() - t0)
-            mlflow.end_run("KILLED")
-            log.info("trial %d pruned: %s", trial.number, exc)
-            raise
-        except Exception as exc:  # noqa: BLE001  (recorded, then Optuna marks the trial failed and goes on)
-            mlflow.set_tags({"optuna.state": "FAIL", "medi.error": f"{type(exc).__name__}: {exc}"[:5000]})
-            log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
-            raise
 
 
 # ----------------------------------------------------------------------------------------------- the study
@@ -473,7 +167,7 @@ def optimise(cfg: Config, method: str, n_trials: int, worker: int = 0) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.optimize(lambda t: run_trial(t, cfg, method, dims, ws, parent), n_trials=n_trials,
+        study.optimize(lambda t: medi_trial.run_trial(t, cfg, method, dims, ws, parent), n_trials=n_trials,
                        timeout=cfg.sweep.timeout or None, catch=(Exception,))
 
 

@@ -48,8 +48,7 @@ from medi import artifacts, distributed, precision
 from medi.config import Config
 from medi.errors import MediError
 from medi.io import write_json, write_text
-from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions
-from medi.model import training_scheduler
+from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions, training_scheduler
 
 HEADLINE = ("steps", "final_loss", "images_per_second")   # metrics/train_NAME.json (dvc metrics show)
 
@@ -403,19 +402,18 @@ def grid_hook(cfg: Config, name: str, train_index: pd.DataFrame, vocab: Vocabula
     import mlflow
 
     from medi import figures
-    from medi.sampling import generate, grid_conditions, grid_layout, make_sampler
+    from medi.sampling import Sampler, generate, grid_conditions, grid_layout
 
     classes, sites = grid_layout(vocab, train_index)
     cond, seeds = grid_conditions(vocab, classes, sites, cfg.train.grid_seeds)
     site_class = train_index.drop_duplicates("tss").set_index("tss")["class"].to_dict()
     labels = [f"TSS {s} ({site_class[s]})" if s else "class only" for s in sites]
-    sampler = f"{cfg.train.grid_scheduler} {cfg.train.grid_steps} steps"
-    metadata = "" if cfg.train.grid_metadata_guidance is None else f" (site {cfg.train.grid_metadata_guidance})"
+    grid_sampler = Sampler.for_grids(cfg.train, precision_)
+    sampler = f"{grid_sampler.kind} {grid_sampler.steps} steps"
+    metadata = "" if grid_sampler.metadata_guidance is None else f" (site {grid_sampler.metadata_guidance})"
 
     def hook(step: int, model: MediDiffusion) -> dict[str, float]:
-        images = generate(model, make_sampler(cfg.train.grid_scheduler, cfg.model), cond, seeds, cfg.train.grid_steps,
-                          guidance=cfg.train.grid_guidance, precision=precision_,
-                          metadata_guidance=cfg.train.grid_metadata_guidance)
+        images = generate(model, grid_sampler, cfg.model, cond, seeds)
         n, k = len(classes), cfg.train.grid_seeds
         cells = images.reshape(n, len(sites), k, *images.shape[1:])
         cells = np.concatenate(list(cells.transpose(2, 0, 1, 3, 4, 5)), axis=3)   # seeds side by side in a cell
@@ -483,6 +481,7 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
     import mlflow
 
     from medi import figures, registry, tracking
+    from medi.sampling import Sampler
 
     train_index = artifacts.train_frame(cfg)
     tiles_file = Path(cfg.data.output) / "tiles.npy"
@@ -525,10 +524,9 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
         if not last_grid:       # resumed from the final checkpoint, so no step ran: the last grid is drawn now
             grid(result.steps, result.model)
         # the model as an MLflow model, registered as medi-<name> (a sweep trial's, nested in its trial: not registered)
-        s, t0 = cfg.sample, time.perf_counter()
-        version = registry.log_model(result.model_dir, name, {"scheduler": s.scheduler, "steps": s.steps,
-                                                              "guidance": s.guidance, "precision": s.precision,
-                                                              "batch_size": s.batch_size},
+        t0 = time.perf_counter()
+        version = registry.log_model(result.model_dir, name, {**Sampler.of(cfg.sample).settings(),
+                                                              "batch_size": cfg.sample.batch_size},
                                      {"medi.model": name, "attributes": ",".join(attributes) or "none",
                                       "steps": result.steps, "medi.pipeline": run.data.tags.get("medi.pipeline", "")},
                                      register="mlflow.parentRunId" not in run.data.tags)

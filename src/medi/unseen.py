@@ -43,7 +43,7 @@ def pair_grid(train_index: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 def sample_pairs(cfg: Config, model, pairs: pd.DataFrame) -> np.ndarray:
     """`fid.unseen_per_pair` images per pair, (pairs, n, H, W, 3) uint8; seeds `sample.seed` + 0..n-1 in every
     pair. A model without the site is sampled once per class (its images repeat across the row's sites)."""
-    from medi.sampling import generate, make_sampler
+    from medi.sampling import Sampler, generate
 
     s, n = cfg.sample, cfg.fid.unseen_per_pair
     conditioned = "tss" in model.vocab.categorical
@@ -51,8 +51,7 @@ def sample_pairs(cfg: Config, model, pairs: pd.DataFrame) -> np.ndarray:
     cond = model.vocab.encode([c for c, _ in keys for _ in range(n)],
                               {"tss": [t for _, t in keys for _ in range(n)]} if conditioned else {})
     seeds = [s.seed + k for _ in keys for k in range(n)]
-    images = generate(model, make_sampler(s.scheduler, cfg.model), cond, seeds, s.steps, s.guidance, s.precision,
-                      batch_size=s.batch_size, metadata_guidance=s.metadata_guidance)
+    images = generate(model, Sampler.of(s), cfg.model, cond, seeds, batch_size=s.batch_size)
     images = dict(zip(keys, images.reshape(len(keys), n, *images.shape[1:])))
     return np.stack([images[(c, t if conditioned else None)] for c, t in zip(pairs["class"], pairs["tss"])])
 
