@@ -157,6 +157,32 @@ def test_conditioning_accuracy_tells_right_from_wrong_conditions():
     assert fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0, classifiers=once) == bad
 
 
+def test_condition_classifiers_are_fitted_once_per_real_features_and_labels(tmp_path, monkeypatch):
+    """With a cache the second fid stage (another model, the same real tiles) loads the classifiers: the same
+    predictions and ceilings to the bit, nothing fitted; other labels or features are fitted anew."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    index = pd.DataFrame({"slide": [f"sl{i // 2}" for i in range(60)], "class": ["A", "B", "C"] * 20,
+                          "tss": [f"s{i % 6}" for i in range(60)]})
+    real = rng.normal(size=(60, 12)).astype(np.float32) + (np.arange(60) % 3)[:, None]
+    gen = rng.normal(size=(30, 12)).astype(np.float32) + (np.arange(30) % 3)[:, None]
+    first = fid.condition_classifiers(real, index, seed=0, cache=tmp_path)
+    (saved,) = (tmp_path / "classifiers").glob("*.npz")
+    fits = []
+    monkeypatch.setattr(LogisticRegression, "fit", lambda self, *a, **k: fits.append(1) or pytest.fail("refitted"))
+    again = fid.condition_classifiers(real, index, seed=0, cache=tmp_path)
+    assert fits == []
+    for target in ("class", "tss"):
+        assert again[target][1] == first[target][1]
+        assert np.array_equal(again[target][0].predict(gen), first[target][0].predict(gen))
+        assert np.array_equal(again[target][0].decision_function(gen), first[target][0].decision_function(gen))
+    monkeypatch.undo()
+    fid.condition_classifiers(real, index.assign(tss=index["tss"].str.upper()), seed=0, cache=tmp_path)
+    fid.condition_classifiers(real + 1, index, seed=0, cache=tmp_path)
+    assert len(list((tmp_path / "classifiers").glob("*.npz"))) == 3 and saved.exists()
+
+
 def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     cfg = tiny_world()
     idx = train_index(cfg).sort_values("idx")

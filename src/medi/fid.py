@@ -213,9 +213,15 @@ def group_scores(real: torch.Tensor, real_groups: np.ndarray, gen: torch.Tensor,
     return out
 
 
-def condition_classifiers(real: np.ndarray, train_index: pd.DataFrame, seed: int, folds: int = 3) -> dict:
+def condition_classifiers(real: np.ndarray, train_index: pd.DataFrame, seed: int, folds: int = 3,
+                          cache: str | Path = "") -> dict:
     """Logistic regressions on the real training tiles' features predicting the class and the site, each with
-    its cross-validated accuracy on real tiles (folds by slide), the ceiling: {"class"|"tss": (fitted, cv)}."""
+    its cross-validated accuracy on real tiles (folds by slide), the ceiling: {"class"|"tss": (fitted, cv)}.
+
+    They depend on the real tiles only, not on a model: with `cache` (fid.cache) they are fitted once and kept
+    under `cache`/classifiers/, keyed by the features', labels' and slides' content, the seed, the folds and the
+    scikit-learn version, as plain arrays (nothing is unpickled), so the fid stages of every model and the
+    sweep's trials reuse them."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -225,11 +231,61 @@ def condition_classifiers(real: np.ndarray, train_index: pd.DataFrame, seed: int
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, tol=1e-3, random_state=seed))
 
     slides = train_index["slide"].to_numpy(str)
+    path = _classifier_file(cache, real, train_index, seed, folds) if cache else None
+    if path is not None and path.exists():
+        return _load_classifiers(path, classifier)
     out = {}
     for target in ("class", "tss"):
         y = train_index[target].to_numpy(str)
         cv = cross_val_score(classifier(), real, y, groups=slides, cv=GroupKFold(min(folds, len(set(slides)))))
         out[target] = (classifier().fit(real, y), float(cv.mean()))
+    if path is not None:
+        _save_classifiers(path, out)
+    return out
+
+
+def _classifier_file(cache: str | Path, real: np.ndarray, train_index: pd.DataFrame, seed: int, folds: int) -> Path:
+    import hashlib
+
+    import sklearn
+
+    h = hashlib.sha256()
+    real = np.ascontiguousarray(real)
+    h.update(f"{real.dtype}|{real.shape}|{seed}|{folds}|sklearn {sklearn.__version__}".encode())
+    h.update(real.tobytes())
+    for column in ("slide", "class", "tss"):
+        h.update("\0".join(train_index[column].astype(str)).encode() + b"\1")
+    return Path(cache) / "classifiers" / f"{h.hexdigest()[:32]}.npz"
+
+
+def _save_classifiers(path: Path, classifiers: dict) -> None:
+    from medi.io import atomic_path
+
+    arrays = {}
+    for target, (pipe, cv) in classifiers.items():
+        scaler, lr = pipe[0], pipe[-1]
+        arrays |= {f"{target}.mean": scaler.mean_, f"{target}.scale": scaler.scale_, f"{target}.var": scaler.var_,
+                   f"{target}.n_seen": np.asarray(scaler.n_samples_seen_), f"{target}.coef": lr.coef_,
+                   f"{target}.intercept": lr.intercept_, f"{target}.classes": lr.classes_.astype(str),
+                   f"{target}.n_iter": lr.n_iter_, f"{target}.cv": np.asarray(cv)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_classifiers(path: Path, classifier) -> dict:
+    out = {}
+    with np.load(path, allow_pickle=False) as z:
+        for target in ("class", "tss"):
+            pipe = classifier()
+            scaler, lr = pipe[0], pipe[-1]
+            scaler.mean_, scaler.scale_, scaler.var_ = z[f"{target}.mean"], z[f"{target}.scale"], z[f"{target}.var"]
+            scaler.n_samples_seen_ = z[f"{target}.n_seen"][()]
+            lr.coef_, lr.intercept_, lr.classes_ = z[f"{target}.coef"], z[f"{target}.intercept"], z[f"{target}.classes"]
+            lr.n_iter_ = z[f"{target}.n_iter"]
+            scaler.n_features_in_ = lr.n_features_in_ = lr.coef_.shape[1]
+            out[target] = (pipe, float(z[f"{target}.cv"]))
+    log.info("condition classifiers from %s (fitted once on these real features)", path)
     return out
 
 
@@ -340,7 +396,8 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
         "feature_seconds": feature_seconds,
     }
     real_np = real.float().numpy()
-    classifiers = condition_classifiers(real_np, train_index, cfg.fid.seed)      # shared with the pairs evaluation
+    classifiers = condition_classifiers(real_np, train_index, cfg.fid.seed,      # shared with the pairs evaluation
+                                        cache=cfg.fid.cache)
     out["conditioning"] = conditioning_accuracy(real_np, train_index, gen.float().numpy(), manifest,
                                                 site_conditioned, cfg.fid.seed, classifiers=classifiers)
     if cfg.fid.unseen_per_pair:             # the unseen-pairs evaluation (medi.unseen): headline here, cells apart

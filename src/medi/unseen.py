@@ -117,7 +117,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
             tiles = artifacts.load_tiles(cfg.data.output)
             real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], cfg.fid.cache,
                                              verbose=False).float().numpy()
-        classifiers = condition_classifiers(real, train_index, cfg.fid.seed)
+        classifiers = condition_classifiers(real, train_index, cfg.fid.seed, cache=cfg.fid.cache)
     model = model or MediDiffusion.load(Path(cfg.model.output) / name).to(distributed.state().device).eval()
     pairs = pair_grid(train_index, list(model.vocab.classes))
     t1 = time.perf_counter()
