@@ -243,7 +243,8 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         grid = pd.DataFrame(on_disk["pairs_cells"])
         assert pairs["unseen_stain_rank"] == pytest.approx(grid.loc[~grid["seen"], "stain_rank"].mean())
         assert pairs["site_conditioned"] == (name == "medi") and pairs["images_per_pair"] == cfg.fid.unseen_per_pair
-    (folder,) = Path(cfg.fid.cache).iterdir()                       # one network in the feature cache
+    (folder,) = [f for f in Path(cfg.fid.cache).iterdir() if f.name != "classifiers"]   # one network in the cache
+    assert len(list((Path(cfg.fid.cache) / "classifiers").glob("*.npz"))) == 1   # fitted once for both models
     keys = [k for shard in folder.glob("shard-*.npz") for k in np.load(shard)["keys"]]
     assert len(keys) == len(set(keys)) == len(real_classes)         # the real tiles were encoded once for both
     summary = report.run_stage(cfg)

@@ -126,11 +126,15 @@ def test_dvc_repro_runs_the_pipeline_and_is_incremental_and_dvc_experiments_work
     assert curve.dropna(subset=["fid"])["step"].tolist() == [TINY["train__max_steps"]]   # eval_every > steps: the last
 
     # An experiment with every class below fid.min_count (tiny groups) and another d_e: `dvc exp run -S` rewrites
-    # params.yaml (no quoting trap), retrains from there, and the report says what it cannot draw
+    # params.yaml (no quoting trap), retrains MeDi and re-runs what depends on it (`train@medi --downstream`: its
+    # samples, FID, the probe, the report; CLS's branch is left as it was), and the report says what it cannot draw
     assert run("git", "add", "-A").returncode == 0 and run("git", "commit", "-qm", "baseline").returncode == 0
-    exp = run("dvc", "exp", "run", "-S", "model.d_e=8", "-S", "fid.min_count=100000", "-n", "tiny-groups")
+    exp = run("dvc", "exp", "run", "train@medi", "--downstream", "-S", "model.d_e=8", "-S", "fid.min_count=100000",
+              "-n", "tiny-groups")
     assert exp.returncode == 0, exp.stdout + exp.stderr
-    assert "Running stage 'train@medi'" in exp.stdout and "Running stage 'prepare'" not in exp.stdout
+    ran = [stage for stage in ("prepare", "train@cls", "train@medi", "sample@cls", "sample@medi", "fid@cls", "fid@medi",
+                               "probe", "report") if f"Running stage '{stage}'" in exp.stdout]
+    assert ran == ["train@medi", "sample@medi", "fid@medi", "probe", "report"], exp.stdout
     page = (work / "reports/index.md").read_text()
     assert "### What these figures cannot show" in page
     assert "- medi: no class has 100000 (fid.min_count) real and generated images" in page
