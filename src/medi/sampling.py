@@ -38,8 +38,8 @@ from PIL import Image
 from medi import distributed
 from medi.config import ModelConfig, SampleConfig, SamplerKind, TrainConfig
 from medi.errors import MediError
-from medi.model import MediDiffusion, noise_kwargs, null_condition
 from medi.io import atomic_path
+from medi.model import MediDiffusion, noise_kwargs, null_condition
 from medi.precision import AUTO, Decision, for_sampling
 
 log = logging.getLogger(__name__)
