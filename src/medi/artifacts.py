@@ -86,10 +86,8 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """A sample set's manifest (the file, or the set's folder), its text columns kept as text."""
+    """A sample set's manifest, its text columns kept as text."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
     if not path.exists():
         raise MediError(f"{path} not found; run `medi sample` first")
     return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values={"age": [""]})

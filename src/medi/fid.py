@@ -268,8 +268,7 @@ def _save_classifiers(path: Path, classifiers: dict) -> None:
                    f"{target}.n_seen": np.asarray(scaler.n_samples_seen_), f"{target}.coef": lr.coef_,
                    f"{target}.intercept": lr.intercept_, f"{target}.classes": lr.classes_.astype(str),
                    f"{target}.n_iter": lr.n_iter_, f"{target}.cv": np.asarray(cv)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:      # (atomic_path makes the folder)
         np.savez(f, **arrays)
 
 

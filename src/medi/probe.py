@@ -553,6 +553,8 @@ def generators(cfg: Config, method: str) -> list[tuple[str, int | None]]:
 def prepare(cfg: Config, parts: Sequence[str] = PARTS) -> Context:
     """The pipeline's context: real embeddings (cached) and, per model method, the pool of each of its generators
     (`models/NAME[-seedS]`) in `samples/probe/NAME[-seedS]/`."""
+    from medi import artifacts
+
     p = cfg.probe
     train_index, holdout_index = load_splits(cfg)
     spec = encoder_spec(cfg)
@@ -561,7 +563,7 @@ def prepare(cfg: Config, parts: Sequence[str] = PARTS) -> Context:
     for m in (m for m in p.methods if m not in BASELINES):
         pool[m] = []
         for name, seed in generators(cfg, m):
-            model_dir = Path(cfg.model.output) / name
+            model_dir = artifacts.model_dir(cfg, name)
             if not (model_dir / "model.safetensors").exists():
                 how = f"medi train --model {p.models[m]}" + (f" --seed {seed}" if seed is not None else "")
                 raise MediError(f"probe: {model_dir} not found; train it with `{how}` (or `dvc repro`)")

@@ -106,7 +106,7 @@ def regenerate_stage(cfg: Config, name: str, manifest_path: str, output: str | N
     """`medi sample --model NAME --from-manifest PATH`: regenerate a set and compare it with the files on disk."""
     manifest_path = Path(manifest_path)
     manifest = read_manifest(manifest_path)
-    model_dir = Path(cfg.model.output) / name
+    model_dir = artifacts.model_dir(cfg, name)
     info_path = manifest_path.parent / INFO
     if info_path.exists() and read_json(info_path)["weights_sha256_16"] != weights_digest(model_dir):
         raise MediError(f"{model_dir} is not the model that generated {manifest_path} (weights differ); "

@@ -383,7 +383,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     if main:
         ema.copy_to(core.parameters())
     core.eval()
-    model_dir = Path(m.output) / name
+    model_dir = artifacts.model_dir(cfg, name)
     seconds = time.perf_counter() - run_t0 - hook_seconds
     if main:
         core.save(model_dir, extra={"name": name, "attributes": attributes, "model_params": asdict(m),
