@@ -55,10 +55,10 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from medi import artifacts, figures, unseen
-    from medi.fid import Extractor, condition_classifiers
+    from medi.fidelity import Extractor, condition_classifiers
 
     base = config.load(args.params)
-    extractor = Extractor.from_config(base.fid)
+    extractor = Extractor.from_config(base.fid.encoder)
     train_index = pd.read_parquet(Path(base.split.output) / "train.parquet").sort_values("idx").reset_index(drop=True)
     tiles = artifacts.load_tiles(base.data.output)
     real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], base.fid.cache, verbose=False)

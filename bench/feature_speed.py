@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medi import config
-from medi.fid import Extractor
+from medi.fidelity import Extractor
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
 from bench_report import cpu_name, write_section  # noqa: E402
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=512)
     args = ap.parse_args()
     cfg = config.load(args.params)
-    extractor = Extractor.from_config(cfg.fid)
+    extractor = Extractor.from_config(cfg.fid.encoder)
     r = cfg.data.resolution
     images = np.random.default_rng(0).integers(0, 256, (args.count, r, r, 3), dtype=np.uint8)
     batch = torch.from_numpy(images[:cfg.fid.batch_size]).permute(0, 3, 1, 2).contiguous()

@@ -19,7 +19,7 @@ import pandas as pd
 
 
 def main() -> None:
-    from medi import artifacts, config, fid, train
+    from medi import artifacts, config, fidelity, train
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")
@@ -34,7 +34,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = train.train(short, "medi", index, Path(cfg.data.output) / "tiles.npy")
         per_step = (time.perf_counter() - t0) / args.steps
-        hook = fid.curve_hook(cfg, "medi", index, tiles)
+        hook = fidelity.curve_hook(cfg, "medi", index, tiles)
         t0 = time.perf_counter()
         hook(1, result.model)                       # builds the extractor; real features from the cache (or made)
         first = time.perf_counter() - t0

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from medi import artifacts, config
-from medi.fid import Extractor, frechet
+from medi.fidelity import Extractor, frechet
 from medi.model import MediDiffusion
 from medi.sampling import Sampler, conditions_of, generate, guidance_conditions, plan, sampling_precision
 
@@ -59,7 +59,7 @@ def main() -> None:
     x = torch.zeros(len(batched["class"]), 3, model.arch.sample_size, model.arch.sample_size)
     with torch.no_grad():
         step_flops = counted_flops(lambda: model(x, torch.full((len(x),), 500), batched)) / args.batch  # per image
-    extractor = Extractor.from_config(cfg.fid)
+    extractor = Extractor.from_config(cfg.fid.encoder)
     tiles = artifacts.load_tiles(cfg.data.output)
     real_idx = np.sort(train_index["idx"].to_numpy())
     real = extractor.features(tiles[real_idx], verbose=False)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
-               "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}.items():
-    os.environ[_k] = _v
+from medi.runtime import OFFLINE_ENV
+
+os.environ.update(OFFLINE_ENV)
 # Under pytest-xdist (`make test` runs one worker per core) each worker gets an equal share of the cores, set before
 # torch is imported and inherited by the processes the tests start: workers do not oversubscribe the machine.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:

@@ -135,6 +135,9 @@ BAD_PARAMS = [
      r"'model.custom.layers_per_block' must be >= 1, got 0"),
     (["model.preset=custom", "model.custom.norm_num_groups=48"], "model.custom.norm_num_groups",
      r"'model.custom.norm_num_groups' \(48\) must divide every block_out_channels \[64, 128, 128, 256\]"),
+    (["model.d_e=31", "model.variants={medi: [tss, race, gender, age]}"], "model.d_e",
+     r"'model.d_e' = 31 with the 4 attribute\(s\) of variant 'medi' leaves d_class = 4 of d_t = 128 \(model.preset "
+     r"tiny-cpu\); use model.d_e <= 30"),
     (["train.grad_accumulation=0"], "train.grad_accumulation", r"'train.grad_accumulation' must be >= 1, got 0"),
     (["train.grad_accumulation=3"], "train.batch_size",
      r"'train.batch_size' \(32\) must be divisible by 'train.grad_accumulation' \(3\)"),
@@ -229,7 +232,8 @@ def test_the_matrix_reaches_every_check_of_validate():
     import ast
     import inspect
 
-    checks = (config._validate, config._at_least, config._check_custom_unet)
+    checks = (config._check_data, config._check_model_and_training, config._check_sampling_and_fid,
+              config._check_probe_and_sweep, config._at_least, config._check_custom_unet, config._check_class_width)
     reached = set()
     for sets, _, _ in BAD_PARAMS:
         with pytest.raises(MediError) as err:
@@ -244,3 +248,14 @@ def test_the_matrix_reaches_every_check_of_validate():
         raises |= {(fn.__name__, start + node.lineno - 1) for node in ast.walk(ast.parse(inspect.getsource(fn)))
                    if isinstance(node, ast.Raise)}
     assert raises <= reached, sorted(raises - reached)
+
+
+def test_the_class_width_rule_is_checked_in_params_and_the_sweep_space_refuses_it_before_any_trial():
+    from medi import space
+
+    cfg = config.load(REPO / "params.yaml")                       # tiny-cpu: d_t = 128; medi has one attribute
+    assert config.override(cfg, {"model.d_e": 120}).model.d_e == 120          # d_class = 8: the least allowed
+    for other in ({"model.embedding_split": "equal"}, {"model.metadata_route": "output"}):
+        assert config.override(cfg, {"model.d_e": 121, **other}).model.d_e == 121   # d_e does not take d_t there
+    with pytest.raises(MediError, match=r"sweep.space \(model.d_e: 121\).*leaves d_class = 7 of d_t = 128"):
+        space.parse_space(config.override(cfg, {"sweep.space": {"model.d_e": {"low": 8, "high": 121}}}), "medi")

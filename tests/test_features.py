@@ -27,7 +27,7 @@ def test_after_fid_the_probe_encodes_none_of_its_tiles_and_gets_the_same_vectors
     n_train = int(train_index["class"].isin(classes).sum())
     n_holdout = int((holdout["part"].isin(["validation", "test"]) & holdout["class"].isin(classes)).sum())
     assert n_train > 0 and n_holdout > 0
-    spec = probe.encoder_spec(shared)
+    spec = embed.spec_of(shared.encoder)
     with caplog.at_level(logging.INFO, logger="medi.features"):
         after_fid = probe.real_embeddings(shared, spec, train_index, holdout, ["validation", "test"])
     # every training tile of the task classes came from fid's features; only the holdout tiles were encoded

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from helpers import save_untrained, train_index
-from medi import artifacts, embed, fid, report, sample, sampling, train
+from medi import artifacts, embed, fid, fidelity, report, sample, sampling, train
 from medi.errors import MediError
 from medi.groundtruth import GroundTruth
 from medi.model import MediDiffusion
@@ -27,7 +27,7 @@ def real_tiles(cfg) -> np.ndarray:
 def test_fid_sanity_real_halves_near_zero_and_noise_large(tiny_world):
     cfg = tiny_world()
     tiles = real_tiles(cfg)
-    scores = fid.real_halves(cfg.fid, tiles)
+    scores = fidelity.real_halves(cfg.fid, tiles)
     assert scores["noise"] > 0
     assert scores["halves"] < 0.05 * scores["noise"], scores
     assert abs(scores["kid_halves"]) < 0.05 * scores["kid_noise"], scores
@@ -41,9 +41,9 @@ def test_timm_extractor_loads_a_local_state_dict_and_rejects_a_foreign_one(tmp_p
     net = timm.create_model("resnet18", pretrained=False, num_classes=0)
     save_file(net.state_dict(), str(tmp_path / "r18.safetensors"))
     cfg = make_cfg(fid__extractor="timm:resnet18", fid__weights=str(tmp_path / "r18.safetensors"), fid__input_size=32)
-    loaded = fid.Extractor.from_config(cfg.fid)
-    random5 = fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="random:resnet18", seed=5))
-    random6 = fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="random:resnet18", seed=6))
+    loaded = fidelity.Extractor.from_config(cfg.fid.encoder)
+    random5 = fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, name="random:resnet18", seed=5))
+    random6 = fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, name="random:resnet18", seed=6))
     images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     feats = loaded.features(images, verbose=False)
     assert feats.shape == (6, 512)
@@ -53,11 +53,11 @@ def test_timm_extractor_loads_a_local_state_dict_and_rejects_a_foreign_one(tmp_p
 
     torch.save(timm.create_model("resnet34", num_classes=0).state_dict(), tmp_path / "r34.pth")
     with pytest.raises(MediError, match="do not fit timm resnet18: missing"):
-        fid.Extractor.from_config(dataclasses.replace(cfg.fid, weights=str(tmp_path / "r34.pth")))
+        fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, weights=str(tmp_path / "r34.pth")))
     with pytest.raises(MediError, match="needs a local weights file"):
-        fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="uni", weights=""))
+        fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, name="uni", weights=""))
     with pytest.raises(MediError, match="not a timm architecture"):
-        fid.Extractor.from_config(dataclasses.replace(cfg.fid, extractor="random:no_such_net"))
+        fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, name="random:no_such_net"))
 
 
 def test_one_preprocessing_for_hwc_and_chw_tiles():
@@ -74,10 +74,10 @@ def test_inception_needs_its_weights_offline_and_loads_a_local_file(tmp_path, ma
 
     cfg = make_cfg(fid__extractor="inception-v3-compat", fid__weights="")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(MediError, match=f"put {fid.INCEPTION_FILE} .* at {tmp_path / 'torch'}/hub/checkpoints"):
-        fid.Extractor.from_config(cfg.fid)
+    with pytest.raises(MediError, match=f"put {fidelity.INCEPTION_FILE} .* at {tmp_path / 'torch'}/hub/checkpoints"):
+        fidelity.Extractor.from_config(cfg.fid.encoder)
     with pytest.raises(MediError, match="fid.weights: /nowhere.pth not found"):
-        fid.Extractor.from_config(dataclasses.replace(cfg.fid, weights="/nowhere.pth"))
+        fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, weights="/nowhere.pth"))
 
     # a randomly initialised network of the same architecture stands in for the real weights file
     with monkeypatch.context() as m:
@@ -86,19 +86,19 @@ def test_inception_needs_its_weights_offline_and_loads_a_local_file(tmp_path, ma
         net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     cache = tmp_path / "torch/hub/checkpoints"
     cache.mkdir(parents=True)
-    torch.save(net.state_dict(), cache / fid.INCEPTION_FILE)
-    ext = fid.Extractor.from_config(cfg.fid)                       # found in the torch hub cache
-    assert ext.name == "inception-v3-compat" and fid.INCEPTION_FILE in ext.description
+    torch.save(net.state_dict(), cache / fidelity.INCEPTION_FILE)
+    ext = fidelity.Extractor.from_config(cfg.fid.encoder)                       # found in the torch hub cache
+    assert ext.name == "inception-v3-compat" and fidelity.INCEPTION_FILE in ext.description
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     assert ext.features(images, verbose=False).shape == (3, 2048)
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(MediError, match="cannot load Inception weights .*broken.pth"):
-        fid.Extractor.from_config(dataclasses.replace(cfg.fid, weights=str(tmp_path / "broken.pth")))
+        fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, weights=str(tmp_path / "broken.pth")))
 
 
 def test_feature_cache_is_keyed_by_extractor_and_image_bytes(tmp_path, make_cfg, caplog):
     cfg = make_cfg(fid__input_size=32)
-    ext = fid.Extractor.from_config(cfg.fid)
+    ext = fidelity.Extractor.from_config(cfg.fid.encoder)
     images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     first = ext.cached_features(images, str(tmp_path / "c"), verbose=False)
     with caplog.at_level("INFO"):
@@ -106,7 +106,7 @@ def test_feature_cache_is_keyed_by_extractor_and_image_bytes(tmp_path, make_cfg,
     assert "from the cache" in caplog.text and torch.equal(first, again)
     changed = images.copy()
     changed[0, 0, 0, 0] ^= 1
-    other = fid.Extractor.from_config(dataclasses.replace(cfg.fid, seed=1))
+    other = fidelity.Extractor.from_config(dataclasses.replace(cfg.fid.encoder, seed=1))
     caplog.clear()
     with caplog.at_level("INFO"):
         ext.cached_features(changed, str(tmp_path / "c"), verbose=False)       # one image changed: one encoded
@@ -122,7 +122,7 @@ def test_small_groups_are_flagged_with_their_n_not_reported(make_cfg):
     real, gen = torch.randn(60, 4, generator=g, dtype=torch.float64), torch.randn(33, 4, generator=g, dtype=torch.float64)
     real_groups = np.array(["a"] * 40 + ["b"] * 20)
     gen_groups = np.array(["a"] * 25 + ["b"] * 5 + ["c"] * 3)
-    out = fid.group_scores(real, real_groups, gen, gen_groups, cfg.fid)
+    out = fidelity.group_scores(real, real_groups, gen, gen_groups, cfg.fid)
     assert set(out["fid"]) == {"a"} and set(out["kid"]) == {"a"}
     assert out["below_min_count"]["b"]["generated"] == 5 and "fid" in out["below_min_count"]["b"]
     assert out["below_min_count"]["c"] == {"real": 0, "generated": 3}
@@ -139,7 +139,7 @@ def test_conditioning_accuracy_tells_right_from_wrong_conditions():
     real = np.stack([centres[s] + rng.normal(0, 1, 8) for s in index["tss"]])
     gen_rows = pd.DataFrame([(sites[s], s) for s in sites for _ in range(10)], columns=["class", "tss"])
     gen = np.stack([centres[s] + rng.normal(0, 1, 8) for s in gen_rows["tss"]])
-    good = fid.conditioning_accuracy(real, index, gen, gen_rows, True, seed=0)
+    good = fidelity.conditioning_accuracy(real, index, gen, gen_rows, True, seed=0)
     assert {k: v for k, v in good.items() if k != "classifier"} == {
         "site_conditioned": True, "class_accuracy": 1.0, "class_accuracy_real_cv": 1.0, "class_chance": 0.5,
         "class_accuracy_per_class": {"A": 1.0, "B": 1.0}, "site_accuracy": 1.0, "site_accuracy_real_cv": 1.0,
@@ -148,13 +148,13 @@ def test_conditioning_accuracy_tells_right_from_wrong_conditions():
         "class_accuracy_seen_pairs": 1.0, "class_accuracy_unseen_pairs": None}
     # the images of s1 asked for as s3 (a site of the other class): the class is right, every site wrong
     wrong = gen_rows.assign(tss=gen_rows["tss"].map({"s1": "s3", "s2": "s4", "s3": "s1", "s4": "s2"}))
-    bad = fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0)
+    bad = fidelity.conditioning_accuracy(real, index, gen, wrong, True, seed=0)
     assert (bad["class_accuracy"], bad["site_accuracy"], bad["site_accuracy_per_class"]) == (1.0, 0.0, {"A": 0.0, "B": 0.0})
     assert (bad["seen_pairs_images"], bad["unseen_pairs_images"], bad["site_accuracy_unseen_pairs"]) == (0, 40, 0.0)
     assert (bad["class_accuracy_unseen_pairs"], bad["class_accuracy_seen_pairs"]) == (1.0, None)
     # the classifiers fitted once and passed in give the same figures
-    once = fid.condition_classifiers(real, index, seed=0)
-    assert fid.conditioning_accuracy(real, index, gen, wrong, True, seed=0, classifiers=once) == bad
+    once = fidelity.condition_classifiers(real, index, seed=0)
+    assert fidelity.conditioning_accuracy(real, index, gen, wrong, True, seed=0, classifiers=once) == bad
 
 
 def test_condition_classifiers_are_fitted_once_per_real_features_and_labels(tmp_path, monkeypatch):
@@ -167,19 +167,19 @@ def test_condition_classifiers_are_fitted_once_per_real_features_and_labels(tmp_
                           "tss": [f"s{i % 6}" for i in range(60)]})
     real = rng.normal(size=(60, 12)).astype(np.float32) + (np.arange(60) % 3)[:, None]
     gen = rng.normal(size=(30, 12)).astype(np.float32) + (np.arange(30) % 3)[:, None]
-    first = fid.condition_classifiers(real, index, seed=0, cache=tmp_path)
+    first = fidelity.condition_classifiers(real, index, seed=0, cache=tmp_path)
     (saved,) = (tmp_path / "classifiers").glob("*.npz")
     fits = []
     monkeypatch.setattr(LogisticRegression, "fit", lambda self, *a, **k: fits.append(1) or pytest.fail("refitted"))
-    again = fid.condition_classifiers(real, index, seed=0, cache=tmp_path)
+    again = fidelity.condition_classifiers(real, index, seed=0, cache=tmp_path)
     assert fits == []
     for target in ("class", "tss"):
         assert again[target][1] == first[target][1]
         assert np.array_equal(again[target][0].predict(gen), first[target][0].predict(gen))
         assert np.array_equal(again[target][0].decision_function(gen), first[target][0].decision_function(gen))
     monkeypatch.undo()
-    fid.condition_classifiers(real, index.assign(tss=index["tss"].str.upper()), seed=0, cache=tmp_path)
-    fid.condition_classifiers(real + 1, index, seed=0, cache=tmp_path)
+    fidelity.condition_classifiers(real, index.assign(tss=index["tss"].str.upper()), seed=0, cache=tmp_path)
+    fidelity.condition_classifiers(real + 1, index, seed=0, cache=tmp_path)
     assert len(list((tmp_path / "classifiers").glob("*.npz"))) == 3 and saved.exists()
 
 
@@ -187,7 +187,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     cfg = tiny_world()
     idx = train_index(cfg).sort_values("idx")
     real_classes = idx["class"].to_numpy(str)
-    extractor = fid.Extractor.from_config(cfg.fid)
+    extractor = fidelity.Extractor.from_config(cfg.fid.encoder)
     real = extractor.features(real_tiles(cfg)[idx["idx"].to_numpy()], verbose=False)
     truth = GroundTruth.load(cfg.data.root)
     k = min(4, cfg.fid.stain_tiles)
@@ -215,12 +215,12 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         gen = extractor.features(np.stack([np.asarray(Image.open(folder / p)) for p in manifest["path"]]), verbose=False)
         gen_classes = manifest["class"].to_numpy(str)
         assert (on_disk["n_real"], on_disk["n_generated"]) == (len(idx), 42)
-        assert on_disk["overall"] == fid.frechet(real, gen)
+        assert on_disk["overall"] == fidelity.frechet(real, gen)
         n = {c: {"real": int((real_classes == c).sum()), "generated": int((gen_classes == c).sum())}
              for c in sorted(set(real_classes) | set(gen_classes))}
         reported = [c for c in n if min(n[c].values()) >= cfg.fid.min_count]
         assert on_disk["n_per_class"] == n and sorted(on_disk["below_min_count"]["class"]) == sorted(set(n) - set(reported))
-        assert on_disk["per_class"] == {c: fid.frechet(real[real_classes == c], gen[gen_classes == c]) for c in reported}
+        assert on_disk["per_class"] == {c: fidelity.frechet(real[real_classes == c], gen[gen_classes == c]) for c in reported}
         assert on_disk["mean_class_fid"] == float(np.mean([on_disk["per_class"][c] for c in reported]))
         cond = on_disk["conditioning"]
         assert cond["site_conditioned"] == (name == "medi") and cond["class_chance"] == 1 / len(set(real_classes))
@@ -308,7 +308,7 @@ def test_report_refuses_metrics_from_different_feature_spaces(tiny_world):
 def test_training_logs_an_fid_curve(tiny_world):
     cfg = tiny_world(train__max_steps=6, train__eval_every=3)
     idx = train_index(cfg)
-    hook = fid.curve_hook(cfg, "medi", idx, real_tiles(cfg))
+    hook = fidelity.curve_hook(cfg, "medi", idx, real_tiles(cfg))
     result = train.run_stage(cfg, "medi", extra_hooks=[(cfg.train.eval_every, hook)])
     client = mlflow.tracking.MlflowClient()
     run = next(r for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
@@ -322,9 +322,9 @@ def test_training_logs_an_fid_curve(tiny_world):
                        sorted(idx["class"].unique()))
     images = sampling.generate(model, sampling.Sampler.of(cfg.sample), cfg.model, sampling.conditions_of(rows, model),
                                rows["seed"].tolist(), batch_size=cfg.sample.batch_size)
-    extractor = fid.Extractor.from_config(cfg.fid)
+    extractor = fidelity.Extractor.from_config(cfg.fid.encoder)
     real = extractor.features(real_tiles(cfg)[np.sort(idx["idx"].to_numpy())], verbose=False)
-    assert history[1].value == fid.frechet(real, extractor.features(images, verbose=False))
+    assert history[1].value == fidelity.frechet(real, extractor.features(images, verbose=False))
     assert history[0].value != history[1].value
 
 
@@ -335,7 +335,7 @@ def test_the_fid_curve_changes_neither_the_weights_nor_the_random_streams(tiny_w
     runs = {}
     for eval_every in (0, 3):
         cfg = tiny_world(train__max_steps=6, train__eval_every=eval_every, model__output=str(tmp_path / f"m{eval_every}"))
-        hooks = [(3, fid.curve_hook(cfg, "medi", idx, real_tiles(cfg)))] if eval_every else []
+        hooks = [(3, fidelity.curve_hook(cfg, "medi", idx, real_tiles(cfg)))] if eval_every else []
         torch.manual_seed(123)
         logged = {}
         result = train.train(cfg, "medi", idx, Path(cfg.data.output) / "tiles.npy", hooks,

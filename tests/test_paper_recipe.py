@@ -245,7 +245,7 @@ def stand_in_weights(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
     from torch_fidelity import feature_extractor_inceptionv3 as inc
 
-    from medi import embed, fid
+    from medi import embed, fidelity
 
     (root / "weights/uni").mkdir(parents=True)
     torch.manual_seed(0)
@@ -256,7 +256,7 @@ def stand_in_weights(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         m.setattr(inc, "load_state_dict_from_url", lambda *a, **k: None)
         m.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
         net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.save(net.state_dict(), root / "weights" / fid.INCEPTION_FILE)
+    torch.save(net.state_dict(), root / "weights" / fidelity.INCEPTION_FILE)
 
 
 @pytest.mark.paper_smoke

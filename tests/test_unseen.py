@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from helpers import save_untrained, train_index
-from medi import artifacts, fid, sampling, unseen
+from medi import artifacts, fidelity, sampling, unseen
 from medi.groundtruth import GroundTruth, stain_match
 
 
@@ -31,7 +31,7 @@ def test_score_tells_a_site_carried_to_other_classes_from_one_that_is_not():
     index = pd.DataFrame([(f"{s}-{k // 5}", c, s) for s, c in sites.items() for k in range(30)],
                          columns=["slide", "class", "tss"])
     real = np.stack([centres[s] + rng.normal(0, 1, 6) for s in index["tss"]])
-    classifiers = fid.condition_classifiers(real, index, seed=0)
+    classifiers = fidelity.condition_classifiers(real, index, seed=0)
     pairs = unseen.pair_grid(index, ["A", "B"])
     assert pairs.values.tolist() == [["A", "s1", True], ["A", "s3", False], ["B", "s1", False], ["B", "s3", True]]
     n = 3

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from medi import config as config_mod
+from medi import runtime
 from medi.config import Config
 from medi.errors import MediError
 
 log = logging.getLogger("medi")
-
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-}
 
 
 def cmd_synthesize(cfg: Config, args: argparse.Namespace) -> None:
@@ -69,10 +64,10 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     if cfg.train.eval_every > 0:      # the FID curve, in the feature space of params `fid`
         import numpy as np
 
-        from medi import artifacts, fid
+        from medi import artifacts, fidelity
 
         if artifacts.has_split(cfg):
-            hooks.append((cfg.train.eval_every, fid.curve_hook(cfg, args.model, artifacts.train_frame(cfg),
+            hooks.append((cfg.train.eval_every, fidelity.curve_hook(cfg, args.model, artifacts.train_frame(cfg),
                                                                np.asarray(artifacts.load_tiles(cfg.data.output)))))
     train.run_stage(cfg, args.model, extra_hooks=hooks)
 
@@ -116,11 +111,7 @@ def cmd_probe(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_sweep(cfg: Config, args: argparse.Namespace) -> None:
     from medi import sweep
 
-    if args.worker is not None:       # a worker process started by `medi sweep --workers N`
-        sweep.optimise(cfg, args.method, args.trials, args.worker)
-        return
-    params_args = ["--params", args.params, *[a for s in args.set for a in ("--set", s)]]
-    sweep.run(cfg, params_args, args.trials, args.workers)
+    sweep.run(cfg, args.trials, args.workers)
 
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> None:
@@ -185,8 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             p.add_argument("--trials", type=int, default=None, help="trials to add (default: params sweep.trials)")
             p.add_argument("--workers", type=int, default=None, help="worker processes (default: params sweep.workers)")
-            p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-            p.add_argument("--method", default=None, help=argparse.SUPPRESS)
         if name == "profile":
             p.add_argument("names", nargs="+", metavar="NAME", help="profiles/NAME.yaml (or a .yaml path), applied in order")
             p.add_argument("--output", metavar="FILE", help="write the resolved params here (default: the --params file)")
@@ -210,13 +199,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    runtime.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
         cfg = config_mod.load(args.params, parse_overrides(args.set))
         from medi import distributed

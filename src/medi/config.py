@@ -186,6 +186,18 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EncoderConfig:
+    """An image encoder: the probe's (params `encoder`) and, under the FID's own key names, the FID network
+    (`FidConfig.encoder`). One type, so both resolve, build and cache the same way (`embed.spec_of`)."""
+    name: str                    # random:<timm name> (offline default) | uni | uni2-h | h-optimus-0 | phikon | timm:<name>
+    weights: str                 # local weights file (required for pretrained encoders)
+    input_size: int              # px the tiles are resized to (0 = the encoder's own)
+    seed: int                    # random:<name>: initialisation seed
+    batch_size: int
+    cache: str                   # embeddings on disk, keyed by encoder and image content ("" = off)
+
+
+@dataclass(frozen=True)
 class FidConfig:
     extractor: str               # random:<timm name> (offline default) | inception-v3-compat | timm:<name> | an encoder preset
     weights: str                 # local weights file ("" = inception: the torch hub cache; timm: required)
@@ -203,15 +215,10 @@ class FidConfig:
     detail: str                  # reports/fid_{model}_detail.json (every figure, n per group, settings, unseen-pairs cells)
     plot: str                    # FID per class for `dvc plots`, e.g. reports/plots/fid_per_class_{model}.csv
 
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    name: str                    # random:<timm name> (offline default) | uni | uni2-h | h-optimus-0 | phikon | timm:<name>
-    weights: str                 # local weights file (required for pretrained encoders)
-    input_size: int              # px the tiles are resized to (0 = the encoder's own)
-    seed: int                    # random:<name>: initialisation seed
-    batch_size: int
-    cache: str                   # embeddings on disk, keyed by encoder and image content ("" = off)
+    @property
+    def encoder(self) -> EncoderConfig:
+        """The FID network (extractor, weights, input_size, seed, batch_size, cache) as an encoder."""
+        return EncoderConfig(self.extractor, self.weights, self.input_size, self.seed, self.batch_size, self.cache)
 
 
 ProbeStrategy = Literal["grid", "unseen", "balanced", "uniform"]
@@ -413,6 +420,15 @@ def _at_least(where: str, minimum: float, values: dict[str, float]) -> None:
             raise MediError(f"{where}: '{key}' must be >= {minimum}, got {value}")
 
 
+# UNet presets. paper-128 is the public MeDi code's model: six levels, 128-256-512-512-1024-1024 channels,
+# two layers per block, no attention. tiny-cpu (~1M parameters) is what the default pipeline trains on a CPU.
+UNET_PRESETS: dict[str, dict] = {
+    "tiny-cpu": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention": False, "norm_num_groups": 8},
+    "paper-128": {"block_out_channels": [128, 256, 512, 512, 1024, 1024], "layers_per_block": 2, "attention": False,
+                  "norm_num_groups": 32},
+}
+MIN_D_CLASS = 8                  # the class embedding's smallest width (model.d_e leaves d_t - k * d_e to it)
+
 # The UNet spec `model.custom` gives when model.preset is custom (the fields of model.Architecture a preset fixes).
 CUSTOM_UNET: dict[str, Any] = {"block_out_channels": list[int], "layers_per_block": int, "attention": bool,
                                "norm_num_groups": int}
@@ -436,7 +452,29 @@ def _check_custom_unet(spec: dict[str, Any], where: str) -> None:
                         f"block_out_channels {channels}")
 
 
+def _check_class_width(m: ModelConfig, where: str) -> None:
+    """Each variant's class embedding keeps MIN_D_CLASS of d_t (4 x the first UNet channels) when its k attributes
+    take d_e each (embedding_split d_e, attributes on the embedding route)."""
+    if m.embedding_split != "d_e" or m.metadata_route != "embedding":
+        return
+    channels = (m.custom if m.preset == "custom" else UNET_PRESETS[m.preset])["block_out_channels"]
+    d_t = 4 * channels[0]
+    for name, attributes in m.variants.items():
+        k = len(attributes)
+        if k and d_t - k * m.d_e < MIN_D_CLASS:
+            raise MediError(f"{where}: 'model.d_e' = {m.d_e} with the {k} attribute(s) of variant '{name}' leaves "
+                            f"d_class = {d_t - k * m.d_e} of d_t = {d_t} (model.preset {m.preset}); use "
+                            f"model.d_e <= {(d_t - MIN_D_CLASS) // k}")
+
+
 def _validate(cfg: Config, where: str) -> None:
+    """Every cross-field rule of the params, section group by section group; the first broken one is raised."""
+    for check in (_check_data, _check_model_and_training, _check_sampling_and_fid, _check_probe_and_sweep):
+        check(cfg, where)
+
+
+def _check_data(cfg: Config, where: str) -> None:
+    """data, synthetic, split."""
     folders = cfg.class_folders
     for section, classes in (("data.classes", cfg.data.classes), ("synthetic.classes", cfg.synthetic.classes)):
         if not classes:
@@ -463,6 +501,12 @@ def _validate(cfg: Config, where: str) -> None:
             raise MediError(f"{where}: '{name}' must be positive, got {value}")
     _at_least(where, 1, {"synthetic.tiles_per_slide": cfg.synthetic.tiles_per_slide})
     _at_least(where, 16, {"synthetic.tile_size": cfg.synthetic.tile_size})
+    if not cfg.split.key_columns:
+        raise MediError(f"{where}: 'split.key_columns' is empty")
+
+
+def _check_model_and_training(cfg: Config, where: str) -> None:
+    """model, train."""
     for name in ("class_dropout", "attribute_dropout"):
         if not 0.0 <= getattr(cfg.model, name) < 1.0:
             raise MediError(f"{where}: 'model.{name}' must lie in [0, 1), got {getattr(cfg.model, name)}")
@@ -470,6 +514,7 @@ def _validate(cfg: Config, where: str) -> None:
         raise MediError(f"{where}: 'model.variants' is empty; name at least one model, e.g. cls: [] and medi: [tss]")
     if cfg.model.preset == "custom":
         _check_custom_unet(cfg.model.custom, where)
+    _check_class_width(cfg.model, where)
     t = cfg.train
     if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
         raise MediError(f"{where}: 'train.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}")
@@ -485,15 +530,17 @@ def _validate(cfg: Config, where: str) -> None:
     if t.batch_size % t.grad_accumulation:
         raise MediError(f"{where}: 'train.batch_size' ({t.batch_size}) must be divisible by 'train.grad_accumulation' "
                         f"({t.grad_accumulation})")
-    if not cfg.split.key_columns:
-        raise MediError(f"{where}: 'split.key_columns' is empty")
+
+
+def _check_sampling_and_fid(cfg: Config, where: str) -> None:
+    """sample, fid."""
     smp = cfg.sample
     _at_least(where, 1, {f"sample.{k}": getattr(smp, k) for k in ("steps", "per_pair", "batch_size")})
     _at_least(where, 0, {"sample.count": smp.count})
     if smp.guidance < 1.0:
         raise MediError(f"{where}: 'sample.guidance' must be >= 1 (1 = no classifier-free guidance), got {smp.guidance}")
     for key, value in (("sample.metadata_guidance", smp.metadata_guidance),
-                       ("train.grid_metadata_guidance", t.grid_metadata_guidance)):
+                       ("train.grid_metadata_guidance", cfg.train.grid_metadata_guidance)):
         if value is not None and value < 0.0:
             raise MediError(f"{where}: '{key}' must be >= 0 (0 = the metadata ignored, 1 = unguided), got {value}")
     if smp.strategy == "explicit" and not smp.pairs:
@@ -505,6 +552,10 @@ def _validate(cfg: Config, where: str) -> None:
     _at_least(where, 1, {f"fid.{k}": getattr(f, k) for k in ("batch_size", "min_count", "kid_subset_size", "kid_subsets",
                                                              "curve_count", "stain_tiles")})
     _at_least(where, 0, {"fid.input_size": f.input_size, "fid.unseen_per_pair": f.unseen_per_pair})
+
+
+def _check_probe_and_sweep(cfg: Config, where: str) -> None:
+    """probe, encoder, sweep, report."""
     pr = cfg.probe
     bad = [m for m in pr.methods if m not in PROBE_METHODS]
     if bad or not pr.methods or len(set(pr.methods)) != len(pr.methods):

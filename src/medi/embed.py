@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medi.config import EncoderConfig
 from medi.errors import MediError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -75,6 +76,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "phikon": {"architecture": "vit_base_patch16_224", "hub_id": "hf-hub:1aurent/vit_base_patch16_224.owkin_pancancer",
                "kwargs": {"img_size": 224}},
 }
+
+
+def spec_of(encoder: EncoderConfig) -> EncoderSpec:
+    """The spec of an encoder of params (`encoder`, or `fid.encoder`)."""
+    return resolve(encoder.name, encoder.weights, encoder.input_size, encoder.seed)
 
 
 def resolve(name: str, weights: str = "", input_size: int = 0, seed: int = 0) -> EncoderSpec:

@@ -37,21 +37,12 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medi.config import ModelConfig
+from medi.config import MIN_D_CLASS, UNET_PRESETS, ModelConfig
 from medi.errors import MediError
 from medi.io import atomic_path, write_json
 
 NULL = "<null>"
 ATTRIBUTE_ALIASES = {"tissue_source_site": "tss", "TSS": "tss", "age_at_index": "age"}
-
-# UNet presets. paper-128 is the public MeDi code's model: six levels, 128-256-512-512-1024-1024 channels,
-# two layers per block, no attention. tiny-cpu (~1M parameters) is what the default pipeline trains on a CPU.
-PRESETS: dict[str, dict] = {
-    "tiny-cpu": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention": False, "norm_num_groups": 8},
-    "paper-128": {"block_out_channels": [128, 256, 512, 512, 1024, 1024], "layers_per_block": 2, "attention": False,
-                  "norm_num_groups": 32},
-}
-
 
 def canonical(name: str) -> str:
     return ATTRIBUTE_ALIASES.get(name, name)
@@ -178,9 +169,9 @@ class ConditionEncoder(nn.Module):
         super().__init__()
         k = len(vocab.attributes)
         d_class = d_t if separate else d_t - k * d_e
-        if d_class < 8:
+        if d_class < MIN_D_CLASS:       # (params are checked in config; this guards a model built by hand)
             raise MediError(f"model.d_e = {d_e} with {k} attribute(s) leaves d_class = {d_class} of d_t = {d_t}; "
-                            f"use d_e <= {(d_t - 8) // max(k, 1)}")
+                            f"use d_e <= {(d_t - MIN_D_CLASS) // max(k, 1)}")
         self.d_t, self.d_e, self.d_class = d_t, d_e, d_class
         self.class_embedding = nn.Embedding(len(vocab.classes) + 1, d_class)
         self.categorical = nn.ModuleDict({a: nn.Embedding(len(v) + 1, d_e) for a, v in vocab.categorical.items()})
@@ -302,10 +293,10 @@ def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None
         raise MediError(f"model.metadata_route: unknown route '{metadata_route}'; known: embedding, output")
     if preset == "custom":
         spec = dict(custom or {})
-    elif preset in PRESETS:
-        spec = PRESETS[preset]
+    elif preset in UNET_PRESETS:
+        spec = UNET_PRESETS[preset]
     else:
-        raise MediError(f"model.preset: unknown preset '{preset}'; known: {sorted(PRESETS)} or 'custom'")
+        raise MediError(f"model.preset: unknown preset '{preset}'; known: {sorted(UNET_PRESETS)} or 'custom'")
     need = len(spec["block_out_channels"]) - 1
     if sample_size % (2 ** need):
         raise MediError(f"model: {len(spec['block_out_channels'])} UNet levels need a resolution divisible by "

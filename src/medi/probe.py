@@ -519,13 +519,6 @@ def real_embeddings(cfg: Config, spec, train_index: pd.DataFrame, holdout_index:
     return dict(zip(idx.tolist(), embed.embed(np.asarray(tiles[idx]), spec, cfg.encoder.cache, cfg.encoder.batch_size)))
 
 
-def encoder_spec(cfg: Config):
-    from medi import embed
-
-    e = cfg.encoder
-    return embed.resolve(e.name, e.weights, e.input_size, e.seed)
-
-
 def site_conditioned(cfg: Config) -> tuple[str, ...]:
     """The probe's model methods whose model is conditioned on the site."""
     p = cfg.probe
@@ -553,11 +546,11 @@ def generators(cfg: Config, method: str) -> list[tuple[str, int | None]]:
 def prepare(cfg: Config, parts: Sequence[str] = PARTS) -> Context:
     """The pipeline's context: real embeddings (cached) and, per model method, the pool of each of its generators
     (`models/NAME[-seedS]`) in `samples/probe/NAME[-seedS]/`."""
-    from medi import artifacts
+    from medi import artifacts, embed
 
     p = cfg.probe
     train_index, holdout_index = load_splits(cfg)
-    spec = encoder_spec(cfg)
+    spec = embed.spec_of(cfg.encoder)
     embeddings = real_embeddings(cfg, spec, train_index, holdout_index, parts)
     pool = {}
     for m in (m for m in p.methods if m not in BASELINES):

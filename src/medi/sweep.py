@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -49,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from medi import config as config_mod
+from medi import runtime
 from medi.config import Config
 from medi.errors import MediError
 from medi.space import SWEEPABLE, Dimension, parse_space, study_name, trial_config
@@ -58,6 +59,7 @@ from medi.trial import RUN_ATTR, Workspace, score
 log = logging.getLogger(__name__)
 
 MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain")
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # ----------------------------------------------------------------------------------------------- the study
@@ -171,7 +173,44 @@ def optimise(cfg: Config, method: str, n_trials: int, worker: int = 0) -> None:
                        timeout=cfg.sweep.timeout or None, catch=(Exception,))
 
 
-def run(cfg: Config, params_args: list[str], trials: int | None = None, workers: int | None = None) -> dict:
+def start_workers(cfg: Config, method: str, shares: list[tuple[int, int]]) -> list:
+    """Worker processes of one method's study, (worker number, trials) each: fresh interpreters (spawn) given
+    the parsed config itself, each with its share of the cores for torch and the probe."""
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // len(shares))
+    wcfg = config_mod.override(cfg, {"probe.workers": threads})
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=_worker, args=(wcfg, method, n, w, threads, logging.getLogger().level),
+                           name=f"medi-sweep-{method}-{w}") for w, n in shares]
+    saved = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update({k: str(threads) for k in THREAD_ENV})       # read by the children's OpenMP at start
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return procs
+
+
+def _worker(cfg: Config, method: str, n_trials: int, worker: int, threads: int, level: int) -> None:
+    """The body of a spawned worker: `optimise`; bad input exits 2 with its message, as `medi` does."""
+    import torch
+
+    runtime.setup(level)
+    torch.set_num_threads(threads)
+    try:
+        optimise(cfg, method, n_trials, worker)
+    except MediError as exc:
+        print(f"medi sweep worker {worker}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(cfg: Config, trials: int | None = None, workers: int | None = None) -> dict:
     """`medi sweep`: add `trials` trials to each method's study with `workers` processes, score each study's
     best trial once on the test sites, and summarise."""
     from mlflow.tracking import MlflowClient
@@ -192,15 +231,12 @@ def run(cfg: Config, params_args: list[str], trials: int | None = None, workers:
         if workers == 1:
             optimise(cfg, method, trials)
         else:                               # the trials split between processes; the cores too
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             shares = [trials // workers + (w < trials % workers) for w in range(workers)]
-            procs = [subprocess.Popen([sys.executable, "-m", "medi.cli", *params_args, "--set", f"probe.workers={threads}",
-                                       "sweep", "--method", method, "--worker", str(w), "--trials", str(n)], env=env)
-                     for w, n in enumerate(shares) if n]
-            codes = [p.wait() for p in procs]
+            procs = start_workers(cfg, method, [(w, n) for w, n in enumerate(shares) if n])
+            for p in procs:
+                p.join()
             names = [f"{socket.gethostname()}:{p.pid}" for p in procs]       # trial user attr "worker"
-            dead = {name: code for name, code in zip(names, codes) if code}
+            dead = {name: p.exitcode for name, p in zip(names, procs) if p.exitcode}
             if dead:
                 replace_dead_workers(cfg, method, dims, trials, names, dead)
         summary = summarise(cfg, method)

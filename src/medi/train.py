@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from medi import artifacts, distributed, precision
-from medi.config import Config
+from medi.config import Config, ModelConfig, TrainConfig
 from medi.errors import MediError
 from medi.io import write_json, write_text
 from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions, training_scheduler
@@ -235,6 +235,110 @@ def training_precision(cfg: Config, name: str, train_index: pd.DataFrame) -> pre
         return precision.for_training(t.precision, model, batch, device, recorded)
 
 
+def make_accelerator(t: TrainConfig, chosen: str) -> Accelerator:
+    """The accelerate set-up of a run in precision `chosen`; train.batch_size is the global batch (split_batches),
+    so the LR schedule steps once per optimizer step whatever the number of processes."""
+    accelerator = Accelerator(mixed_precision="no" if chosen == "fp32" else chosen,
+                              gradient_accumulation_steps=t.grad_accumulation, cpu=distributed.cpu_only(),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if chosen != "fp32" and not accelerator.native_amp:
+        log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
+                    chosen, accelerator.device.type)
+    if t.batch_size % (t.grad_accumulation * accelerator.num_processes):
+        raise MediError(f"train.batch_size {t.batch_size} does not split into train.grad_accumulation "
+                        f"{t.grad_accumulation} x {accelerator.num_processes} process(es) equal micro-batches")
+    return accelerator
+
+
+def optimisation(t: TrainConfig, model: MediDiffusion, main: bool) -> tuple[EMAModel | None, torch.optim.Optimizer, Any]:
+    """The EMA (the main process's alone), AdamW and the cosine schedule with linear warm-up."""
+    ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, inv_gamma=t.ema_inv_gamma,
+                   power=t.ema_power) if main else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    warmup = t.warmup_steps or int(t.max_steps * t.warmup_fraction)     # the authors': int(0.01 * steps)
+    return ema, optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, t.max_steps)
+
+
+def step_loader(t: TrainConfig, train_index: pd.DataFrame, tiles_file: str | Path, start: int,
+                accelerator: Accelerator) -> torch.utils.data.DataLoader:
+    """This process's micro-batches from optimizer step `start` on (`StepBatches`)."""
+    data = StepBatches(str(tiles_file), train_index["idx"].to_numpy(), sampling_weights(train_index["class"], t.balanced),
+                       t.batch_size // t.grad_accumulation, t.seed, start, t.max_steps, t.grad_accumulation, t.augment,
+                       accelerator.process_index, accelerator.num_processes)
+    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=t.workers, prefetch_factor=4 if t.workers else None,
+                                       generator=torch.Generator().manual_seed(t.seed))  # leaves the global RNG alone
+
+
+def noised_batch(batch: Mapping, conditions: Mapping[str, torch.Tensor], noise, m: ModelConfig, seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    """A micro-batch as the model sees it: (x_t, timesteps, dropped-out conditions, target). Each tile's noise,
+    timestep and dropout come from its own generator (`tile_generators`), not from the batch it lands in."""
+    gens = tile_generators(seed, int(batch["step"]), batch["index"].tolist())
+    x0 = batch["pixels"].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+    timesteps = torch.cat([torch.randint(0, noise.config.num_train_timesteps, (1,), generator=g) for g in gens])
+    timesteps = timesteps.to(device)
+    cond = {k: v[batch["pos"]].to(device) for k, v in conditions.items()}
+    cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=gens, nested=m.nested_dropout)
+    x_t = noise.add_noise(x0, eps, timesteps)
+    if m.prediction_type == "v_prediction":
+        target = noise.get_velocity(x0, eps, timesteps)
+    else:
+        target = eps if m.prediction_type == "epsilon" else x0
+    return x_t, timesteps, cond, target
+
+
+def learn(accelerator: Accelerator, model, optimizer, lr_scheduler, inputs: tuple, max_grad_norm: float,
+          diverged: Callable[[float], Exception]) -> torch.Tensor:
+    """One micro-batch forward and backward, and the optimizer step once the accumulation is complete; the loss.
+    A loss that is not finite (summed over the processes, so all stop together) stops the run before any update."""
+    x_t, timesteps, cond, target = inputs
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            pred = model(x_t, timesteps, cond)
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        checked = accelerator.reduce(loss.detach(), "sum") if accelerator.num_processes > 1 else loss
+        if not torch.isfinite(checked):
+            raise diverged(checked.item())
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def due_hooks(hooks: Sequence[tuple[int, Hook]], step: int, max_steps: int, with_ema) -> dict[str, float]:
+    """The metrics of the hooks due at `step` (every = 0: the last step only), each called with the EMA weights."""
+    metrics: dict[str, float] = {}
+    for every, hook in hooks:
+        if (every and step % every == 0) or step == max_steps:
+            metrics.update(with_ema(lambda mdl: hook(step, mdl)) or {})
+    return metrics
+
+
+class LogWindow:
+    """Loss and throughput between two log steps; time spent in hooks is not training time."""
+
+    def __init__(self):
+        self.images, self.t0, self.loss_sum, self.n = 0, time.perf_counter(), 0.0, 0
+
+    def add(self, loss: float, images: int) -> None:
+        self.loss_sum, self.n, self.images = self.loss_sum + loss, self.n + 1, self.images + images
+
+    def pause(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def close(self, accelerator: Accelerator) -> tuple[float, float]:
+        """(mean loss over the global batch, images per second) of the window; a new window starts."""
+        loss, per_second = self.loss_sum / self.n, self.images / (time.perf_counter() - self.t0)
+        if accelerator.num_processes > 1:
+            loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean").item()
+        self.__init__()
+        return loss, per_second
+
+
 def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | Path,
           hooks: Sequence[tuple[int, Hook]] = (), on_log: Callable[[int, dict], None] | None = None,
           mlflow_run_id: str | None = None, on_checkpoint: Callable[[Path], None] | None = None,
@@ -247,39 +351,20 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     (`training_precision`, made here when not given; the main process's, under a launch).
     """
     t, m = cfg.train, cfg.model
-    attributes = cfg.variant(name)
     distributed.state()                  # the process group of a launch (gloo on CPUs), before the Accelerator
     if decision is None and distributed.is_main():
         decision = training_precision(cfg, name, train_index)
     decision = distributed.broadcast(decision)
-    chosen = decision.precision
     if distributed.is_main():
         log.info("training %s in %s", name, decision.describe())
-    # split_batches: train.batch_size is the global batch, so the LR schedule steps once per optimizer step.
-    accelerator = Accelerator(mixed_precision="no" if chosen == "fp32" else chosen,
-                              gradient_accumulation_steps=t.grad_accumulation, cpu=distributed.cpu_only(),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if chosen != "fp32" and not accelerator.native_amp:
-        log.warning("train.precision is %s but accelerate does not autocast it on %s: this run trains in fp32",
-                    chosen, accelerator.device.type)
+    accelerator = make_accelerator(t, decision.precision)
     processes, main = accelerator.num_processes, accelerator.is_main_process
-    if t.batch_size % (t.grad_accumulation * processes):
-        raise MediError(f"train.batch_size {t.batch_size} does not split into train.grad_accumulation "
-                        f"{t.grad_accumulation} x {processes} process(es) equal micro-batches")
-    global_micro = t.batch_size // t.grad_accumulation
     if processes > 1:
         log.info("training %s on a process group: %s", name, distributed.describe())
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, name, train_index)
-    vocab = model.vocab
-    ema = EMAModel(model.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, inv_gamma=t.ema_inv_gamma,
-                   power=t.ema_power) if main else None     # the main process's alone
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    warmup = t.warmup_steps or int(t.max_steps * t.warmup_fraction)     # the authors': int(0.01 * steps)
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, t.max_steps)
-    noise = training_scheduler(m)
-
+    ema, optimizer, lr_scheduler = optimisation(t, model, main)
     root = checkpoint_root(cfg, name, train_index)
     state = TrainState(mlflow_run_id=mlflow_run_id)
     ckpt = distributed.broadcast(latest_checkpoint(root))      # every process resumes from the same one
@@ -287,18 +372,13 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         state = load_checkpoint(ckpt, model, ema, optimizer, lr_scheduler)
         state.mlflow_run_id = mlflow_run_id or state.mlflow_run_id
         log.info("resuming %s from %s (step %d of %d)", name, ckpt, state.step, t.max_steps)
-    state.precision = chosen
+    state.precision = decision.precision
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
     core: MediDiffusion = accelerator.unwrap_model(model)
-
-    conditions = vocab.encode(train_index["class"].tolist(), {a: train_index[a].tolist() for a in vocab.attributes})
-    data = StepBatches(str(tiles_file), train_index["idx"].to_numpy(), sampling_weights(train_index["class"], t.balanced),
-                       global_micro, t.seed, state.step, t.max_steps, t.grad_accumulation, t.augment,
-                       accelerator.process_index, processes)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=t.workers, prefetch_factor=4 if t.workers else None,
-                                         generator=torch.Generator().manual_seed(t.seed))  # leaves the global RNG alone
+    conditions = core.vocab.encode(train_index["class"].tolist(), {a: train_index[a].tolist() for a in core.vocab.attributes})
+    noise = training_scheduler(m)
 
     def with_ema(fn):
         ema.store(core.parameters())
@@ -312,41 +392,17 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc=f"train {name}", unit="step", mininterval=1.0,
                disable=not main)
-    window_images, window_t0, loss_sum, loss_n, last_loss = 0, time.perf_counter(), 0.0, 0, float("nan")
+    window, last_loss = LogWindow(), float("nan")
     run_t0, hook_seconds = time.perf_counter() - state.seconds, 0.0
     model.train()
-    for batch in loader:
-        step, mb = int(batch["step"]), int(batch["micro"])
-        gens = tile_generators(t.seed, step, batch["index"].tolist())
-        x0 = batch["pixels"].to(accelerator.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(accelerator.device)
-        timesteps = torch.cat([torch.randint(0, noise.config.num_train_timesteps, (1,), generator=g) for g in gens])
-        timesteps = timesteps.to(accelerator.device)
-        cond = {k: v[batch["pos"]].to(accelerator.device) for k, v in conditions.items()}
-        cond = drop_conditions(cond, m.class_dropout, m.attribute_dropout, generator=gens, nested=m.nested_dropout)
-        x_t = noise.add_noise(x0, eps, timesteps)
-        if m.prediction_type == "v_prediction":
-            target = noise.get_velocity(x0, eps, timesteps)
-        else:
-            target = eps if m.prediction_type == "epsilon" else x0
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                pred = model(x_t, timesteps, cond)
-            loss = torch.nn.functional.mse_loss(pred.float(), target)
-            # all processes stop together: the check is on the loss summed over them
-            checked = accelerator.reduce(loss.detach(), "sum") if processes > 1 else loss
-            if not torch.isfinite(checked):
-                raise TrainingDiverged(f"training {name}: loss is {checked.item()} at step {step}; the last good "
-                                       f"checkpoint is kept in {root} (try a lower train.lr or precision: fp32)")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        window_images += len(x0) * processes
-        if mb < t.grad_accumulation - 1:
+    for batch in step_loader(t, train_index, tiles_file, state.step, accelerator):
+        step = int(batch["step"])
+        x_t, timesteps, cond, target = noised_batch(batch, conditions, noise, m, t.seed, accelerator.device)
+        loss = learn(accelerator, model, optimizer, lr_scheduler, (x_t, timesteps, cond, target), t.max_grad_norm,
+                     lambda bad: TrainingDiverged(f"training {name}: loss is {bad} at step {step}; the last good "
+                                                  f"checkpoint is kept in {root} (try a lower train.lr or precision: fp32)"))
+        window.add(loss.item(), len(x_t) * processes)
+        if int(batch["micro"]) < t.grad_accumulation - 1:
             continue
 
         # one optimizer step done
@@ -356,19 +412,14 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         bar.update(1)
         metrics: dict[str, float] = {}
         if state.step % t.log_every == 0 or state.step == t.max_steps:
-            elapsed = time.perf_counter() - window_t0
-            last_loss = loss_sum / loss_n
-            if processes > 1:                                  # the mean over the global batch
-                last_loss = accelerator.reduce(torch.tensor(last_loss, device=accelerator.device), "mean").item()
-            metrics.update(loss=last_loss, lr=lr_scheduler.get_last_lr()[0], images_per_second=window_images / elapsed)
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{window_images / elapsed:.1f}")
-            window_images, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
+            last_loss, per_second = window.close(accelerator)
+            metrics.update(loss=last_loss, lr=lr_scheduler.get_last_lr()[0], images_per_second=per_second)
+            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{per_second:.1f}")
         hook_t0 = time.perf_counter()
-        for every, hook in hooks if main else ():  # every = 0: only at the last step
-            if (every and state.step % every == 0) or state.step == t.max_steps:
-                metrics.update(with_ema(lambda mdl: hook(state.step, mdl)) or {})
+        if main:
+            metrics.update(due_hooks(hooks, state.step, t.max_steps, with_ema))
         hook_seconds += time.perf_counter() - hook_t0
-        window_t0 += time.perf_counter() - hook_t0      # throughput counts training time only
+        window.pause(time.perf_counter() - hook_t0)      # throughput counts training time only
         if metrics and on_log and main:
             on_log(state.step, metrics)
         if state.step % t.checkpoint_every == 0 or state.step == t.max_steps:
@@ -379,16 +430,21 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
                     on_checkpoint(folder)
             accelerator.wait_for_everyone()
     bar.close()
+    return finish(cfg, name, train_index, core, ema, state, time.perf_counter() - run_t0 - hook_seconds, last_loss,
+                  decision)
 
-    if main:
+
+def finish(cfg: Config, name: str, train_index: pd.DataFrame, core: MediDiffusion, ema: EMAModel | None,
+           state: TrainState, seconds: float, last_loss: float, decision: precision.Decision) -> TrainResult:
+    """The EMA weights into the model, saved (main process) with what made it; the run's result."""
+    if ema is not None:
         ema.copy_to(core.parameters())
     core.eval()
     model_dir = artifacts.model_dir(cfg, name)
-    seconds = time.perf_counter() - run_t0 - hook_seconds
-    if main:
-        core.save(model_dir, extra={"name": name, "attributes": attributes, "model_params": asdict(m),
+    if ema is not None:
+        core.save(model_dir, extra={"name": name, "attributes": cfg.variant(name), "model_params": asdict(cfg.model),
                                     "steps": state.step, "run_hash": run_hash(cfg, name, train_index),
-                                    "precision": chosen})
+                                    "precision": decision.precision})
     ips = (state.images / seconds) if seconds > 0 else math.nan
     return TrainResult(model_dir, state.step, last_loss, ips, core, decision)
 

@@ -77,9 +77,9 @@ class Workspace:
     def context(self, cfg: Config, method: str, model_dir: Path):
         """The probe's context for a trial: real embeddings of the workspace's parts and the method's pool
         for this model, sampler and encoder (generated or grown once, then from disk)."""
-        from medi import artifacts, probe, sampling
+        from medi import artifacts, embed, probe, sampling
 
-        spec = probe.encoder_spec(cfg)
+        spec = embed.spec_of(cfg.encoder)
         if spec.identity() not in self._embeddings:
             self._embeddings[spec.identity()] = probe.real_embeddings(cfg, spec, self.train_index, self.holdout_index,
                                                                       self.parts)
@@ -114,7 +114,7 @@ class Workspace:
     def fid(self, cfg: Config, name: str, model_dir: Path) -> dict:
         """FID and KID of `sweep.fid_count` images (match strategy) of the model under the trial's sampler, and
         the unseen-pairs evaluation's headline figures (`pairs_*`, medi.unseen) unless fid.unseen_per_pair is 0."""
-        from medi import artifacts, fid, sampling
+        from medi import artifacts, fidelity, sampling
         from medi.io import read_json, write_json
         from medi.model import MediDiffusion
 
@@ -127,14 +127,13 @@ class Workspace:
                 if not path.exists():
                     from accelerate import PartialState
 
-                    fcfg = config_mod.override(cfg, {"fid.curve_count": n})
                     model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
-                    hook = fid.curve_hook(fcfg, name, self.train_index, np.asarray(artifacts.load_tiles(cfg.data.output)))
-                    record = {**hook(0, model), "images": n, "extractor": cfg.fid.extractor}
+                    score = fidelity.MatchScore(cfg, self.train_index, np.asarray(artifacts.load_tiles(cfg.data.output)), n)
+                    record = {**score(model), "images": n, "extractor": cfg.fid.extractor}
                     if cfg.fid.unseen_per_pair:
                         from medi import unseen
 
-                        pairs = unseen.evaluate(fcfg, name, model=model)[0]
+                        pairs = unseen.evaluate(cfg, name, model=model)[0]
                         record |= unseen.figures_of(pairs)
                     write_json(path, record)
                 self._fid[key] = read_json(path)

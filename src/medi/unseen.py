@@ -6,7 +6,7 @@ sites): the diagonal pairs were seen in training, every other pair never was. Ea
 sampling stage's settings (`sample.scheduler`, `steps`, `guidance`, `metadata_guidance`, `precision`). Three
 figures, each on seen and on unseen pairs:
 
-- site accuracy: how often a classifier of the site, fitted on real training tiles (`fid.condition_classifiers`),
+- site accuracy: how often a classifier of the site, fitted on real training tiles (`fidelity.condition_classifiers`),
   names the conditioned site (chance = 1 / training sites);
 - stain rank (synthetic world only): the conditioned site's rank among all sites by the angle between the
   tiles' estimated stain and each site's true stain (`groundtruth.stain_match`; 0 = nearest, 0.5 = chance);
@@ -61,7 +61,7 @@ def score(pairs: pd.DataFrame, images: np.ndarray, features: np.ndarray, classif
     """The headline figures (means over seen and over unseen pairs) and one row per pair.
 
     `features` are the extractor's features of `images` flattened pair-major; `classifiers` as
-    `fid.condition_classifiers` returns them; `truth` a `groundtruth.GroundTruth` (None: no stain figures)."""
+    `fidelity.condition_classifiers` returns them; `truth` a `groundtruth.GroundTruth` (None: no stain figures)."""
     from medi.groundtruth import stain_match
 
     n = images.shape[1]
@@ -99,7 +99,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     classifiers); anything missing is computed here. Returns (headline figures, one row per pair, the images
     (pairs, n, H, W, 3))."""
     from medi import artifacts, distributed
-    from medi.fid import Extractor, condition_classifiers
+    from medi.fidelity import Extractor, condition_classifiers
     from medi.groundtruth import GroundTruth
     from medi.model import MediDiffusion
 
@@ -109,7 +109,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
 
         train_index = train_frame(cfg)
         train_index = train_index.sort_values("idx").reset_index(drop=True)
-    extractor = extractor or Extractor.from_config(cfg.fid)
+    extractor = extractor or Extractor.from_config(cfg.fid.encoder)
     if classifiers is None:
         if real is None:
             tiles = artifacts.load_tiles(cfg.data.output)
