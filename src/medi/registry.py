@@ -41,10 +41,10 @@ class MediPyfunc(mlflow.pyfunc.PythonModel):
     lists in a column `image`) per row, sampled with the settings stored beside the weights."""
 
     def load_context(self, context) -> None:
-        from medi.model import MediDiffusion
+        from medi.sampling import load_model
 
         folder = Path(context.artifacts[WEIGHTS])
-        self.model = MediDiffusion.load(folder).eval()
+        self.model = load_model(folder)
         self.config = json.loads((folder / "config.json").read_text())
         self.sampler = json.loads((folder / "sampler.json").read_text())
 

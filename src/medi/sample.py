@@ -19,10 +19,9 @@ from medi.artifacts import MANIFEST, SAMPLE_INFO as INFO, read_manifest, read_pn
 from medi.config import Config
 from medi.errors import MediError
 from medi.io import atomic_path, read_json, write_json
-from medi.model import MediDiffusion
 from medi.precision import AUTO, Decision
-from medi.sampling import (Sampler, conditions_of, generate_set, plan, regenerate, sampling_precision, weights_digest,
-                           write_png)
+from medi.sampling import (Sampler, conditions_of, generate_set, load_model, plan, regenerate, sampling_precision,
+                           weights_digest, write_png)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
 
     cfg.variant(name)
     model_dir = model_dir or artifacts.model_dir(cfg, name)
-    model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
+    model = load_model(model_dir)
     train_index = artifacts.train_frame(cfg)
     s, sampler = cfg.sample, Sampler.of(cfg.sample)
     rows = plan(s, train_index, model.vocab.classes)
@@ -111,7 +110,7 @@ def regenerate_stage(cfg: Config, name: str, manifest_path: str, output: str | N
     if info_path.exists() and read_json(info_path)["weights_sha256_16"] != weights_digest(model_dir):
         raise MediError(f"{model_dir} is not the model that generated {manifest_path} (weights differ); "
                         "regenerating would not reproduce the set")
-    model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
+    model = load_model(model_dir)
     images = regenerate(manifest, model, cfg.model)
     out = Path(output) if output else manifest_path.parent.with_name(manifest_path.parent.name + "_regenerated")
     for p, img in zip(manifest["path"], images):

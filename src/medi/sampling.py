@@ -301,6 +301,11 @@ def conditions_of(rows: pd.DataFrame, model: MediDiffusion) -> dict[str, torch.T
     return model.vocab.encode(rows["class"].tolist(), attrs)
 
 
+def load_model(model_dir: str | Path) -> MediDiffusion:
+    """A trained model as everything that samples it loads it: on this process's device (accelerate), in eval mode."""
+    return MediDiffusion.load(model_dir).to(distributed.state().device).eval()
+
+
 def weights_digest(model_dir: str | Path) -> str:
     return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
 

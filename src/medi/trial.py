@@ -116,7 +116,6 @@ class Workspace:
         the unseen-pairs evaluation's headline figures (`pairs_*`, medi.unseen) unless fid.unseen_per_pair is 0."""
         from medi import artifacts, fidelity, sampling
         from medi.io import read_json, write_json
-        from medi.model import MediDiffusion
 
         n = cfg.sweep.fid_count
         key = _digest(sampling.weights_digest(model_dir), sampling.Sampler.of(cfg.sample).settings(), cfg.sample.seed,
@@ -125,9 +124,7 @@ class Workspace:
         if key not in self._fid:
             with self._lock(path):
                 if not path.exists():
-                    from accelerate import PartialState
-
-                    model = MediDiffusion.load(model_dir).to(PartialState().device).eval()
+                    model = sampling.load_model(model_dir)
                     score = fidelity.MatchScore(cfg, self.train_index, np.asarray(artifacts.load_tiles(cfg.data.output)), n)
                     record = {**score(model), "images": n, "extractor": cfg.fid.extractor}
                     if cfg.fid.unseen_per_pair:

@@ -98,10 +98,10 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     has already computed (the extractor, the real training tiles' features in `train_index` order, the
     classifiers); anything missing is computed here. Returns (headline figures, one row per pair, the images
     (pairs, n, H, W, 3))."""
-    from medi import artifacts, distributed
+    from medi import artifacts
     from medi.fidelity import Extractor, condition_classifiers
     from medi.groundtruth import GroundTruth
-    from medi.model import MediDiffusion
+    from medi.sampling import load_model
 
     t0 = time.perf_counter()
     if train_index is None:
@@ -116,7 +116,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
             real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], cfg.fid.cache,
                                              verbose=False).float().numpy()
         classifiers = condition_classifiers(real, train_index, cfg.fid.seed, cache=cfg.fid.cache)
-    model = model or MediDiffusion.load(artifacts.model_dir(cfg, name)).to(distributed.state().device).eval()
+    model = model or load_model(artifacts.model_dir(cfg, name))
     pairs = pair_grid(train_index, list(model.vocab.classes))
     t1 = time.perf_counter()
     images = sample_pairs(cfg, model, pairs)
