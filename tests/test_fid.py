@@ -33,6 +33,23 @@ def test_fid_sanity_real_halves_near_zero_and_noise_large(tiny_world):
     assert abs(scores["kid_halves"]) < 0.05 * scores["kid_noise"], scores
 
 
+def test_kid_of_two_whole_sets_is_computed_once_and_equals_the_mean_over_every_subset(make_cfg, monkeypatch):
+    """Where the subset size is both sets whole (a fid group: as many generated as real images, under
+    kid_subset_size), each of torch-fidelity's kid_subsets subsets is the same two sets: one subset gives the value;
+    sets of other sizes still draw every subset."""
+    from torch_fidelity import metric_kid
+
+    cfg = make_cfg(fid__kid_subsets=50, fid__kid_subset_size=1000)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(n, 16, generator=g, dtype=torch.float64) + shift for n, shift in ((40, 0.0), (40, 0.3), (60, 0.3)))
+    full = metric_kid.kid_features_to_metric(a, b, kid_subsets=50, kid_subset_size=40, rng_seed=0, verbose=False)
+    calls, real = [], metric_kid.kid_features_to_metric
+    monkeypatch.setattr(metric_kid, "kid_features_to_metric", lambda *x, **k: calls.append(k["kid_subsets"]) or real(*x, **k))
+    assert fidelity.kid(a, b, cfg.fid) == pytest.approx(full[metric_kid.KEY_METRIC_KID_MEAN], rel=1e-12, abs=1e-15)
+    fidelity.kid(a, c, cfg.fid)                                  # 40 vs 60: subsets of c differ
+    assert calls == [1, 50]
+
+
 def test_timm_extractor_loads_a_local_state_dict_and_rejects_a_foreign_one(tmp_path, make_cfg):
     import timm
     from safetensors.torch import save_file
@@ -246,7 +263,9 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     (folder,) = [f for f in Path(cfg.fid.cache).iterdir() if f.name != "classifiers"]   # one network in the cache
     assert len(list((Path(cfg.fid.cache) / "classifiers").glob("*.npz"))) == 1   # fitted once for both models
     keys = [k for shard in folder.glob("shard-*.npz") for k in np.load(shard)["keys"]]
-    assert len(keys) == len(set(keys)) == len(real_classes)         # the real tiles were encoded once for both
+    # the real tiles encoded once for both models, and each model's 42 generated images (the probe's pools start from
+    # these sets and read their features back)
+    assert len(keys) == len(set(keys)) == len(real_classes) + 2 * 42
     summary = report.run_stage(cfg)
     cls, medi = (json.loads(Path(cfg.fid.metrics.format(model=m)).read_text())["per_class"] for m in ("cls", "medi"))
     common = sorted(set(cls) & set(medi))

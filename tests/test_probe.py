@@ -385,6 +385,50 @@ def test_pools_grow_on_demand_and_keep_their_images(tiny_world, caplog):
     assert "starting afresh" in caplog.text and len(artifacts.read_manifest(out / "manifest.csv")) == 2
 
 
+def test_a_pool_starts_from_its_models_sample_set_and_generates_only_what_that_set_lacks(tiny_world, caplog):
+    """The sample stage's set of the same weights and sampler is copied into the pool, batches and all: its images of
+    a pair are the pair's first pool images (same seeds, same pixels), only the rest is generated, and the pool still
+    replays bit for bit. Under another sampler there is nothing to start from."""
+    from medi import config, sample
+    from medi.model import MediDiffusion
+
+    cfg = tiny_world()
+    save_untrained(cfg, "medi", seed=4)
+    sample.run_stage(cfg, "medi")
+    train = artifacts.train_frame(cfg)
+    theirs_dir = Path(cfg.sample.output.format(model="medi"))
+    theirs = artifacts.read_manifest(theirs_dir / "manifest.csv")
+    per_pair = theirs.groupby(["class", "tss"]).size()
+    (c, t), n = per_pair.idxmax(), int(per_pair.max())
+    other_site = str(train[train["class"] != c]["tss"].iloc[0])           # a pair the set cannot have
+    keys = [(c, t), (c, other_site)]
+    model_dir, out = Path(cfg.model.output) / "medi", Path("pool")
+    with caplog.at_level("INFO"):
+        rows = pools.ensure(cfg, model_dir, keys, n + 2, out, train)
+    assert f"starts from the {len(theirs)} images of {theirs_dir}" in caplog.text
+    assert f"generating {2 + n + 2} images" in caplog.text                # 2 more of the seen pair, all of the other
+    assert len(rows) == 2 * (n + 2) and list(rows["i"]) == [*range(n + 2)] * 2
+    first, own = rows.iloc[:n], theirs[(theirs["class"] == c) & (theirs["tss"] == t)]
+    assert list(first["seed"]) == list(own["seed"])
+    assert np.array_equal(artifacts.load_images(out, first), artifacts.load_images(theirs_dir, own))
+    whole = artifacts.read_manifest(out / "manifest.csv")
+    assert np.array_equal(sampling.regenerate(whole, MediDiffusion.load(model_dir), cfg.model),
+                          artifacts.load_images(out, whole))
+    assert pools.read_json(out / pools.INFO)["starts_from"]["set"] == str(theirs_dir)
+    from medi import fidelity                                          # the fid stage's features of the set: the
+    fidelity.Extractor.from_config(cfg.fid.encoder).cached_features(   # pool's copies are read back, not encoded
+        artifacts.load_images(theirs_dir, theirs), cfg.fid.cache, verbose=False)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        shared = config.override(cfg, {"encoder.cache": cfg.fid.cache})      # one cache root, as in params.yaml
+        pools.embedded(shared, model_dir, keys, n + 2, out, train, embed.spec_of(shared.encoder))
+    assert f"features of {2 * (n + 2)} images: {n} from the cache, {n + 4} encoded" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        other = pools.ensure(config.override(cfg, {"sample.guidance": 2.0}), model_dir, keys, 2, Path("pool2"), train)
+    assert "starts from" not in caplog.text and "generating 4 images" in caplog.text and len(other) == 4
+
+
 def test_a_preset_loads_a_local_state_dict_of_its_architecture(tmp_path):
     """Phikon's timm architecture (ViT-B/16), randomly initialised, stands in for the real weights file."""
     import timm

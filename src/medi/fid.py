@@ -40,7 +40,7 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
     extractor = extractor or Extractor.from_config(cfg.fid.encoder)
     t0 = time.perf_counter()
     real = extractor.cached_features(real_images, cfg.fid.cache, split=True)
-    gen = extractor.features(gen_images, split=True)
+    gen = extractor.cached_features(gen_images, cfg.fid.cache, split=True)   # the probe's pool reads them back
     feature_seconds = time.perf_counter() - t0
     if not distributed.is_main():
         return None

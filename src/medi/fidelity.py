@@ -191,11 +191,14 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kid(a: torch.Tensor, b: torch.Tensor, cfg: FidConfig) -> float:
-    """KID (polynomial-kernel MMD, torch-fidelity), subsets of min(kid_subset_size, n) images."""
+    """KID (polynomial-kernel MMD, torch-fidelity), the mean over `kid_subsets` subsets of min(kid_subset_size, n)
+    images. When that size is both sets whole, every subset is the same two sets (in another order): one is computed
+    (a group of the fid stage's per-class and per-site figures, where the sample set matches the real counts)."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
     size = min(cfg.kid_subset_size, len(a), len(b))
-    return float(kid_features_to_metric(a, b, kid_subsets=cfg.kid_subsets, kid_subset_size=size, rng_seed=cfg.seed,
+    subsets = 1 if size == len(a) == len(b) else cfg.kid_subsets
+    return float(kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=size, rng_seed=cfg.seed,
                                         verbose=False)[KEY_METRIC_KID_MEAN])
 
 

@@ -6,6 +6,12 @@ bit for bit), with one difference: image i of a pair always has the same seed (a
 seed, the pair and i), so a pool of 60 images per pair holds the pool of 40, and asking for more images
 only generates the missing ones, in new batches. `pool_info.json` names the weights and the sampler; a pool
 made by other weights or another sampler is discarded and generated again.
+
+No image is generated twice: when the sample stage's set of the same model (`samples/NAME`) was made by the same
+weights and sampler, the pool starts as a copy of it, whole batches and all, so it still replays bit for bit. Its
+images of a pair are that pair's first images (in the set's order, with the set's seeds); the pair's later images
+are generated as above. The pool's identity then names that set (the digest of its manifest), and the probe's
+features of those images come from the feature cache the fid stage filled.
 """
 from __future__ import annotations
 
@@ -68,12 +74,56 @@ def _fill_metadata(rows: pd.DataFrame, train_index: pd.DataFrame, attributes: Se
     return out
 
 
+def donor(cfg: Config, model_dir: Path) -> tuple[Path, pd.DataFrame, str] | None:
+    """The sample stage's set of this model (`sample.output` for its name) when it is complete and was made by the
+    same weights and sampler: (folder, manifest, the precision it was made in); else None."""
+    from medi import artifacts, sampling
+
+    folder = Path(cfg.sample.output.format(model=model_dir.name))
+    if not (folder / artifacts.SAMPLE_INFO).exists() or not (folder / artifacts.MANIFEST).exists():
+        return None
+    info = read_json(folder / artifacts.SAMPLE_INFO)
+    theirs = info.get("sample", {})
+    if not info.get("complete") or info.get("weights_sha256_16") != sampling.weights_digest(model_dir) \
+            or "scheduler" not in theirs \
+            or sampling.Sampler.from_settings(theirs).settings() != sampling.Sampler.of(cfg.sample).settings():
+        return None
+    return folder, artifacts.read_manifest(folder / artifacts.MANIFEST), str(info["precision"])
+
+
 def identity(cfg: Config, model_dir: Path) -> dict:
-    """What makes a pool's images what they are: the weights and the sampler."""
+    """What makes a pool's images what they are: the weights, the sampler and the sample set it starts from."""
+    return _identity(cfg, model_dir, donor(cfg, model_dir))
+
+
+def _identity(cfg: Config, model_dir: Path, source: tuple | None) -> dict:
     from medi import sampling
 
+    start = None if source is None else {"set": str(source[0]), "manifest_sha256_16": _frame_digest(source[1])}
     return {"weights_sha256_16": sampling.weights_digest(model_dir), **sampling.Sampler.of(cfg.sample).settings(),
-            "seed": cfg.sample.seed}
+            "seed": cfg.sample.seed, "starts_from": start}
+
+
+def _frame_digest(frame: pd.DataFrame) -> str:
+    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def _start_from(source: tuple[Path, pd.DataFrame, str], out: Path, site_conditioned: bool) -> pd.DataFrame:
+    """Copy a sample set into the empty pool `out`: every image, as image i of its pair in the set's order, in the
+    set's batches (so the pool replays bit for bit). Returns its manifest rows."""
+    folder, rows, _ = source
+    rows = rows.copy()
+    if not site_conditioned:
+        rows["tss"] = None
+    rows["pool_key"] = [key_name((c, t if isinstance(t, str) and t else None)) for c, t in zip(rows["class"], rows["tss"])]
+    rows["i"] = rows.groupby("pool_key", sort=False).cumcount()
+    paths = [f"images/{c}/{t if isinstance(t, str) and t else '_'}/{i:05d}.png"
+             for c, t, i in zip(rows["class"], rows["tss"], rows["i"])]
+    for theirs, ours in zip(rows["path"], paths):
+        (out / ours).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / theirs, out / ours)
+    log.info("pool %s starts from the %d images of %s (no image is generated twice)", out, len(rows), folder)
+    return rows.assign(path=paths)
 
 
 def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Path,
@@ -82,28 +132,37 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
     sampler of params `sample`; return the manifest rows of exactly those images (key order, then i). Under a
     launch the processes split the batches; the main process alone removes, writes and lists files."""
     from medi import artifacts, distributed, sampling
-    from medi.model import MediDiffusion
 
     s = cfg.sample
-    info = identity(cfg, model_dir)
+    source = donor(cfg, model_dir)
+    info = _identity(cfg, model_dir, source)
     manifest_path = out / artifacts.MANIFEST
     main = distributed.is_main()
     if main and out.exists() and (not (out / INFO).exists() or read_json(out / INFO) != info):
         log.info("%s holds another model's or sampler's pool (or none identified); starting afresh", out)
         shutil.rmtree(out)
+    if main and source is not None and not manifest_path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / INFO, info)
+        started = _start_from(source, out, "tss" in str(source[1]["conditioned_on"].iloc[0]).split(","))
+        with atomic_path(manifest_path) as tmp:
+            started.to_csv(tmp, index=False)
     distributed.barrier()
     old = artifacts.read_manifest(manifest_path) if manifest_path.exists() else None
     have = set(zip(old["pool_key"], old["i"].astype(int))) if old is not None else set()
     new = plan_rows(keys, size, s.seed, have)
     if len(new):
-        model = MediDiffusion.load(model_dir).to(distributed.state().device).eval()
+        model = sampling.load_model(model_dir)
         if "tss" not in model.vocab.attributes and any(t for _, t in keys):
             raise MediError(f"{model_dir}: the model is not conditioned on the site but its pool asks for sites")
         first_batch = int(old["batch"].max()) + 1 if old is not None and len(old) else 0
         new = _fill_metadata(new, train_index, model.vocab.attributes)
         sampler = sampling.Sampler.of(s)
-        sampler = sampler.at(distributed.broadcast(sampling.sampling_precision(    # auto: the one chosen
-            model, sampler, sampling.conditions_of(new.iloc[:1], model), s.batch_size).precision if main else None))
+        if sampler.precision == sampling.AUTO and source is not None:
+            sampler = sampler.at(source[2])             # auto: the precision the set the pool starts from was made in
+        else:                                           # auto: the one chosen here
+            sampler = sampler.at(distributed.broadcast(sampling.sampling_precision(
+                model, sampler, sampling.conditions_of(new.iloc[:1], model), s.batch_size).precision if main else None))
         new = new.assign(batch=first_batch + np.arange(len(new)) // s.batch_size,
                          conditioned_on=",".join(["class", *model.vocab.attributes]), model=model_dir.name,
                          **sampler.columns(), strategy="probe-pool")

@@ -376,7 +376,9 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-    core: MediDiffusion = accelerator.unwrap_model(model)
+    # without accelerate's autocast wrapper: the loop autocasts its own forward, and what the hooks sample (the grids,
+    # the FID curve) runs in the precision their sampler chose, not in the training's under another name
+    core: MediDiffusion = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     conditions = core.vocab.encode(train_index["class"].tolist(), {a: train_index[a].tolist() for a in core.vocab.attributes})
     noise = training_scheduler(m)
 
