@@ -8,16 +8,20 @@ features, the same class and site classifiers fitted on the real training tiles,
 is a tile the dataset could hold; an unseen pair is ground truth the dataset never has. A target above this ceiling
 cannot be met by any model, whatever its conditioning: the instrument itself caps it.
 
-Prints the ceiling beside the models' own figures (reports/fid_NAME_detail.json) and, with --section, writes them
-to docs/benchmarks.md.
+A second instrument, possible only where the ground truth is known: classifiers fitted on rendered tiles of
+*every* class at *every* training site (`--train-per-pair` each), so the class classifier never sees a stain
+that goes with one class and the site classifier never sees a morphology that goes with one site. It measures
+morphology and stain apart; its ceiling (ground-truth tiles of held-out render seeds) shows how far it can see.
+Both instruments score the ground truth, the pipeline's models (`models/NAME`, regenerated with params
+`sample`) and, with --ablation, every model of bench/conditioning_ablation.py under its four guidance settings.
 
-Usage (project root, after `make repro` on the synthetic default): python bench/unseen_ceiling.py [--per-pair 8]
+Usage (project root, after `make repro` on the synthetic default):
+    python bench/unseen_ceiling.py [--per-pair 8] [--train-per-pair 6] [--ablation] [--section NAME]
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from medi import artifacts, config, histology
 from medi.fidelity import Extractor, condition_classifiers
 from medi.groundtruth import GroundTruth
 from medi.synthetic import class_morphology, plan_world
-from medi.unseen import FIGURES, pair_grid, score
+from medi.unseen import pair_grid, score
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
 from bench_report import cpu_name, write_section  # noqa: E402
@@ -51,11 +55,50 @@ def render_pair(syn, stain: histology.Stain, cls: str, n: int, seed: list[int], 
     return np.stack(out)
 
 
+def features_of(extractor, images: np.ndarray) -> np.ndarray:
+    return extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
+
+
+def deconfounded_classifiers(cfg, extractor, stains: dict, sites: list[str], classes: list[str], per_pair: int, seed: int):
+    """Class and site classifiers fitted on rendered tiles of every class at every site (the ground truth
+    decorrelates the two), in `condition_classifiers`' form: {"class"|"tss": (fitted, held-out accuracy)}."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    grid = [(c, t) for c in classes for t in sites]
+    fit = np.stack([render_pair(cfg.synthetic, stains[t], c, per_pair, [seed, 104729, i], cfg.data.resolution)
+                    for i, (c, t) in enumerate(grid)])
+    held = np.stack([render_pair(cfg.synthetic, stains[t], c, 2, [seed, 130363, i], cfg.data.resolution)
+                     for i, (c, t) in enumerate(grid)])
+    x_fit, x_held = features_of(extractor, fit), features_of(extractor, held)
+    out = {}
+    for target, k in (("class", 0), ("tss", 1)):
+        y_fit = np.repeat([g[k] for g in grid], per_pair)
+        y_held = np.repeat([g[k] for g in grid], 2)
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, tol=1e-3, random_state=cfg.fid.seed))
+        model.fit(x_fit, y_fit)
+        out[target] = (model, float(np.mean(model.predict(x_held) == y_held)))
+    return out
+
+
+def model_images(cfg, model_dir: Path, pairs, guidance: tuple[float, float | None] | None = None) -> np.ndarray:
+    from medi import config as config_mod
+    from medi.sampling import load_model
+    from medi.unseen import sample_pairs
+
+    if guidance is not None:
+        cfg = config_mod.override(cfg, {"sample.guidance": guidance[0], "sample.metadata_guidance": guidance[1]})
+    return sample_pairs(cfg, load_model(model_dir), pairs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--per-pair", type=int, default=8)
+    ap.add_argument("--train-per-pair", type=int, default=6)
     ap.add_argument("--models", nargs="*", default=["cls", "medi"])
+    ap.add_argument("--ablation", action="store_true", help="also every model under artifacts/ablation (4 guidance settings)")
     ap.add_argument("--section", default="", help="docs/benchmarks.md section to write (default: print only)")
     args = ap.parse_args()
     cfg = config.load(args.params)
@@ -65,40 +108,60 @@ def main() -> None:
     train_index = artifacts.train_frame(cfg)
     order = np.sort(train_index["idx"].to_numpy())
     train_index = train_index.set_index("idx").loc[order].reset_index()      # as the fid stage orders it
-    pairs = pair_grid(train_index, sorted(train_index["class"].astype(str).unique()))
+    classes = sorted(train_index["class"].astype(str).unique())
+    pairs = pair_grid(train_index, classes)
     _, stains, _ = plan_world(cfg.synthetic, {c: c for c in cfg.synthetic.classes})
-    images = np.stack([render_pair(cfg.synthetic, stains[t], c, args.per_pair, [cfg.synthetic.seed, 7919, i],
-                                   cfg.data.resolution)
-                       for i, (c, t) in enumerate(zip(pairs["class"], pairs["tss"]))])
+    truth_images = np.stack([render_pair(cfg.synthetic, stains[t], c, args.per_pair, [cfg.synthetic.seed, 7919, i],
+                                         cfg.data.resolution)
+                             for i, (c, t) in enumerate(zip(pairs["class"], pairs["tss"]))])
     extractor = Extractor.from_config(cfg.fid.encoder)
     real = extractor.cached_features(np.asarray(artifacts.load_tiles(cfg.data.output))[order], cfg.fid.cache,
                                      verbose=False).float().numpy()
-    classifiers = condition_classifiers(real, train_index, cfg.fid.seed, cache=cfg.fid.cache)
-    feats = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
-    ceiling, detail = score(pairs, images, feats, classifiers, truth)
-
-    columns = {"ground truth (rendered)": ceiling}
+    instruments = {
+        "pipeline": condition_classifiers(real, train_index, cfg.fid.seed, cache=cfg.fid.cache),
+        "deconfounded": deconfounded_classifiers(cfg, extractor, stains, sorted(train_index["tss"].astype(str).unique()),
+                                                 classes, args.train_per_pair, cfg.synthetic.seed),
+    }
+    subjects = {"ground truth": truth_images}
     for name in args.models:
-        path = Path(cfg.fid.detail.format(model=name))
-        if path.exists() and "pairs" in json.loads(path.read_text()):
-            columns[name] = json.loads(path.read_text())["pairs"]
-    rows = [[f"{kind} {f.replace('_', ' ')}", *[f"{c.get(f'{kind}_{f}', float('nan')):.3f}" for c in columns.values()]]
-            for f in FIGURES for kind in ("seen", "unseen")]
-    per_class = detail[~detail["seen"]].groupby("class")["class_accuracy"].mean()
-    head = ["figure (mean over pairs)", *columns]
-    text = (f"The unseen-pairs grid ({ceiling['pairs_per_kind']['seen']} seen, {ceiling['pairs_per_kind']['unseen']} "
-            f"unseen pairs) scored on ground-truth tiles rendered by the synthetic world ({args.per_pair} per pair, "
-            f"each from its own slide), beside the models' own figures of `make repro` "
-            f"({json.loads(Path(cfg.fid.detail.format(model=args.models[-1])).read_text())['pairs']['images_per_pair']} "
-            f"images per pair); classifiers fitted on the real training tiles in the feature space {cfg.fid.extractor}; "
-            f"site chance {ceiling.get('site_chance', 1 / len(classifiers['tss'][0].classes_)):.3f}. "
-            f"Ground-truth class accuracy on unseen pairs by class: "
-            + ", ".join(f"{c} {v:.2f}" for c, v in per_class.items())
-            + f". On {cpu_name()}; `python bench/unseen_ceiling.py --per-pair {args.per_pair}`")
+        subjects[f"{name} (params sample)"] = model_images(cfg, artifacts.model_dir(cfg, name), pairs)
+    if args.ablation:
+        from conditioning_ablation import GUIDANCE, ROOT
+        for folder in sorted(ROOT.glob("*-seed*")):
+            if (folder / "models" / "medi" / "model.safetensors").exists():
+                for g in GUIDANCE:
+                    subjects[f"{folder.name} {g[0]:g} / {g[1]:g}"] = model_images(cfg, folder / "models" / "medi", pairs, g)
+    rows, results = [], {}
+    for subject, images in subjects.items():
+        feats = features_of(extractor, images)
+        for inst, classifiers in instruments.items():
+            headline, detail = score(pairs, images, feats, classifiers, truth)
+            results[(subject, inst)] = headline
+        h_p, h_d = results[(subject, "pipeline")], results[(subject, "deconfounded")]
+        rows.append([subject, f"{h_p['unseen_stain_rank']:.3f}",
+                     f"{h_p['unseen_site_accuracy']:.3f}", f"{h_p['unseen_class_accuracy']:.3f}",
+                     f"{h_d['unseen_site_accuracy']:.3f}", f"{h_d['unseen_class_accuracy']:.3f}",
+                     f"{h_p['seen_stain_rank']:.3f}", f"{h_p['seen_site_accuracy']:.3f}", f"{h_p['seen_class_accuracy']:.3f}",
+                     f"{h_d['seen_site_accuracy']:.3f}", f"{h_d['seen_class_accuracy']:.3f}"])
+    head = ["tiles", "unseen: stain rank", "site acc. (pipeline)", "class acc. (pipeline)", "site acc. (deconf.)",
+            "class acc. (deconf.)", "seen: stain rank", "site acc. (pipeline)", "class acc. (pipeline)",
+            "site acc. (deconf.)", "class acc. (deconf.)"]
+    d = instruments["deconfounded"]
+    text = (f"The unseen-pairs grid ({len(pairs)} pairs: {int(pairs['seen'].sum())} seen, {int((~pairs['seen']).sum())} "
+            f"unseen) scored on ground-truth tiles the synthetic world renders ({args.per_pair} per pair, each from its "
+            f"own slide) and on the models' tiles ({cfg.fid.unseen_per_pair} per pair, regenerated), by two instruments "
+            f"in the feature space {cfg.fid.extractor}: *pipeline* = the fid stage's class and site classifiers, fitted "
+            f"on the real training tiles (class and site confounded: cross-validated accuracy on real tiles "
+            f"{instruments['pipeline']['class'][1]:.3f} / {instruments['pipeline']['tss'][1]:.3f}); *deconfounded* = the "
+            f"same regressions fitted on rendered tiles of every class at every training site ({args.train_per_pair} "
+            f"per pair; held-out rendered accuracy {d['class'][1]:.3f} class, {d['tss'][1]:.3f} site). Chance: site "
+            f"{1 / len(d['tss'][0].classes_):.3f}, class {1 / len(classes):.3f}, stain rank 0.5. On {cpu_name()}; "
+            f"`python bench/unseen_ceiling.py --per-pair {args.per_pair} --train-per-pair {args.train_per_pair}"
+            f"{' --ablation' if args.ablation else ''}`")
     print(text)
     print(" | ".join(head))
     for r in rows:
-        print(" | ".join(r))
+        print(" | ".join(r), flush=True)
     if args.section:
         write_section(args.section, text, head, rows)
 
