@@ -121,16 +121,16 @@ def run_stage(cfg: Config, name: str) -> dict:
             from medi import unseen
 
             flat.update(unseen.figures_of(metrics["pairs"]))
-            mlflow.log_figure(unseen.grid_figure(pd.DataFrame(pair_cells), pair_images,
-                                                 f"{name}: rows = conditioned class, columns = the largest site of "
-                                                 f"each class (diagonal seen in training)"),
-                              f"figures/pairs_{name}.png")
+            figures.log(unseen.grid_figure(pd.DataFrame(pair_cells), pair_images,
+                                           f"{name}: rows = conditioned class, columns = the largest site of "
+                                           f"each class (diagonal seen in training)"),
+                        f"figures/pairs_{name}.png")
         mlflow.log_metrics(flat)
         mlflow.log_dict(detail, f"fid_{name}.json")
-        mlflow.log_figure(figures.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
+        figures.log(figures.fid_figure({name: metrics}), f"figures/fid_per_class_{name}.png")
         info = Path(cfg.sample.output.format(model=name)) / "sample_info.json"
-        figures = {k: v for k, v in headline(metrics).items() if isinstance(v, (int, float))}
-        version = registry.tag_version(name, read_json(info)["weights_sha256_16"], figures) \
+        tagged = {k: v for k, v in headline(metrics).items() if isinstance(v, (int, float))}
+        version = registry.tag_version(name, read_json(info)["weights_sha256_16"], tagged) \
             if info.exists() else None
         if version is not None:
             mlflow.set_tag("medi.registered_model", f"models:/{registry.registered_name(name)}/{version}")

@@ -22,6 +22,14 @@ def save(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
+def log(fig: plt.Figure, artifact_file: str) -> None:
+    """Log a figure to the active MLflow run, then close it (pyplot keeps every figure open until closed)."""
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
 def dataset_figure(index: pd.DataFrame, slides: pd.DataFrame, cap: int = 1600) -> plt.Figure:
     """Left: patches per class x TSS (capped; validation and test sites hatched). Right: race and gender shares per class."""
     part_of = dict(zip(slides.tss, slides.part)) if "part" in slides else {}

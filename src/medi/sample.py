@@ -32,7 +32,7 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
     (default models/NAME) may be a registered model's download, named by `source` (`--model-uri`)."""
     import mlflow
 
-    from medi import tracking
+    from medi import figures, tracking
 
     cfg.variant(name)
     model_dir = model_dir or artifacts.model_dir(cfg, name)
@@ -82,8 +82,8 @@ def run_stage(cfg: Config, name: str, model_dir: Path | None = None, source: str
         write_json(out / INFO, {**info, "complete": True, "seconds": seconds})
         mlflow.log_metrics({"images": len(rows), "seconds": seconds, "images_per_second": ips})
         mlflow.log_artifact(str(out / MANIFEST), "samples")
-        mlflow.log_figure(preview(out, rows, f"{name}: {s.strategy} samples, {sampler.describe()}"),
-                          f"samples/preview_{name}.png")
+        figures.log(preview(out, rows, f"{name}: {s.strategy} samples, {sampler.describe()}"),
+                    f"samples/preview_{name}.png")
         log.info("sampled %d images of %s in %.1fs (%.1f images/s) -> %s", len(rows), name, seconds, ips, out)
     return {"images": len(rows), "seconds": seconds, "images_per_second": ips, "output": str(out)}
 
