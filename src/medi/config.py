@@ -429,6 +429,11 @@ UNET_PRESETS: dict[str, dict] = {
 }
 MIN_D_CLASS = 8                  # the class embedding's smallest width (model.d_e leaves d_t - k * d_e to it)
 
+
+def time_embedding_width(block_out_channels: list[int]) -> int:
+    """d_t, the width the condition vector shares with the time embedding: diffusers' 4 x the first channels."""
+    return 4 * block_out_channels[0]
+
 # The UNet spec `model.custom` gives when model.preset is custom (the fields of model.Architecture a preset fixes).
 CUSTOM_UNET: dict[str, Any] = {"block_out_channels": list[int], "layers_per_block": int, "attention": bool,
                                "norm_num_groups": int}
@@ -457,8 +462,7 @@ def _check_class_width(m: ModelConfig, where: str) -> None:
     take d_e each (embedding_split d_e, attributes on the embedding route)."""
     if m.embedding_split != "d_e" or m.metadata_route != "embedding":
         return
-    channels = (m.custom if m.preset == "custom" else UNET_PRESETS[m.preset])["block_out_channels"]
-    d_t = 4 * channels[0]
+    d_t = time_embedding_width((m.custom if m.preset == "custom" else UNET_PRESETS[m.preset])["block_out_channels"])
     for name, attributes in m.variants.items():
         k = len(attributes)
         if k and d_t - k * m.d_e < MIN_D_CLASS:

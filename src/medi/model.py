@@ -37,7 +37,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medi.config import MIN_D_CLASS, UNET_PRESETS, ModelConfig
+from medi.config import MIN_D_CLASS, UNET_PRESETS, ModelConfig, time_embedding_width
 from medi.errors import MediError
 from medi.io import atomic_path, write_json
 
@@ -219,7 +219,7 @@ class Architecture:
 
     @property
     def d_t(self) -> int:
-        return 4 * self.block_out_channels[0]  # diffusers' positional time embedding size
+        return time_embedding_width(self.block_out_channels)
 
     def unet(self) -> UNet2DModel:
         n = len(self.block_out_channels)

@@ -38,6 +38,11 @@ def key_name(key: Key) -> str:
     return f"{key[0]}|{key[1] or ''}"
 
 
+def image_path(key: Key, i: int) -> str:
+    """Where image i of a pair lives in a pool folder."""
+    return f"images/{key[0]}/{key[1] or '_'}/{i:05d}.png"
+
+
 def image_seed(seed: int, key: Key, i: int) -> int:
     """The seed of image i of a pair: stable whatever else the pool holds."""
     h = int.from_bytes(hashlib.sha256(f"{seed}|{key_name(key)}".encode()).digest()[:4], "big")
@@ -46,7 +51,7 @@ def image_seed(seed: int, key: Key, i: int) -> int:
 
 def plan_rows(keys: Sequence[Key], size: int, seed: int, have: set[tuple[str, int]]) -> pd.DataFrame:
     """Rows of the images each key still lacks to hold `size` (image index i, seed, path)."""
-    rows = [{"path": f"images/{c}/{t or '_'}/{i:05d}.png", "class": c, "tss": t or "", "pool_key": key_name((c, t)),
+    rows = [{"path": image_path((c, t), i), "class": c, "tss": t or "", "pool_key": key_name((c, t)),
              "i": i, "seed": image_seed(seed, (c, t), i)}
             for c, t in keys for i in range(size) if (key_name((c, t)), i) not in have]
     return pd.DataFrame(rows, columns=["path", "class", "tss", "pool_key", "i", "seed"])
@@ -99,26 +104,23 @@ def identity(cfg: Config, model_dir: Path) -> dict:
 def _identity(cfg: Config, model_dir: Path, source: tuple | None) -> dict:
     from medi import sampling
 
-    start = None if source is None else {"set": str(source[0]), "manifest_sha256_16": _frame_digest(source[1])}
+    from medi.artifacts import MANIFEST
+    from medi.features import file_digest
+
+    start = None if source is None else {"set": str(source[0]),
+                                         "manifest_sha256_16": file_digest(source[0] / MANIFEST)[:16]}
     return {"weights_sha256_16": sampling.weights_digest(model_dir), **sampling.Sampler.of(cfg.sample).settings(),
             "seed": cfg.sample.seed, "starts_from": start}
-
-
-def _frame_digest(frame: pd.DataFrame) -> str:
-    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()[:16]
 
 
 def _start_from(source: tuple[Path, pd.DataFrame, str], out: Path, site_conditioned: bool) -> pd.DataFrame:
     """Copy a sample set into the empty pool `out`: every image, as image i of its pair in the set's order, in the
     set's batches (so the pool replays bit for bit). Returns its manifest rows."""
     folder, rows, _ = source
-    rows = rows.copy()
-    if not site_conditioned:
-        rows["tss"] = None
-    rows["pool_key"] = [key_name((c, t if isinstance(t, str) and t else None)) for c, t in zip(rows["class"], rows["tss"])]
+    keys = [(c, t if site_conditioned and isinstance(t, str) and t else None) for c, t in zip(rows["class"], rows["tss"])]
+    rows = rows.assign(tss=[t for _, t in keys], pool_key=[key_name(k) for k in keys])
     rows["i"] = rows.groupby("pool_key", sort=False).cumcount()
-    paths = [f"images/{c}/{t if isinstance(t, str) and t else '_'}/{i:05d}.png"
-             for c, t, i in zip(rows["class"], rows["tss"], rows["i"])]
+    paths = [image_path(k, i) for k, i in zip(keys, rows["i"])]
     for theirs, ours in zip(rows["path"], paths):
         (out / ours).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / theirs, out / ours)
