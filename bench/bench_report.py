@@ -29,3 +29,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "CPU"
+
+
+def machine_tag() -> str:
+    """A short name of this CPU for section names ('epyc', 'xeon', else a slug of its name), so that a benchmark
+    run on one machine type never overwrites another type's figures in docs/benchmarks.md."""
+    name = cpu_name().lower()
+    for tag in ("epyc", "xeon"):
+        if tag in name:
+            return tag
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:24] or "cpu"

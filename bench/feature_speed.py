@@ -3,7 +3,7 @@ of this machine's fp32 GEMM peak, timed in the same run (bench/efficiency.py): `
 
 Extracts features of `--count` random uint8 tiles at `data.resolution` through the FID path (torch-fidelity's
 batching, `medi.embed.preprocess`, the network of params `fid`), after one untimed batch; FLOPs per image are
-counted by FlopCounterMode over one batch. Results go to docs/benchmarks.md (section 'features-<device>').
+counted by FlopCounterMode over one batch. Results go to docs/benchmarks.md (section 'features-cpu-<CPU type>').
 Usage (from the project root): python bench/feature_speed.py [--count 512] [--params params.yaml]
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from medi import config
 from medi.fidelity import Extractor
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
-from bench_report import cpu_name, write_section  # noqa: E402
+from bench_report import cpu_name, machine_tag, write_section  # noqa: E402
 from efficiency import counted_flops, gemm_peak  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     share = ips * flops / peak
     print(f"{extractor.name}: {ips:.1f} images/s, {flops / 1e9:.3g} GFLOP per image, {ips * flops / 1e9:.1f} GFLOP/s = "
           f"{100 * share:.0f} % of the fp32 GEMM peak ({peak / 1e9:.1f} GFLOP/s, {n}^3)", flush=True)
-    write_section("features-cpu",
+    write_section(f"features-cpu-{machine_tag()}",
                   f"Feature extraction on {cpu_name()}, {torch.get_num_threads()} threads (torch {torch.__version__}): "
                   f"{args.count} tiles of {r} px through the FID path, batch {cfg.fid.batch_size}, fp32; the GEMM peak "
                   f"timed in the same run ({n}^3 matmul); `python bench/feature_speed.py --count {args.count}`",

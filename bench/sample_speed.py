@@ -6,7 +6,7 @@ FID (overall and mean over classes) is computed against all real training tiles 
 params `fid`. Each sampler's FLOPs (FlopCounterMode over one denoising step's model evaluations, times the steps)
 per second are given as a share of this machine's GEMM peak in the precision sampled (`sample.precision`; auto:
 the one `medi.precision` chooses), timed in the same run (bench/efficiency.py). Results go to docs/benchmarks.md
-(section 'sampling-cpu').
+(section 'sampling-cpu-<CPU type>').
 
 Usage (from the project root): python bench/sample_speed.py [--model medi] [--count 1000] [--params params.yaml]
 """
@@ -28,7 +28,7 @@ from medi.model import MediDiffusion
 from medi.sampling import Sampler, conditions_of, generate, guidance_conditions, plan, sampling_precision
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
-from bench_report import cpu_name, write_section  # noqa: E402
+from bench_report import cpu_name, machine_tag, write_section  # noqa: E402
 from efficiency import counted_flops, gemm_peak  # noqa: E402
 
 SAMPLERS = [("ddim", 100), ("dpmsolver++", 10), ("dpmsolver++", 15), ("dpmsolver++", 20), ("dpmsolver++", 25)]
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--model", default="medi")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--section", default="sampling-cpu", help="docs/benchmarks.md section")
+    ap.add_argument("--section", default=f"sampling-cpu-{machine_tag()}", help="docs/benchmarks.md section")
     args = ap.parse_args()
     cfg = config.load(args.params)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ GEMM peak for that precision (bench/efficiency.py): `make bench`.
 Times full optimizer steps (forward, v-prediction loss, backward, AdamW) on random data at each preset's
 resolution, after warm-up steps, counts the FLOPs of a forward + backward per image (FlopCounterMode), times
 a 2048^3 matmul in each precision in the same run, and writes a table to docs/benchmarks.md (section
-'training-<device>'), with the precision `train.precision: auto` would choose here.
+'training-cuda' or 'training-cpu-<CPU type>'), with the precision `train.precision: auto` would choose here.
 Usage: python bench/train_speed.py [--batch 32] [--steps 5] [--presets tiny-cpu paper-128] [--device cpu]
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from medi.model import MediDiffusion, Vocabulary, architecture
 from medi.precision import choose
-from bench_report import cpu_name, write_section
+from bench_report import cpu_name, machine_tag, write_section
 from efficiency import counted_flops, gemm_peak
 
 RESOLUTION = {"tiny-cpu": 32, "paper-128": 128}
@@ -36,6 +36,44 @@ def train_flops_per_image(preset: str) -> float:
         x, t = torch.randn(1, 3, RESOLUTION[preset], RESOLUTION[preset]), torch.zeros(1, dtype=torch.long)
     cond = {k: c.to("meta") for k, c in model.vocab.encode(["c0"], {"tss": ["s0"]}).items()}
     return counted_flops(lambda: model(x, t, cond).float().pow(2).mean().backward())
+
+
+def convolutions_alone(preset: str, precision: str, batch: int, reps: int, device: str) -> float:
+    """FLOP/s of the model's own convolutions, each run alone (forward + backward at its shape in the model, on
+    random data, fastest of `reps`), summed over the network: what the UNet would reach if nothing but its
+    convolutions took time. The training share of the peak is read against this attainable share."""
+    model = _model(preset).to(device)
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((m, tuple(i[0].shape))))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    cond = {k: v.to(device) for k, v in model.vocab.encode(["c0"] * batch, {"tss": ["s0"] * batch}).items()}
+    size = RESOLUTION[preset]
+    with torch.no_grad():
+        model(torch.randn(batch, 3, size, size, device=device), torch.zeros(batch, dtype=torch.long, device=device), cond)
+    for h in hooks:
+        h.remove()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    flops = seconds = 0.0
+    for conv, shape in shapes:
+        x = torch.randn(shape, device=device, requires_grad=True)
+
+        def run(conv=conv, x=x):
+            with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                y = conv(x)
+            y.float().sum().backward()
+
+        flops += counted_flops(run)
+        best = float("inf")
+        for _ in range(reps + 1):                  # the first is untimed
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        seconds += best
+    return flops / seconds
 
 
 def images_per_second(preset: str, precision: str, batch: int, micro: int, steps: int, warmup: int, device: str) -> float:
@@ -79,7 +117,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny-cpu", "paper-128"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--section", default=None, help="docs/benchmarks.md section (default: training-<device>)")
+    ap.add_argument("--section", default=None,
+                    help="docs/benchmarks.md section (default: training-cuda, or training-cpu-<CPU type>)")
     args = ap.parse_args()
     micro_of = {p: int(n) for p, n in (m.split("=") for m in args.micro)} if args.device == "cpu" else {}
     rows, peaks, auto = [], {}, {}
@@ -94,25 +133,30 @@ def main() -> None:
             if precision not in peaks:                 # timed between the presets' runs, in the same process
                 peaks[precision] = gemm_peak(precision, args.device)
             peak, n = peaks[precision]
+            alone = convolutions_alone(preset, precision, micro, 8 if preset == "tiny-cpu" else 2, args.device)
             shape = f"{args.batch}" if micro == args.batch else f"{args.batch} ({args.batch // micro} x {micro})"
             rows.append([preset, RESOLUTION[preset], precision, shape, f"{ips:.1f}" if ips >= 10 else f"{ips:.2f}",
                          f"{ips / base:.2f}x", f"{flops / 1e9:.3g}", f"{ips * flops / 1e9:.1f}", f"{peak / 1e9:.1f}",
-                         f"{100 * ips * flops / peak:.0f} %"])
+                         f"{100 * ips * flops / peak:.0f} %", f"{100 * alone / peak:.0f} %",
+                         f"{100 * ips * flops / alone:.0f} %"])
             print(f"{preset:10s} {precision:5s} batch {shape}: {ips:8.2f} images/s, {ips * flops / 1e9:.1f} GFLOP/s = "
-                  f"{100 * ips * flops / peak:.0f} % of the {precision} GEMM peak ({peak / 1e9:.1f} GFLOP/s, {n}^3)",
-                  flush=True)
+                  f"{100 * ips * flops / peak:.0f} % of the {precision} GEMM peak ({peak / 1e9:.1f} GFLOP/s, {n}^3); "
+                  f"its convolutions alone: {100 * alone / peak:.0f} % of the peak", flush=True)
         if {"fp32", "bf16"} <= set(measured):
             auto[preset] = choose(measured)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     chosen = "; ".join(f"{p}: {c}" for p, c in auto.items())
-    write_section(args.section or f"training-{args.device}",
+    write_section(args.section or ("training-cuda" if args.device == "cuda" else f"training-cpu-{machine_tag()}"),
                   f"Training throughput on {where} (torch {torch.__version__}); FLOPs of a forward + backward per "
                   f"image counted by FlopCounterMode, the GEMM peak of each precision timed in the same run "
-                  f"({peaks[args.precisions[0]][1]}^3 matmul); `precision: auto` would choose here: "
+                  f"({peaks[args.precisions[0]][1]}^3 matmul); 'convolutions alone': the model's convolutions each "
+                  f"run alone at their shapes (forward + backward, fastest of several), the share a training step "
+                  f"could reach if nothing else took time, and 'of attainable' the training's share of that; "
+                  f"`precision: auto` would choose here: "
                   f"{chosen or 'n/a (needs fp32 and bf16)'}; `python bench/train_speed.py --batch {args.batch} "
                   f"--device {args.device}`",
                   ["preset", "px", "precision", "batch", "images/s", "vs fp32", "GFLOP/image", "GFLOP/s",
-                   "GEMM peak GFLOP/s", "share of peak"], rows)
+                   "GEMM peak GFLOP/s", "share of peak", "convolutions alone", "of attainable"], rows)
 
 
 if __name__ == "__main__":

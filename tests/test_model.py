@@ -157,3 +157,30 @@ def test_other_mechanisms_reach_the_network_and_survive_save_and_load(tmp_path, 
     assert torch.equal(back(x, t, cond), model(x, t, cond))
     cls = MediDiffusion(arch, Vocabulary.from_frame(FRAME, "class", [], []))        # no attributes: no output route
     assert cls.modulation is None and cls.encoder.d_class == arch.d_t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_upsampling_is_the_stock_module_bit_for_bit(dtype):
+    """The UNet's upsamplers double in channels-last memory (faster on CPUs); outputs and gradients are the stock
+    diffusers module's exactly, in fp32 and bf16."""
+    from diffusers.models.upsampling import Upsample2D
+    from medi.model import ChannelsLastUpsample2D
+
+    model = MediDiffusion(architecture("tiny-cpu", 16, d_e=16), Vocabulary.from_frame(FRAME, "class", ["tss"], []))
+    swapped = [u for b in model.unet.up_blocks for u in (b.upsamplers or [])]
+    assert swapped and all(type(u) is ChannelsLastUpsample2D for u in swapped)
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 8, 8, dtype=dtype, requires_grad=True)
+    outputs, grads = [], []
+    for cls in (ChannelsLastUpsample2D, Upsample2D):
+        swapped[0].__class__ = cls
+        swapped[0].zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = swapped[0](x)
+        y.float().pow(2).sum().backward()
+        outputs.append(y.detach())
+        grads.append((x.grad.clone(), swapped[0].conv.weight.grad.clone()))
+    assert outputs[0].shape == (3, 64, 16, 16) and outputs[0].is_contiguous()
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -34,8 +34,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from medi.config import MIN_D_CLASS, UNET_PRESETS, ModelConfig, time_embedding_width
 from medi.errors import MediError
@@ -225,11 +227,34 @@ class Architecture:
         n = len(self.block_out_channels)
         down = ["AttnDownBlock2D" if self.attention and i >= n - 2 else "DownBlock2D" for i in range(n)]
         up = ["AttnUpBlock2D" if self.attention and i < 2 else "UpBlock2D" for i in range(n)]
-        return UNet2DModel(sample_size=self.sample_size, in_channels=3, out_channels=3,
+        unet = UNet2DModel(sample_size=self.sample_size, in_channels=3, out_channels=3,
                            block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
                            down_block_types=tuple(down), up_block_types=tuple(up), add_attention=self.attention,
                            norm_num_groups=self.norm_num_groups, class_embed_type="identity",
                            resnet_time_scale_shift="scale_shift" if self.conditioning == "scale_shift" else "default")
+        for block in unet.up_blocks:
+            for upsampler in block.upsamplers or []:
+                if type(upsampler) is Upsample2D:
+                    upsampler.__class__ = ChannelsLastUpsample2D     # same module and weights, faster doubling on CPUs
+        return unet
+
+
+class ChannelsLastUpsample2D(Upsample2D):
+    """diffusers' `Upsample2D` whose nearest-neighbour doubling runs in channels-last memory on a CPU.
+
+    torch's CPU kernel for nearest upsampling of an NCHW tensor is 3-4x slower than its channels-last kernel at
+    this UNet's sizes (16 x 64 x 16 x 16 in bf16: 1.5 ms against 0.5 ms with both layout changes, AMD EPYC), and
+    the UNet samples 5 % faster for it (bench/upsample_speed.py). Nearest upsampling copies values, so the result
+    is the stock module's bit for bit; other configurations (a norm, a transposed convolution, an explicit output
+    size, CUDA) take the stock path."""
+
+    def forward(self, hidden_states: torch.Tensor, output_size: int | None = None, *args, **kwargs) -> torch.Tensor:
+        if (hidden_states.device.type != "cpu" or output_size is not None or args or kwargs or self.norm is not None
+                or self.use_conv_transpose or not self.interpolate or self.name != "conv"):
+            return super().forward(hidden_states, output_size, *args, **kwargs)
+        doubled = F.interpolate(hidden_states.contiguous(memory_format=torch.channels_last), scale_factor=2.0,
+                                mode="nearest").contiguous()
+        return self.conv(doubled) if self.use_conv else doubled
 
 
 class MediDiffusion(nn.Module):
