@@ -66,7 +66,7 @@ dashboard: setup  ## optuna-dashboard on the sweep storage, http://127.0.0.1:808
 	optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port 8080
 
 bench: setup  ## benchmarks (speed targets live here, not in tests) with each one's share of this machine's GEMM peak; results go to docs/benchmarks.md
-	cd bench && python train_speed.py --steps 8
+	cd bench && python train_speed.py --steps 8 && python sample_processes.py
 	medi check && dvc repro train      # the sampling benchmark samples the default trained model
 	python bench/sample_speed.py --model medi --count 1000
 	python bench/feature_speed.py --count 512      # the FID extractor (the probe's encoder by default)

@@ -28,14 +28,14 @@ from medi import train as train_stage
 
 
 
-def launch(processes: int, params: Path, *args: str, cwd: Path) -> subprocess.Popen:
+def launch(processes: int, params: Path, *args: str, cwd: Path, **env: str) -> subprocess.Popen:
     """`medi` under torchrun with `processes` processes (1: plain `python -m medi.cli`), in its own session
-    so that a kill reaches every process of the launch."""
+    so that a kill reaches every process of the launch; `env` adds environment variables."""
     cmd = [sys.executable, "-m", "medi.cli", "--params", str(params), *args]
     if processes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "medi.cli", "--params", str(params), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -120,7 +120,8 @@ def test_two_gloo_processes_train_like_one_and_resume_after_a_kill(tiny_world, t
 @pytest.mark.processes
 def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_makes_them(tiny_world, tmp_path):
     """`medi sample`, `medi fid` and `medi probe` on 2 gloo processes write what one process writes: the same
-    manifest, the same PNG bytes, the same features and embeddings, so the same figures."""
+    manifest, the same PNG bytes, the same features and embeddings, so the same figures. `medi sample` gets its 2
+    processes by launching itself, as on any CPU with several cores (params sample.processes: 0)."""
     import pandas as pd
 
     from threadpoolctl import threadpool_limits
@@ -140,8 +141,11 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
                "probe.figure": two / "probe.png"}
     params = write_params(cfg, tmp_path / "params.yaml")
     sets = [a for k, v in outputs.items() for a in ("--set", f"{k}={v}")]
-    logs = {command[0]: finish(launch(2, params, *sets, *command, cwd=tmp_path))
-            for command in (["sample", "--model", "medi"], ["fid", "--model", "medi"], ["probe"])}
+    # `medi sample` as a plain command on 2 cores launches itself (params sample.processes: 0); fid and probe by torchrun
+    logs = {"sample": finish(launch(1, params, *sets, "sample", "--model", "medi", cwd=tmp_path, OMP_NUM_THREADS="2"))}
+    assert "running as 2 processes of 1 thread(s)" in logs["sample"]
+    logs |= {command[0]: finish(launch(2, params, *sets, *command, cwd=tmp_path))
+             for command in (["fid", "--model", "medi"], ["probe"])}
     # each process did its share, and the shares add up: 42 images in 6 batches of 8; FID features of the real
     # tiles and of the 42 images; the probe's embeddings and pools (cls and medi)
     assert shares(logs["sample"], "sampling batches") == [6]
@@ -178,6 +182,39 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
         a, b = (Path(str(o).format(model=f"probe/{name}")) for o in (cfg.sample.output, outputs["sample.output"]))
         assert pd.read_csv(a / "manifest.csv").equals(pd.read_csv(b / "manifest.csv"))
         assert all((a / p).read_bytes() == (b / p).read_bytes() for p in pd.read_csv(a / "manifest.csv")["path"])
+
+
+def test_only_a_sampling_command_line_relaunches_itself_and_only_on_several_cpu_cores(monkeypatch, tmp_path, make_cfg):
+    """`medi sample` / `medi probe` given on the command line relaunch under torchrun with params sample.processes
+    (0 = one per core); an in-process call (`cli.main(argv)`), one core, `processes: 1`, a launch already running
+    and other commands do not."""
+    from medi import cli, distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "relaunch", lambda argv, n: calls.append((list(argv), n)) or sys.exit(0))
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, **{c: (lambda cfg, args: None, h)
+                                                             for c, (_, h) in cli.COMMANDS.items()}})
+    params = write_params(make_cfg(), tmp_path / "params.yaml")
+
+    def command_line(*args: str, cores: str = "2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", cores)
+        monkeypatch.setattr(sys, "argv", ["medi", "--params", str(params), *args])
+        try:
+            return cli.main()
+        except SystemExit as exc:
+            return exc.code
+
+    assert command_line("sample", "--model", "medi") == 0 and calls == [(["--params", str(params), "sample", "--model", "medi"], 2)]
+    assert command_line("probe", cores="3") == 0 and calls[-1] == (["--params", str(params), "probe"], 3)
+    calls.clear()
+    assert command_line("sample", "--model", "medi", cores="1") == 0                        # one core
+    assert command_line("--set", "sample.processes=1", "sample", "--model", "medi") == 0    # asked for one process
+    assert command_line("fid", "--model", "medi") == 0                                      # not a sampling command
+    assert cli.main(["--params", str(params), "sample", "--model", "medi"]) == 0            # in-process: never exec
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.cpu_processes(0) == 1                                                # already launched
+    monkeypatch.delenv("WORLD_SIZE")
+    assert calls == [] and distributed.cpu_processes(5) == 5
 
 
 # ----------------------------------------------------------------------------------------------- the MLflow store

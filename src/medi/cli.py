@@ -149,6 +149,8 @@ COMMANDS = {
 
 # Commands that split their work over the processes of `accelerate launch` / `torchrun` (docs/scaling.md).
 LAUNCHABLE = ("train", "sample", "fid", "probe")
+# ... and those that launch themselves on a CPU (params sample.processes): most of their time is sampling.
+SELF_LAUNCHED = ("sample", "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +201,9 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `medi` command on ARGV (None: this process's command line, which alone may be relaunched)."""
+    own_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     runtime.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
@@ -210,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise MediError(f"this command runs in one process; launch only {', '.join(LAUNCHABLE)} with "
                                 "accelerate launch / torchrun (docs/scaling.md)")
             distributed.state()             # one process group for the whole command (gloo without CUDA)
+        elif own_command_line and args.command in SELF_LAUNCHED and not getattr(args, "from_manifest", None):
+            processes = distributed.cpu_processes(cfg.sample.processes)
+            if processes > 1:
+                distributed.relaunch(argv, processes)
         COMMANDS[args.command][0](cfg, args)
     except MediError as exc:
         print(f"medi {args.command}: error: {exc}", file=sys.stderr)

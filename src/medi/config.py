@@ -182,6 +182,7 @@ class SampleConfig:
     seed: int
     batch_size: int
     precision: Precision         # auto | fp32 | fp16 | bf16 (autocast)
+    processes: int               # CPU processes splitting the batches of `medi sample` / `medi probe` (0 = one per core)
     output: str                  # samples/{model}
 
 
@@ -540,7 +541,7 @@ def _check_sampling_and_fid(cfg: Config, where: str) -> None:
     """sample, fid."""
     smp = cfg.sample
     _at_least(where, 1, {f"sample.{k}": getattr(smp, k) for k in ("steps", "per_pair", "batch_size")})
-    _at_least(where, 0, {"sample.count": smp.count})
+    _at_least(where, 0, {"sample.count": smp.count, "sample.processes": smp.processes})
     if smp.guidance < 1.0:
         raise MediError(f"{where}: 'sample.guidance' must be >= 1 (1 = no classifier-free guidance), got {smp.guidance}")
     for key, value in (("sample.metadata_guidance", smp.metadata_guidance),

@@ -8,6 +8,10 @@ state is the single default process and every function here is a no-op.
 Work that is split (`shard`) goes round-robin over whole units (sampling batches, feature batches), so every
 unit is computed exactly as one process computes it and the gathered result equals one process's.
 A collective (`shard` + `gather`, `broadcast`, `barrier`) must be reached by every process of the launch.
+
+On a CPU the sampling commands launch themselves (`relaunch`): the small UNet runs its convolutions faster as
+one process per core with one thread each than as one process with every core (1.27-1.44x measured on 2 AMD
+EPYC cores, docs/benchmarks.md section processes), and a sampled image is the same bits at any thread count.
 """
 from __future__ import annotations
 
@@ -22,6 +26,48 @@ T = TypeVar("T")
 def launched() -> bool:
     """Started by a launcher with more than one process (torchrun / accelerate launch set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+MAX_CPU_PROCESSES = 8      # more processes than this each load the model and import torch for little gain
+
+
+def cores() -> int:
+    """The cores this process may use: OMP_NUM_THREADS when set (a launcher, a test worker or the user capping
+    the threads), else the CPUs of its affinity mask."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_processes(setting: int) -> int:
+    """How many processes a sampling command runs as on this machine: `setting` (params sample.processes) when
+    > 0, else one per core (at most MAX_CPU_PROCESSES); always 1 inside a launch or with a GPU (whose runs are
+    launched by hand, docs/scaling.md)."""
+    if launched():
+        return 1
+    n = setting if setting > 0 else min(cores(), MAX_CPU_PROCESSES)
+    if n > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    return n
+
+
+def relaunch(argv: Sequence[str], processes: int) -> None:
+    """Replace this process by torchrun running `medi ARGV` as `processes` gloo processes, each with an equal
+    share of the cores as its threads. Does not return: torchrun's exit status is the command's."""
+    import sys
+
+    threads = str(max(1, cores() // processes))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "medi.cli", *argv]
+    log.info("running as %d processes of %s thread(s) (params sample.processes): %s", processes, threads, " ".join(cmd[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
 
 
 def cpu_only() -> bool:
