@@ -15,8 +15,14 @@ morphology and stain apart; its ceiling (ground-truth tiles of held-out render s
 Both instruments score the ground truth, the pipeline's models (`models/NAME`, regenerated with params
 `sample`) and, with --ablation, every model of bench/conditioning_ablation.py under its four guidance settings.
 
+With --stain-transfer, each pipeline model's tiles are also scored after a colour-only site pathway: every tile is
+re-stained to its pair's site by Macenko stain separation (`stain_of`, `restain`). The source stain is the class's,
+fitted on all training tiles of the class (what the model learned to paint it in); the target is the site's, fitted
+on that site's training tiles. "transfer" moves the H and E optical-density vectors, the illumination and the
+concentration scale (each stain's 99th percentile); "vectors" keeps the tile's concentrations.
+
 Usage (project root, after `make repro` on the synthetic default):
-    python bench/unseen_ceiling.py [--per-pair 8] [--train-per-pair 6] [--ablation] [--section NAME]
+    python bench/unseen_ceiling.py [--per-pair 8] [--train-per-pair 6] [--ablation] [--stain-transfer] [--section NAME]
 """
 from __future__ import annotations
 
@@ -53,6 +59,28 @@ def render_pair(syn, stain: histology.Stain, cls: str, n: int, seed: list[int], 
                 im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
             out.append(np.asarray(im, dtype=np.uint8))
     return np.stack(out)
+
+
+def stain_of(tiles: np.ndarray, beta: float = 0.15) -> dict:
+    """Macenko stain of a set of tiles: illumination (99.5th percentile per channel), unit H and E optical-density
+    vectors, and each stain's 99th-percentile concentration over the stained pixels."""
+    x = np.asarray(tiles, np.float64).reshape(-1, 3)
+    i0 = np.percentile(x, 99.5, axis=0)
+    vectors = histology.estimate_stain_vectors(tiles, i0)
+    od = -np.log10(np.clip(x, 1, None) / i0)
+    conc = np.linalg.lstsq(vectors.T, od.T, rcond=None)[0].T
+    return {"i0": i0, "vectors": vectors, "cmax": np.percentile(conc[np.linalg.norm(od, axis=1) > beta], 99, axis=0)}
+
+
+def restain(tile: np.ndarray, source: dict, target: dict, scale: bool = True) -> np.ndarray:
+    """`tile` separated into H and E concentrations with the `source` stain and recomposed in the `target` stain
+    (with `scale`, each concentration rescaled from the source's 99th percentile to the target's)."""
+    od = -np.log10(np.clip(np.asarray(tile, np.float64).reshape(-1, 3), 1, None) / source["i0"])
+    conc = np.linalg.lstsq(source["vectors"].T, od.T, rcond=None)[0].T
+    if scale:
+        conc = conc / source["cmax"] * target["cmax"]
+    rgb = target["i0"] * 10.0 ** (-(conc @ target["vectors"]))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(tile.shape)
 
 
 def features_of(extractor, images: np.ndarray) -> np.ndarray:
@@ -109,6 +137,8 @@ def main() -> None:
     ap.add_argument("--train-per-pair", type=int, default=6)
     ap.add_argument("--models", nargs="*", default=["cls", "medi"])
     ap.add_argument("--ablation", action="store_true", help="also every model under artifacts/ablation (4 guidance settings)")
+    ap.add_argument("--stain-transfer", action="store_true",
+                    help="also each model's tiles re-stained to the pair's site (a colour-only site pathway)")
     ap.add_argument("--section", default="", help="docs/benchmarks.md section to write (default: print only)")
     args = ap.parse_args()
     cfg = config.load(args.params)
@@ -133,8 +163,15 @@ def main() -> None:
                                                  classes, args.train_per_pair, cfg.synthetic.seed),
     }
     subjects = {"ground truth": truth_images}
+    tiles = np.asarray(artifacts.load_tiles(cfg.data.output))
+    stain = {(col, key): stain_of(tiles[train_index.loc[train_index[col].astype(str) == key, "idx"].to_numpy()])
+             for col in ("class", "tss") for key in (pairs[col].unique() if args.stain_transfer else [])}
     for name in args.models:
-        subjects[f"{name} (params sample)"] = model_images(cfg, artifacts.model_dir(cfg, name), pairs)
+        images = subjects[f"{name} (params sample)"] = model_images(cfg, artifacts.model_dir(cfg, name), pairs)
+        for how, scale in (("transfer", True), ("vectors", False)) if args.stain_transfer else ():
+            subjects[f"{name} + stain {how}"] = np.stack([
+                [restain(tile, stain["class", c], stain["tss", t], scale) for tile in images[i]]
+                for i, (c, t) in enumerate(zip(pairs["class"], pairs["tss"]))])
     if args.ablation:
         from conditioning_ablation import GUIDANCE, ROOT
         for folder in sorted(ROOT.glob("*-seed*")):
@@ -163,7 +200,7 @@ def main() -> None:
             f"per pair; held-out rendered accuracy {d['class'][1]:.3f} class, {d['tss'][1]:.3f} site). Chance: site "
             f"{1 / len(d['tss'][0].classes_):.3f}, class {1 / len(classes):.3f}, stain rank 0.5. On {cpu_name()}; "
             f"`python bench/unseen_ceiling.py --per-pair {args.per_pair} --train-per-pair {args.train_per_pair}"
-            f"{' --ablation' if args.ablation else ''}`. Unseen cells: mean over the pairs [95 % bootstrap interval over "
+            f"{' --ablation' if args.ablation else ''}{' --stain-transfer' if args.stain_transfer else ''}`. Unseen cells: mean over the pairs [95 % bootstrap interval over "
             f"the pairs, 2000 resamples]; seen cells: means over {int(pairs['seen'].sum())} pairs")
     print(text)
     print(" | ".join(head))
