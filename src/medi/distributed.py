@@ -10,13 +10,15 @@ unit is computed exactly as one process computes it and the gathered result equa
 A collective (`shard` + `gather`, `broadcast`, `barrier`) must be reached by every process of the launch.
 
 On a CPU the sampling commands launch themselves (`relaunch`): the small UNet runs its convolutions faster as
-one process per core with one thread each than as one process with every core (1.27-1.44x measured on 2 AMD
-EPYC cores, docs/benchmarks.md section processes), and a sampled image is the same bits at any thread count.
+one process per core with one thread each than as one process with every core (1.25-1.44x measured on 2 AMD
+EPYC cores, docs/benchmarks.md), and since every batch is made whole by one single-threaded process, a set is
+the same bits whatever the number of processes.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,6 @@ def cpu_processes(setting: int) -> int:
 def relaunch(argv: Sequence[str], processes: int) -> None:
     """Replace this process by torchrun running `medi ARGV` as `processes` gloo processes, each with an equal
     share of the cores as its threads. Does not return: torchrun's exit status is the command's."""
-    import sys
-
     threads = str(max(1, cores() // processes))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
