@@ -49,6 +49,23 @@ def hook_recording(steps: list, stop_at: int | None = None):
     return hook
 
 
+def test_a_run_resumed_with_another_process_count_continues_its_mlflow_run(tiny_world, tmp_path, monkeypatch):
+    """docs/scaling.md: a checkpoint written with N processes can be resumed with another N. The MLflow run it
+    continues records the process group as tags, which follow the resume (params could not change: MLflow refuses)."""
+    from medi import distributed
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_world(train__max_steps=2, train__checkpoint_every=2, train__eval_every=0)
+    train.run_stage(cfg, "cls")
+    group = distributed.describe()
+    monkeypatch.setattr(distributed, "describe", lambda: {**group, "num_processes": 2, "distributed_type": "MULTI_CPU"})
+    train.run_stage(cfg, "cls")                       # resumes the finished run's last checkpoint
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medi").experiment_id], "tags.mlflow.runName = 'train-cls'")
+    assert run.data.tags["processes"] == "2" and run.data.tags["distributed_type"] == "MULTI_CPU"
+    assert "processes" not in run.data.params
+
+
 def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tiny_world, tmp_path, monkeypatch):
     cfg = tiny_world(train__max_steps=12, train__checkpoint_every=3, train__augment=True,
                      train__eval_every=0)       # no FID curve (test_fid: it leaves the RNG alone)

@@ -550,9 +550,9 @@ def run_stage(cfg: Config, name: str, extra_hooks: Sequence[tuple[int, Hook]] = 
     run_id = resumable_run_id(cfg, name, train_index)
     with tracking.stage_run(cfg, f"train@{name}", ("data", "model", "train"), run_name=f"train-{name}",
                             run_id=run_id) as run:
-        group = distributed.describe()
-        mlflow.log_params({"processes": group["num_processes"], "distributed_type": group["distributed_type"],
-                           "backend": group["backend"]})
+        group = distributed.describe()      # tags, not params: a checkpoint may be resumed with another N processes
+        mlflow.set_tags({"processes": group["num_processes"], "distributed_type": group["distributed_type"],
+                         "backend": group["backend"]})
         mlflow.log_params({"model_name": name, "attributes": ",".join(attributes) or "none",
                            "train_tiles": len(train_index), "vocab_sizes": json.dumps({a: len(v) for a, v in vocab.categorical.items()})})
         logging_seconds = [0.0]             # what logging the checkpoints and the model to MLflow costs
