@@ -15,6 +15,7 @@ import time
 import torch
 
 from bench_report import cpu_name, machine_tag, write_section
+from efficiency import counted_flops, gemm_peak
 from train_speed import _model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -68,9 +69,13 @@ def main() -> None:
     args = ap.parse_args()
     cores = torch.get_num_threads()
     model, x, t, cond = _inputs(args.batch)
+    with torch.no_grad():
+        flops = counted_flops(lambda: model(x, t, cond))              # one forward of the batch
     rows = []
     for precision in args.precisions:
         dtype = DTYPES[precision]
+        torch.set_num_threads(cores)
+        peak, n = gemm_peak(precision)                                # the machine's, all cores
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             torch.set_num_threads(1)
             one = model(x, t, cond)
@@ -82,16 +87,20 @@ def main() -> None:
             single.append(_forwards(model, x, t, cond, precision, args.forwards))
             split.append(parallel(cores, args.batch, precision, args.forwards))
         a, b = statistics.median(single), statistics.median(split)
-        rows.append([precision, args.batch, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", "yes" if same else "no"])
-        print(f"{precision}: 1 process x {cores} threads {a:.1f} forwards/s; {cores} processes x 1 thread {b:.1f}: "
-              f"{b / a:.2f}x; same bits at 1 and {cores} threads: {same}", flush=True)
+        rows.append([precision, args.batch, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{peak / 1e9:.0f}",
+                     f"{100 * a * flops / peak:.0f} %", f"{100 * b * flops / peak:.0f} %", "yes" if same else "no"])
+        print(f"{precision}: 1 process x {cores} threads {a:.1f} forwards/s ({100 * a * flops / peak:.0f} % of the "
+              f"{precision} GEMM peak, {peak / 1e9:.0f} GFLOP/s at {n}^3); {cores} processes x 1 thread {b:.1f} "
+              f"({100 * b * flops / peak:.0f} %): {b / a:.2f}x; same bits at 1 and {cores} threads: {same}", flush=True)
     write_section(f"sample-processes-cpu-{machine_tag()}",
                   f"UNet forwards (tiny-cpu, 32 px, random inputs) on {cpu_name()}, {cores} cores: one process with "
                   f"{cores} threads against {cores} single-threaded processes at once (their summed rate); medians "
                   f"of {args.rounds} alternating rounds of {args.forwards} forwards; 'same bits': a forward at 1 "
-                  f"thread equals one at {cores}; `python bench/sample_processes.py`",
+                  f"thread equals one at {cores}; shares of the GEMM peak of that precision on all {cores} cores "
+                  f"(2048^3 matmul, same run; {flops / args.batch / 1e9:.3f} GFLOP per image and forward); "
+                  f"`python bench/sample_processes.py`",
                   ["precision", "batch", f"1 x {cores} threads, forwards/s", f"{cores} x 1 thread, forwards/s",
-                   "ratio", "same bits"], rows)
+                   "ratio", "GEMM peak GFLOP/s", f"share, 1 x {cores}", f"share, {cores} x 1", "same bits"], rows)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ unit is computed exactly as one process computes it and the gathered result equa
 A collective (`shard` + `gather`, `broadcast`, `barrier`) must be reached by every process of the launch.
 
 On a CPU the sampling commands launch themselves (`relaunch`): the small UNet runs its convolutions faster as
-one process per core with one thread each than as one process with every core (1.25-1.44x measured on 2 AMD
-EPYC cores, docs/benchmarks.md), and since every batch is made whole by one single-threaded process, a set is
+one process per core with one thread each than as one process with every core (the sample stages 1.3x faster
+on 2 AMD EPYC cores, docs/benchmarks.md), and since every batch is made whole by one single-threaded process, a set is
 the same bits whatever the number of processes.
 """
 from __future__ import annotations
