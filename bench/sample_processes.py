@@ -16,7 +16,7 @@ import torch
 
 from bench_report import cpu_name, machine_tag, write_section
 from efficiency import counted_flops, gemm_peak
-from train_speed import _model
+from train_speed import _model, convolutions_alone
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -76,6 +76,13 @@ def main() -> None:
         dtype = DTYPES[precision]
         torch.set_num_threads(cores)
         peak, n = gemm_peak(precision)                                # the machine's, all cores
+        alone = {k: 0.0 for k in (1, cores)}                          # the convolutions alone, forward only
+        for k in alone:
+            torch.set_num_threads(k)
+            alone[k] = convolutions_alone("tiny-cpu", precision, args.batch, 10, "cpu", backward=False)
+        torch.set_num_threads(1)
+        alone_one = alone[1] / gemm_peak(precision)[0]                # against the one-thread peak
+        torch.set_num_threads(cores)
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             torch.set_num_threads(1)
             one = model(x, t, cond)
@@ -88,19 +95,25 @@ def main() -> None:
             split.append(parallel(cores, args.batch, precision, args.forwards))
         a, b = statistics.median(single), statistics.median(split)
         rows.append([precision, args.batch, f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}x", f"{peak / 1e9:.0f}",
-                     f"{100 * a * flops / peak:.0f} %", f"{100 * b * flops / peak:.0f} %", "yes" if same else "no"])
+                     f"{100 * a * flops / peak:.0f} %", f"{100 * b * flops / peak:.0f} %",
+                     f"{100 * alone[cores] / peak:.0f} % / {100 * alone_one:.0f} %", "yes" if same else "no"])
         print(f"{precision}: 1 process x {cores} threads {a:.1f} forwards/s ({100 * a * flops / peak:.0f} % of the "
               f"{precision} GEMM peak, {peak / 1e9:.0f} GFLOP/s at {n}^3); {cores} processes x 1 thread {b:.1f} "
-              f"({100 * b * flops / peak:.0f} %): {b / a:.2f}x; same bits at 1 and {cores} threads: {same}", flush=True)
+              f"({100 * b * flops / peak:.0f} %): {b / a:.2f}x; convolutions alone {100 * alone[cores] / peak:.0f} % on "
+              f"{cores} threads, {100 * alone_one:.0f} % on 1; same bits at 1 and {cores} threads: {same}", flush=True)
     write_section(f"sample-processes-cpu-{machine_tag()}",
                   f"UNet forwards (tiny-cpu, 32 px, random inputs) on {cpu_name()}, {cores} cores: one process with "
                   f"{cores} threads against {cores} single-threaded processes at once (their summed rate); medians "
                   f"of {args.rounds} alternating rounds of {args.forwards} forwards; 'same bits': a forward at 1 "
                   f"thread equals one at {cores}; shares of the GEMM peak of that precision on all {cores} cores "
                   f"(2048^3 matmul, same run; {flops / args.batch / 1e9:.3f} GFLOP per image and forward); "
+                  f"'convolutions alone': the forward's convolutions each run alone at their shapes (fastest of "
+                  f"10), as a share of the peak on {cores} threads / on 1 thread (against the 1-thread peak): what "
+                  f"a forward would reach if nothing else took time; "
                   f"`python bench/sample_processes.py`",
                   ["precision", "batch", f"1 x {cores} threads, forwards/s", f"{cores} x 1 thread, forwards/s",
-                   "ratio", "GEMM peak GFLOP/s", f"share, 1 x {cores}", f"share, {cores} x 1", "same bits"], rows)
+                   "ratio", "GEMM peak GFLOP/s", f"share, 1 x {cores}", f"share, {cores} x 1",
+                   f"convolutions alone, {cores} / 1 thread(s)", "same bits"], rows)
 
 
 if __name__ == "__main__":

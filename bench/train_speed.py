@@ -38,10 +38,11 @@ def train_flops_per_image(preset: str) -> float:
     return counted_flops(lambda: model(x, t, cond).float().pow(2).mean().backward())
 
 
-def convolutions_alone(preset: str, precision: str, batch: int, reps: int, device: str) -> float:
-    """FLOP/s of the model's own convolutions, each run alone (forward + backward at its shape in the model, on
-    random data, fastest of `reps`), summed over the network: what the UNet would reach if nothing but its
-    convolutions took time. The training share of the peak is read against this attainable share."""
+def convolutions_alone(preset: str, precision: str, batch: int, reps: int, device: str, backward: bool = True) -> float:
+    """FLOP/s of the model's own convolutions, each run alone (forward + backward at its shape in the model, or the
+    forward only without `backward`; on random data, fastest of `reps`), summed over the network: what the UNet
+    would reach if nothing but its convolutions took time. A training (or sampling) share of the peak is read
+    against this attainable share."""
     model = _model(preset).to(device)
     shapes = []
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((m, tuple(i[0].shape))))
@@ -55,12 +56,14 @@ def convolutions_alone(preset: str, precision: str, batch: int, reps: int, devic
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     flops = seconds = 0.0
     for conv, shape in shapes:
-        x = torch.randn(shape, device=device, requires_grad=True)
+        x = torch.randn(shape, device=device, requires_grad=backward)
 
         def run(conv=conv, x=x):
-            with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None), \
+                    torch.set_grad_enabled(backward):
                 y = conv(x)
-            y.float().sum().backward()
+            if backward:
+                y.float().sum().backward()
 
         flops += counted_flops(run)
         best = float("inf")
