@@ -64,10 +64,9 @@ def render_pair(syn, stain: histology.Stain, cls: str, n: int, seed: list[int], 
 def stain_of(tiles: np.ndarray, beta: float = 0.15) -> dict:
     """Macenko stain of a set of tiles: illumination (99.5th percentile per channel), unit H and E optical-density
     vectors, and each stain's 99th-percentile concentration over the stained pixels."""
-    x = np.asarray(tiles, np.float64).reshape(-1, 3)
-    i0 = np.percentile(x, 99.5, axis=0)
+    i0 = np.percentile(np.asarray(tiles, np.float64).reshape(-1, 3), 99.5, axis=0)
     vectors = histology.estimate_stain_vectors(tiles, i0)
-    od = -np.log10(np.clip(x, 1, None) / i0)
+    od = histology.optical_density(tiles, i0)
     conc = np.linalg.lstsq(vectors.T, od.T, rcond=None)[0].T
     return {"i0": i0, "vectors": vectors, "cmax": np.percentile(conc[np.linalg.norm(od, axis=1) > beta], 99, axis=0)}
 
@@ -75,7 +74,7 @@ def stain_of(tiles: np.ndarray, beta: float = 0.15) -> dict:
 def restain(tile: np.ndarray, source: dict, target: dict, scale: bool = True) -> np.ndarray:
     """`tile` separated into H and E concentrations with the `source` stain and recomposed in the `target` stain
     (with `scale`, each concentration rescaled from the source's 99th percentile to the target's)."""
-    od = -np.log10(np.clip(np.asarray(tile, np.float64).reshape(-1, 3), 1, None) / source["i0"])
+    od = histology.optical_density(tile, source["i0"])
     conc = np.linalg.lstsq(source["vectors"].T, od.T, rcond=None)[0].T
     if scale:
         conc = conc / source["cmax"] * target["cmax"]

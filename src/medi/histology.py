@@ -429,6 +429,11 @@ def render_tile(morph: Morphology, stain: Stain, rng: np.random.Generator, size:
     return concentrations_to_rgb(h, e, stain, rng)
 
 
+def optical_density(rgb: np.ndarray, illumination) -> np.ndarray:
+    """Beer-Lambert optical density of every pixel, (N, 3): -log10(I / I0), intensities clipped at 1."""
+    return -np.log10(np.clip(np.asarray(rgb, np.float64).reshape(-1, 3), 1, None) / np.asarray(illumination, np.float64))
+
+
 def estimate_stain_vectors(rgb: np.ndarray, illumination=None, beta: float = 0.15, alpha: float = 2.0) -> np.ndarray:
     """Macenko estimate of the unit H and E OD vectors (2x3, rows H, E) of a tile (H,W,3) or batch (N,H,W,3).
 
@@ -438,7 +443,7 @@ def estimate_stain_vectors(rgb: np.ndarray, illumination=None, beta: float = 0.1
     of each channel, which is biased on tiles without background."""
     x = np.asarray(rgb, np.float64).reshape(-1, 3)
     i0 = np.percentile(x, 99.5, axis=0) if illumination is None else np.asarray(illumination, np.float64)
-    od = -np.log10(np.clip(x, 1, None) / i0)
+    od = optical_density(x, i0)
     od = od[np.linalg.norm(od, axis=1) > beta]
     if len(od) < 10:
         raise ValueError(f"estimate_stain_vectors: only {len(od)} stained pixels (OD norm > {beta})")

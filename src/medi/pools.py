@@ -79,9 +79,9 @@ def _fill_metadata(rows: pd.DataFrame, train_index: pd.DataFrame, attributes: Se
     return out
 
 
-def donor(cfg: Config, model_dir: Path) -> tuple[Path, pd.DataFrame, str] | None:
+def donor(cfg: Config, model_dir: Path, weights: str) -> tuple[Path, pd.DataFrame, str] | None:
     """The sample stage's set of this model (`sample.output` for its name) when it is complete and was made by the
-    same weights and sampler: (folder, manifest, the precision it was made in); else None."""
+    same weights (digest `weights`) and sampler: (folder, manifest, the precision it was made in); else None."""
     from medi import artifacts, sampling
 
     folder = Path(cfg.sample.output.format(model=model_dir.name))
@@ -89,8 +89,7 @@ def donor(cfg: Config, model_dir: Path) -> tuple[Path, pd.DataFrame, str] | None
         return None
     info = read_json(folder / artifacts.SAMPLE_INFO)
     theirs = info.get("sample", {})
-    if not info.get("complete") or info.get("weights_sha256_16") != sampling.weights_digest(model_dir) \
-            or "scheduler" not in theirs \
+    if not info.get("complete") or info.get("weights_sha256_16") != weights or "scheduler" not in theirs \
             or sampling.Sampler.from_settings(theirs).settings() != sampling.Sampler.of(cfg.sample).settings():
         return None
     return folder, artifacts.read_manifest(folder / artifacts.MANIFEST), str(info["precision"])
@@ -98,19 +97,21 @@ def donor(cfg: Config, model_dir: Path) -> tuple[Path, pd.DataFrame, str] | None
 
 def identity(cfg: Config, model_dir: Path) -> dict:
     """What makes a pool's images what they are: the weights, the sampler and the sample set it starts from."""
-    return _identity(cfg, model_dir, donor(cfg, model_dir))
+    return origin(cfg, model_dir)[0]
 
 
-def _identity(cfg: Config, model_dir: Path, source: tuple | None) -> dict:
+def origin(cfg: Config, model_dir: Path) -> tuple[dict, tuple[Path, pd.DataFrame, str] | None]:
+    """(the pool's identity, the sample set it starts from or None), reading the weights once."""
     from medi import sampling
-
     from medi.artifacts import MANIFEST
     from medi.features import file_digest
 
+    weights = sampling.weights_digest(model_dir)
+    source = donor(cfg, model_dir, weights)
     start = None if source is None else {"set": str(source[0]),
                                          "manifest_sha256_16": file_digest(source[0] / MANIFEST)[:16]}
-    return {"weights_sha256_16": sampling.weights_digest(model_dir), **sampling.Sampler.of(cfg.sample).settings(),
-            "seed": cfg.sample.seed, "starts_from": start}
+    return {"weights_sha256_16": weights, **sampling.Sampler.of(cfg.sample).settings(), "seed": cfg.sample.seed,
+            "starts_from": start}, source
 
 
 def _start_from(source: tuple[Path, pd.DataFrame, str], out: Path, site_conditioned: bool) -> pd.DataFrame:
@@ -136,8 +137,7 @@ def ensure(cfg: Config, model_dir: Path, keys: Sequence[Key], size: int, out: Pa
     from medi import artifacts, distributed, sampling
 
     s = cfg.sample
-    source = donor(cfg, model_dir)
-    info = _identity(cfg, model_dir, source)
+    info, source = origin(cfg, model_dir)
     manifest_path = out / artifacts.MANIFEST
     main = distributed.is_main()
     if main and out.exists() and (not (out / INFO).exists() or read_json(out / INFO) != info):
