@@ -22,7 +22,20 @@ PROFILE ?=
 
 .PHONY: setup repro train test sweep dashboard bench bench-gpu smoke-paper ui ui-check mlflow-server tcga-ut lock clean
 
+# tcmalloc (src/medi/allocator.py): PyTorch's CPU steps stop paying page faults for their megabyte-sized tensors
+# (same bits; bench/allocator_speed.py measures it). Installed where this user may (root with apt-get); elsewhere
+# medi runs on the C library's malloc and `medi check` says so. `medi` preloads it itself; the tests and
+# benchmarks are given it here (PRELOAD).
+TCMALLOC_DEB := libtcmalloc-minimal4
+PRELOAD = LD_PRELOAD="$$(python -m medi.allocator) $${LD_PRELOAD:-}"
+
 setup: $(STAMP)
+	@if ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep -q 'libtcmalloc_minimal\.so\.4 ' \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $(TCMALLOC_DEB) (the allocator medi preloads: src/medi/allocator.py)"; \
+	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq $(TCMALLOC_DEB) \
+	    || { apt-get update -qq && apt-get install -y -qq $(TCMALLOC_DEB); }; } >/dev/null 2>&1 \
+	    || echo "could not install $(TCMALLOC_DEB): medi runs on the C library's malloc"; fi
 
 # The lock is installed by uv (pinned here, bootstrapped with pip: seconds from local wheels or uv's cache); where
 # uv cannot be had or fails (or INSTALLER=pip), by pip from the same lock. PIP_FIND_LINKS (a local wheel folder)
@@ -55,7 +68,7 @@ train: setup  ## the training stages only (both diffusion models, and what they 
 	dvc repro train
 
 test: setup  ## the test suite (CI runs this): one pytest-xdist worker per core, each with its share of the cores
-	python -m pytest -q -n auto --dist loadgroup --durations=15
+	$(PRELOAD) python -m pytest -q -n auto --dist loadgroup --durations=15
 
 sweep: setup  ## Optuna studies (one per method, validation sites) over params sweep.space; again = continue them (make sweep SWEEP="--trials 20 --workers 2")
 	medi check
@@ -66,12 +79,12 @@ dashboard: setup  ## optuna-dashboard on the sweep storage, http://127.0.0.1:808
 	optuna-dashboard sqlite:///optuna.db --host 127.0.0.1 --port 8080
 
 bench: setup  ## benchmarks (speed targets live here, not in tests) with each one's share of this machine's GEMM peak; results go to docs/benchmarks.md
-	cd bench && python train_speed.py --steps 8 && python sample_processes.py
+	$(PRELOAD) bash -c 'cd bench && python train_speed.py --steps 8 && python sample_processes.py'
 	medi check && dvc repro train      # the sampling benchmark samples the default trained model
-	python bench/sample_speed.py --model medi --count 1000
-	python bench/feature_speed.py --count 512      # the FID extractor (the probe's encoder by default)
+	$(PRELOAD) python bench/sample_speed.py --model medi --count 1000
+	$(PRELOAD) python bench/feature_speed.py --count 512      # the FID extractor (the probe's encoder by default)
 	dvc repro probe                    # the probe benchmark runs on its cached embeddings and pools
-	python bench/probe_speed.py --runs 200
+	$(PRELOAD) python bench/probe_speed.py --runs 200
 
 bench-gpu: setup  ## on a GPU: paper-128 training images/s in bf16 and fp16 with the share of the GPU's peak, and the paper recipe's GPU-hours (docs/paper-recipe.md)
 	cd bench && python paper_cost.py --device cuda

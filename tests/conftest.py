@@ -92,6 +92,15 @@ def mlflow_store(_empty_mlflow_store):
 
 
 @pytest.fixture(autouse=True)
+def _pytest_is_never_replaced(monkeypatch: pytest.MonkeyPatch):
+    """A test that runs `cli.main()` as a command line must not replace pytest's own process by `medi` with
+    tcmalloc preloaded (`medi.allocator.preload`); processes the tests start still do that."""
+    from medi import allocator
+
+    monkeypatch.setattr(allocator, "preload", lambda argv: None)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_store: Path):
     """Each test starts in its own folder with MLflow pointing at its own (empty) store, no active run or
     experiment, and leaves none behind."""

@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from medi import allocator
 from medi import config as config_mod
 from medi import runtime
 from medi.config import Config
@@ -43,6 +44,7 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> None:
     if cfg.data.source == "tcga_ut":
         tiles, meta = data.dataset_paths(cfg)
         log.info("real data found: %s and %s", tiles, meta)
+    log.info(allocator.describe())
     log.info("params OK (%s, data.source=%s, classes=%s)", cfg.source_path, cfg.data.source, ",".join(cfg.classes))
 
 
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runtime.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        if own_command_line:
+            allocator.preload(argv)     # tcmalloc, where found: the same command again, faster on the CPU
         cfg = config_mod.load(args.params, parse_overrides(args.set))
         from medi import distributed
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
+from medi import allocator
 from medi.config import Config, TrackingConfig
 
 for _var, _val in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.items():
@@ -113,6 +114,7 @@ def run_tags(cfg: Config, stage: str, sections: tuple[str, ...]) -> dict[str, st
         "medi.params_hash": cfg.params_hash(*sections),
         "medi.pipeline": f"{commit[:12]}-{cfg.params_hash()}",
         "medi.data_source": cfg.data.source,
+        "medi.allocator": allocator.in_use(),
     }
 
 
