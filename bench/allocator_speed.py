@@ -114,7 +114,8 @@ def main() -> None:
                   f"The memory allocator: the C library's malloc against tcmalloc ({library}), each measurement a "
                   f"fresh process, {args.rounds} alternating rounds, medians (range); {cpu_name()}, tiny-cpu at 32 px "
                   f"in bf16 autocast; `python bench/allocator_speed.py`",
-                  ["work", "threads", "system malloc, images/s", "tcmalloc, images/s", "speed-up", "same bits"], rows)
+                  ["work", "threads", "system malloc, images/s", "tcmalloc, images/s", "speed-up", "same bits"], rows,
+                  allocator=False)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nMeasured by the scripts in `bench/` (`make bench`); each section is rewritten when its script runs.\n"
 
 
-def write_section(name: str, caption: str, columns: list[str], rows: list[list]) -> None:
+def write_section(name: str, caption: str, columns: list[str], rows: list[list], allocator: bool = True) -> None:
+    """Replace section NAME of docs/benchmarks.md (or append it). With `allocator`, the caption names the memory
+    allocator this process ran on (medi.allocator: it moves CPU figures by up to 1.3x)."""
+    if allocator:
+        from medi.allocator import in_use
+
+        used = in_use()
+        caption += "; allocator: " + ("the C library's malloc" if used == "system" else Path(used).name)
     text = DOC.read_text() if DOC.exists() else HEADER
     table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     table += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
