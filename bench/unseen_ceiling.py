@@ -19,7 +19,11 @@ With --stain-transfer, each pipeline model's tiles are also scored after a colou
 re-stained to its pair's site by Macenko stain separation (`stain_of`, `restain`). The source stain is the class's,
 fitted on all training tiles of the class (what the model learned to paint it in); the target is the site's, fitted
 on that site's training tiles. "transfer" moves the H and E optical-density vectors, the illumination and the
-concentration scale (each stain's 99th percentile); "vectors" keeps the tile's concentrations.
+concentration scale (each stain's 99th percentile); "vectors" keeps the tile's concentrations; "relative" moves the
+vectors and the illumination and rescales each concentration by the site's 99th percentile over that of the class
+the site sent (its staining strength relative to its own class's sites, which a site's tiles alone confound with
+the class's tissue). "ground truth at its site + stain ..." applies the same re-staining to the ground truth's tiles
+of each class at its own site (source: that site's stain), which separates the method's error from the model's.
 
 Usage (project root, after `make repro` on the synthetic default):
     python bench/unseen_ceiling.py [--per-pair 8] [--train-per-pair 6] [--ablation] [--stain-transfer] [--section NAME]
@@ -71,13 +75,11 @@ def stain_of(tiles: np.ndarray, beta: float = 0.15) -> dict:
     return {"i0": i0, "vectors": vectors, "cmax": np.percentile(conc[np.linalg.norm(od, axis=1) > beta], 99, axis=0)}
 
 
-def restain(tile: np.ndarray, source: dict, target: dict, scale: bool = True) -> np.ndarray:
-    """`tile` separated into H and E concentrations with the `source` stain and recomposed in the `target` stain
-    (with `scale`, each concentration rescaled from the source's 99th percentile to the target's)."""
+def restain(tile: np.ndarray, source: dict, target: dict, factor: np.ndarray) -> np.ndarray:
+    """`tile` separated into H and E concentrations with the `source` stain and recomposed in the `target` stain,
+    each stain's concentration multiplied by `factor` (H, E)."""
     od = histology.optical_density(tile, source["i0"])
-    conc = np.linalg.lstsq(source["vectors"].T, od.T, rcond=None)[0].T
-    if scale:
-        conc = conc / source["cmax"] * target["cmax"]
+    conc = np.linalg.lstsq(source["vectors"].T, od.T, rcond=None)[0].T * factor
     rgb = target["i0"] * 10.0 ** (-(conc @ target["vectors"]))
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(tile.shape)
 
@@ -165,11 +167,27 @@ def main() -> None:
     tiles = np.asarray(artifacts.load_tiles(cfg.data.output))
     stain = {(col, key): stain_of(tiles[train_index.loc[train_index[col].astype(str) == key, "idx"].to_numpy()])
              for col in ("class", "tss") for key in (pairs[col].unique() if args.stain_transfer else [])}
+    home = dict(zip(train_index["tss"].astype(str), train_index["class"].astype(str)))     # the one class each site sent
+    if args.stain_transfer:   # the method alone: each class's ground-truth tiles at its own site, re-stained to the pair's
+        at_home = {c: i for i, (c, t, seen) in enumerate(zip(pairs["class"], pairs["tss"], pairs["seen"])) if seen}
+        own_site = {c: pairs["tss"][i] for c, i in at_home.items()}
+        for how in ("vectors", "relative"):
+            subjects[f"ground truth at its site + stain {how}"] = np.stack([
+                [restain(tile, stain["tss", own_site[c]], stain["tss", t],
+                         np.ones(2) if how == "vectors" else stain["tss", t]["cmax"] / stain["class", home[t]]["cmax"]
+                         * stain["class", c]["cmax"] / stain["tss", own_site[c]]["cmax"])
+                 for tile in truth_images[at_home[c]]]
+                for c, t in zip(pairs["class"], pairs["tss"])])
     for name in args.models:
         images = subjects[f"{name} (params sample)"] = model_images(cfg, artifacts.model_dir(cfg, name), pairs)
-        for how, scale in (("transfer", True), ("vectors", False)) if args.stain_transfer else ():
+        factors = {   # (class, site) -> how each stain's concentration is rescaled
+            "transfer": lambda c, t: stain["tss", t]["cmax"] / stain["class", c]["cmax"],
+            "vectors": lambda c, t: np.ones(2),
+            "relative": lambda c, t: stain["tss", t]["cmax"] / stain["class", home[t]]["cmax"],
+        }
+        for how, factor in factors.items() if args.stain_transfer else ():
             subjects[f"{name} + stain {how}"] = np.stack([
-                [restain(tile, stain["class", c], stain["tss", t], scale) for tile in images[i]]
+                [restain(tile, stain["class", c], stain["tss", t], factor(c, t)) for tile in images[i]]
                 for i, (c, t) in enumerate(zip(pairs["class"], pairs["tss"]))])
     if args.ablation:
         from conditioning_ablation import GUIDANCE, ROOT

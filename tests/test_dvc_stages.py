@@ -46,7 +46,6 @@ def command_closure(command: str) -> set[str]:
     return seen
 
 
-
 def stages() -> list[tuple[str, str, list[str]]]:
     """(stage, medi command, its src/medi deps) of dvc.yaml; foreach / matrix stages once each."""
     out = []
