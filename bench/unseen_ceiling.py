@@ -3,7 +3,8 @@
 Real tiles of every (class, site) pair of the evaluation's grid (`medi.unseen.pair_grid`: every class x the largest
 training site of each class) are rendered by the world's own renderer: the class's morphology under the site's
 stain with a slide's jitter, JPEG at the site's quality, decoded and Lanczos-resized to `data.resolution` as
-`prepare` packs tiles. They are scored exactly as a model's generated tiles are (`medi.unseen.score`: the same
+`prepare` packs tiles (`medi.unseen.ground_truth_tiles`, which the fid stage also scores, `fid.unseen_per_pair`
+per pair, as its `pairs_ceiling_*` figures). They are scored exactly as a model's generated tiles are (`medi.unseen.score`: the same
 features, the same class and site classifiers fitted on the real training tiles, the same stain rank). A seen pair
 is a tile the dataset could hold; an unseen pair is ground truth the dataset never has. A target above this ceiling
 cannot be met by any model, whatever its conditioning: the instrument itself caps it.
@@ -31,38 +32,19 @@ Usage (project root, after `make repro` on the synthetic default):
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import pandas as pd
 
 from medi import artifacts, config, histology
 from medi.fidelity import Extractor, condition_classifiers
 from medi.groundtruth import GroundTruth
-from medi.synthetic import class_morphology, plan_world
-from medi.unseen import pair_grid, score
+from medi.unseen import ground_truth_tiles, pair_grid, score
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
 from bench_report import cpu_name, write_section  # noqa: E402
-
-
-def render_pair(syn, stain: histology.Stain, cls: str, n: int, seed: list[int], resolution: int) -> np.ndarray:
-    """n tiles of class `cls` at a site of stain `stain`, each from its own slide (its own jitter), as packed."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        slide = histology.jitter_stain(stain, rng, syn.slide_jitter)
-        tile = histology.render_tile(class_morphology(cls), slide, rng, size=syn.tile_size, mpp=syn.mpp)
-        buf = io.BytesIO()
-        Image.fromarray(tile).save(buf, format="JPEG", quality=slide.jpeg_quality)
-        with Image.open(buf) as im:
-            im = im.convert("RGB")
-            if im.width != resolution:
-                im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
-            out.append(np.asarray(im, dtype=np.uint8))
-    return np.stack(out)
 
 
 def stain_of(tiles: np.ndarray, beta: float = 0.15) -> dict:
@@ -88,7 +70,7 @@ def features_of(extractor, images: np.ndarray) -> np.ndarray:
     return extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
 
 
-def deconfounded_classifiers(cfg, extractor, stains: dict, sites: list[str], classes: list[str], per_pair: int, seed: int):
+def deconfounded_classifiers(cfg, extractor, sites: list[str], classes: list[str], per_pair: int):
     """Class and site classifiers fitted on rendered tiles of every class at every site (the ground truth
     decorrelates the two), in `condition_classifiers`' form: {"class"|"tss": (fitted, held-out accuracy)}."""
     from sklearn.linear_model import LogisticRegression
@@ -96,10 +78,8 @@ def deconfounded_classifiers(cfg, extractor, stains: dict, sites: list[str], cla
     from sklearn.preprocessing import StandardScaler
 
     grid = [(c, t) for c in classes for t in sites]
-    fit = np.stack([render_pair(cfg.synthetic, stains[t], c, per_pair, [seed, 104729, i], cfg.data.resolution)
-                    for i, (c, t) in enumerate(grid)])
-    held = np.stack([render_pair(cfg.synthetic, stains[t], c, 2, [seed, 130363, i], cfg.data.resolution)
-                     for i, (c, t) in enumerate(grid)])
+    frame = pd.DataFrame(grid, columns=["class", "tss"])
+    fit, held = ground_truth_tiles(cfg, frame, per_pair, stream=104729), ground_truth_tiles(cfg, frame, 2, stream=130363)
     x_fit, x_held = features_of(extractor, fit), features_of(extractor, held)
     out = {}
     for target, k in (("class", 0), ("tss", 1)):
@@ -151,17 +131,14 @@ def main() -> None:
     train_index = train_index.set_index("idx").loc[order].reset_index()      # as the fid stage orders it
     classes = sorted(train_index["class"].astype(str).unique())
     pairs = pair_grid(train_index, classes)
-    _, stains, _ = plan_world(cfg.synthetic, {c: c for c in cfg.synthetic.classes})
-    truth_images = np.stack([render_pair(cfg.synthetic, stains[t], c, args.per_pair, [cfg.synthetic.seed, 7919, i],
-                                         cfg.data.resolution)
-                             for i, (c, t) in enumerate(zip(pairs["class"], pairs["tss"]))])
+    truth_images = ground_truth_tiles(cfg, pairs, args.per_pair)
     extractor = Extractor.from_config(cfg.fid.encoder)
     real = extractor.cached_features(np.asarray(artifacts.load_tiles(cfg.data.output))[order], cfg.fid.cache,
                                      verbose=False).float().numpy()
     instruments = {
         "pipeline": condition_classifiers(real, train_index, cfg.fid.seed, cache=cfg.fid.cache),
-        "deconfounded": deconfounded_classifiers(cfg, extractor, stains, sorted(train_index["tss"].astype(str).unique()),
-                                                 classes, args.train_per_pair, cfg.synthetic.seed),
+        "deconfounded": deconfounded_classifiers(cfg, extractor, sorted(train_index["tss"].astype(str).unique()),
+                                                 classes, args.train_per_pair),
     }
     subjects = {"ground truth": truth_images}
     tiles = np.asarray(artifacts.load_tiles(cfg.data.output))

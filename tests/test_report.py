@@ -47,3 +47,20 @@ def test_the_index_page_says_what_it_cannot_show(make_cfg):
         "- FID curves during training: train.eval_every is 0, so none was computed."]
     assert "cannot show" not in report.index_page(make_cfg(), {"cls": {**fid_metrics({"05": 1.0}), "per_class": {
         "LUAD": 3.0, "LUSC": 4.0}, "mean_class_fid": 3.5}}, {}, None, {})
+
+
+def test_the_index_page_puts_each_model_beside_the_ground_truth_on_unseen_pairs(make_cfg):
+    pairs = {"pairs_per_kind": {"seen": 7, "unseen": 42}, "images_per_pair": 4}
+    cls = {**fid_metrics({}), "pairs": {**pairs, "unseen_site_accuracy": 0.042, "unseen_class_accuracy": 0.5,
+                                        "seen_site_accuracy": 0.179, "seen_class_accuracy": 0.5}}
+    truth = {f"ceiling_{k}_{f}": v for k, v in (("unseen", 0.11), ("seen", 0.09))
+             for f in ("site_accuracy", "stain_rank", "class_accuracy")}
+    medi = {**fid_metrics({}), "pairs": {**pairs, "unseen_site_accuracy": 0.143, "unseen_stain_rank": 0.276,
+                                         "unseen_class_accuracy": 0.488, "seen_site_accuracy": 0.643,
+                                         "seen_stain_rank": 0.159, "seen_class_accuracy": 0.786, **truth}}
+    page = report.index_page(make_cfg(), {"cls": cls, "medi": medi}, {}, None, {})
+    assert "42 unseen, 7 seen pairs, 4 images each" in page
+    assert "| cls | 0.042 | - | 0.500 | 0.179 | - | 0.500 |" in page            # a figure missing (real data: no stain rank): -
+    assert "| medi | 0.143 | 0.276 | 0.488 | 0.643 | 0.159 | 0.786 |" in page
+    assert "| ground truth | 0.110 | 0.110 | 0.110 | 0.090 | 0.090 | 0.090 |" in page
+    assert "Pairs never seen" not in report.index_page(make_cfg(), {"cls": fid_metrics({})}, {}, None, {})

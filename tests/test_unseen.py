@@ -103,3 +103,26 @@ def test_evaluate_samples_each_pair_with_shared_seeds_and_a_class_only_model_onc
         again = sampling.generate(model, sampling.Sampler(cfg.sample.scheduler, cfg.sample.steps, 2.0, 3.0), cfg.model,
                                   cond, [cfg.sample.seed, cfg.sample.seed + 1])
         assert np.array_equal(again, images[1])
+
+
+def test_the_ceiling_is_the_ground_truth_scored_by_the_same_instrument(tiny_world, make_cfg):
+    """On the synthetic world the evaluation also scores the world's own tiles of every pair (`ceiling_*`): rendered
+    like the dataset's, with the conditioned site's stain (its stain rank sits at the real tiles' floor, where an
+    untrained model's is near chance); real data have no ceiling."""
+    cfg = tiny_world(fid__unseen_per_pair=3)
+    save_untrained(cfg, "medi")
+    headline, cells, _ = unseen.evaluate(cfg, "medi")
+    pairs = cells[["class", "tss", "seen"]]
+    truth = unseen.ground_truth_tiles(cfg, pairs, 3)
+    assert truth.shape == (len(pairs), 3, cfg.data.resolution, cfg.data.resolution, 3) and truth.dtype == np.uint8
+    assert np.array_equal(truth, unseen.ground_truth_tiles(cfg, pairs, 3))                 # deterministic
+    assert np.array_equal(truth[:, :2], unseen.ground_truth_tiles(cfg, pairs, 2))         # a tile per draw of its stream
+    assert not np.array_equal(truth, unseen.ground_truth_tiles(cfg, pairs, 3, stream=1))
+    gt = GroundTruth.load(cfg.data.root)
+    assert cells["ceiling_stain_rank"].tolist() == [stain_match(t, s, gt)["rank"] for t, s in zip(truth, pairs["tss"])]
+    for kind, sel in (("seen", cells["seen"]), ("unseen", ~cells["seen"])):
+        for f in unseen.FIGURES:
+            assert headline[f"ceiling_{kind}_{f}"] == pytest.approx(cells.loc[sel, f"ceiling_{f}"].mean())
+            assert unseen.figures_of(headline)[f"pairs_ceiling_{kind}_{f}"] == headline[f"ceiling_{kind}_{f}"]
+    assert headline["ceiling_unseen_stain_rank"] < 0.25 < headline["unseen_stain_rank"]
+    assert unseen.ground_truth_tiles(make_cfg(data__source="tcga_ut"), pairs, 3) is None

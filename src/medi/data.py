@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 import numpy as np
 import pandas as pd
@@ -188,8 +188,8 @@ def build_index(scan: Scan, meta: pd.DataFrame, classes: list[str], metadata_pat
 
 
 # ----------------------------------------------------------------------------------------------- packing
-def _decode(path: Path, resolution: int) -> np.ndarray:
-    """Decode one tile to (R, R, 3) uint8. Raises ValueError with the reason for a bad tile."""
+def decode_tile(path: Path | BinaryIO, resolution: int) -> np.ndarray:
+    """Decode one tile (a file, or its bytes) to (R, R, 3) uint8. Raises ValueError with the reason for a bad tile."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -210,7 +210,7 @@ def _decode_chunk(args: tuple[str, list[str], int]) -> tuple[np.ndarray, list[tu
     bad = []
     for i, p in enumerate(paths):
         try:
-            out[i] = _decode(Path(root) / p, resolution)
+            out[i] = decode_tile(Path(root) / p, resolution)
         except ValueError as exc:
             bad.append((i, str(exc)))
     return out, bad

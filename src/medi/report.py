@@ -127,6 +127,34 @@ def _figure(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def pairs_table(metrics: Mapping[str, dict]) -> list[str]:
+    """The index page's lines on the unseen-pairs evaluation (medi.unseen): each model's figures on pairs never seen
+    in training and on seen ones, and the ground truth's on the synthetic world; none where no fid stage ran it."""
+    figures = ("site_accuracy", "stain_rank", "class_accuracy")
+    have = {name: m["pairs"] for name, m in metrics.items() if m.get("pairs")}
+    if not have:
+        return []
+    any_pairs = next(iter(have.values()))
+
+    def row(label: str, p: dict, prefix: str = "") -> str:
+        return f"| {label} | " + " | ".join(_figure(p.get(f"{prefix}{kind}_{f}"), ".3f")
+                                           for kind in ("unseen", "seen") for f in figures) + " |"
+
+    lines = ["", "### Pairs never seen in training", "",
+             f"Every class at the largest training site of every class ({any_pairs['pairs_per_kind']['unseen']} unseen, "
+             f"{any_pairs['pairs_per_kind']['seen']} seen pairs, {any_pairs['images_per_pair']} images each): can a model "
+             "carry a site's look to classes that site never sent? Site and class accuracy by the classifiers above "
+             "(chance as above), stain rank against the true stains (0 = nearest, 0.5 = chance; synthetic world). "
+             "The ground truth's row is what a perfect generator scores with the same instrument (docs/conditioning.md).", "",
+             "| tiles | unseen: site accuracy | unseen: stain rank | unseen: class accuracy "
+             "| seen: site accuracy | seen: stain rank | seen: class accuracy |", "|---|---|---|---|---|---|---|"]
+    lines += [row(name, p) for name, p in have.items()]
+    truth = next((p for p in have.values() if "ceiling_unseen_site_accuracy" in p), None)   # the same world for all
+    if truth is not None:
+        lines.append(row("ground truth", truth, "ceiling_"))
+    return lines
+
+
 def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_table: str | None,
                train_metrics: Mapping[str, dict]) -> str:
     """reports/index.md: every figure and table of a pipeline run, with the settings that produced it and the
@@ -168,6 +196,7 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_ta
               f"{c['site_accuracy_real_cv']:.3f}; chance {c['class_chance']:.3f} / {c['site_chance']:.3f}."]
     if summary:
         lines += ["", f"MeDi better than CLS on {len(summary['medi_better_classes'])} of {summary['classes_compared']} classes."]
+    lines += pairs_table(metrics)
     missing = not_shown(cfg, metrics)
     if missing:
         lines += ["", "### What these figures cannot show", "", *[f"- {m}" for m in missing]]

@@ -14,6 +14,13 @@ figures, each on seen and on unseen pairs:
 
 A model not conditioned on the site (CLS) is sampled once per class and those images scored against every
 site, as the training stage's stain check does: its figures show what class conditioning alone gives.
+
+On the synthetic world the same figures are also given for the ground truth (`ceiling_*`): the same number of
+tiles per pair rendered by the world's own renderer (`ground_truth_tiles`: the class's morphology under the
+site's stain, each tile from its own slide, JPEG at the site's quality, decoded as `prepare` packs tiles) and
+scored by the same classifiers. It is what a perfect generator would score with this instrument: the classifiers
+learnt site and class from tiles where each site sent one class, so on unseen pairs even the ground truth scores
+far below the seen pairs (docs/conditioning.md, "The instrument's ceiling").
 """
 from __future__ import annotations
 
@@ -87,8 +94,39 @@ def score(pairs: pd.DataFrame, images: np.ndarray, features: np.ndarray, classif
 
 
 def figures_of(headline: dict, kinds: tuple[str, ...] = ("seen", "unseen")) -> dict[str, float]:
-    """The headline's figures of the pair kinds `kinds`, named as runs and metrics files log them (`pairs_...`)."""
-    return {f"pairs_{k}": v for k, v in headline.items() if k.startswith(tuple(f"{kind}_" for kind in kinds))}
+    """The headline's figures of the pair kinds `kinds` (the model's, then the ground truth's `ceiling_...` where
+    there is one), named as runs and metrics files log them (`pairs_...`)."""
+    prefixes = tuple(f"{pre}{kind}_" for pre in ("", "ceiling_") for kind in kinds)
+    return {f"pairs_{k}": v for k, v in headline.items() if k.startswith(prefixes)}
+
+
+CEILING_STREAM = 7919     # the ground truth's random stream (apart from the dataset's slides): [synthetic.seed, this, pair]
+
+
+def ground_truth_tiles(cfg: Config, pairs: pd.DataFrame, n: int, stream: int = CEILING_STREAM) -> np.ndarray | None:
+    """`n` ground-truth tiles per (class, tss) row of `pairs`, (pairs, n, R, R, 3) uint8, rendered as the synthetic
+    world renders its tiles and packed as `prepare` packs them (random stream [synthetic.seed, `stream`, row]);
+    None where the data are not the synthetic world's."""
+    import io
+
+    from PIL import Image
+
+    from medi import data, histology, synthetic
+
+    if cfg.data.source != "synthetic":
+        return None
+    syn = cfg.synthetic
+    _, stains, _ = synthetic.plan_world(syn, {c: c for c in syn.classes})
+    out = np.zeros((len(pairs), n, cfg.data.resolution, cfg.data.resolution, 3), np.uint8)
+    for i, (cls, tss) in enumerate(zip(pairs["class"], pairs["tss"])):
+        rng = np.random.default_rng([syn.seed, stream, i])
+        for j in range(n):
+            slide = histology.jitter_stain(stains[tss], rng, syn.slide_jitter)
+            tile = histology.render_tile(synthetic.class_morphology(cls), slide, rng, size=syn.tile_size, mpp=syn.mpp)
+            jpeg = io.BytesIO()
+            Image.fromarray(tile).save(jpeg, format="JPEG", quality=slide.jpeg_quality)
+            out[i, j] = data.decode_tile(jpeg, cfg.data.resolution)
+    return out
 
 
 def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame | None = None,
@@ -122,7 +160,14 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     images = sample_pairs(cfg, model, pairs)
     sample_seconds = time.perf_counter() - t1
     features = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
-    headline, detail = score(pairs, images, features, classifiers, GroundTruth.load(cfg.data.root))
+    truth = GroundTruth.load(cfg.data.root)
+    headline, detail = score(pairs, images, features, classifiers, truth)
+    real_pairs = ground_truth_tiles(cfg, pairs, images.shape[1]) if truth is not None else None
+    if real_pairs is not None:          # the same instrument on the ground truth: what a perfect generator scores
+        ceiling, ceiling_detail = score(pairs, real_pairs, extractor.cached_features(
+            real_pairs.reshape(-1, *real_pairs.shape[2:]), cfg.fid.cache, verbose=False).float().numpy(), classifiers, truth)
+        headline |= {f"ceiling_{k}": v for k, v in ceiling.items() if k.startswith(("seen_", "unseen_"))}
+        detail = detail.join(ceiling_detail[[f for f in FIGURES if f in ceiling_detail]].add_prefix("ceiling_"))
     headline |= {"site_conditioned": "tss" in model.vocab.categorical,
                  "site_chance": 1.0 / len(classifiers["tss"][0].classes_),
                  "site_accuracy_real_cv": classifiers["tss"][1], "class_accuracy_real_cv": classifiers["class"][1],
