@@ -217,12 +217,12 @@ def test_packing_starts_again_when_a_tile_or_the_resolution_changed(real_cfg, tm
     index, tiles = prepare_counting(cfg)
     assert calls == [8, 8] and "resuming prepare" not in caplog.text   # both chunks decoded again
     row = int(index[index.path == str(changed.relative_to(fx.tiles_root))]["idx"].iloc[0])
-    assert np.array_equal(tiles[row], data._decode(changed, 8))
+    assert np.array_equal(tiles[row], data.decode_tile(changed, 8))
 
     crashed_after_one_chunk(cfg)
     index16, tiles16 = prepare_counting(real_cfg(data__classes=["LUAD", "LUSC"], data__resolution=16))
     assert calls == [16, 16] and "resuming prepare" not in caplog.text and tiles16.shape == (300, 16, 16, 3)
-    assert np.array_equal(tiles16[row], data._decode(changed, 16))
+    assert np.array_equal(tiles16[row], data.decode_tile(changed, 16))
 
     crashed_after_one_chunk(cfg)                                      # nothing changed: only the second chunk is left
     assert prepare_counting(cfg)[0].equals(index) and calls == [8] and "resuming prepare at tile 256 of 300" in caplog.text

@@ -93,10 +93,10 @@ def score(pairs: pd.DataFrame, images: np.ndarray, features: np.ndarray, classif
     return headline, detail
 
 
-def figures_of(headline: dict, kinds: tuple[str, ...] = ("seen", "unseen")) -> dict[str, float]:
-    """The headline's figures of the pair kinds `kinds` (the model's, then the ground truth's `ceiling_...` where
-    there is one), named as runs and metrics files log them (`pairs_...`)."""
-    prefixes = tuple(f"{pre}{kind}_" for pre in ("", "ceiling_") for kind in kinds)
+def figures_of(headline: dict, kinds: tuple[str, ...] = ("seen", "unseen"), ceiling: bool = True) -> dict[str, float]:
+    """The headline's figures of the pair kinds `kinds` (the model's, and with `ceiling` the ground truth's
+    `ceiling_...` where there is one), named as runs and metrics files log them (`pairs_...`)."""
+    prefixes = tuple(f"{pre}{kind}_" for pre in ("", "ceiling_")[:1 + ceiling] for kind in kinds)
     return {f"pairs_{k}": v for k, v in headline.items() if k.startswith(prefixes)}
 
 
@@ -164,8 +164,8 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     headline, detail = score(pairs, images, features, classifiers, truth)
     real_pairs = ground_truth_tiles(cfg, pairs, images.shape[1]) if truth is not None else None
     if real_pairs is not None:          # the same instrument on the ground truth: what a perfect generator scores
-        ceiling, ceiling_detail = score(pairs, real_pairs, extractor.cached_features(
-            real_pairs.reshape(-1, *real_pairs.shape[2:]), cfg.fid.cache, verbose=False).float().numpy(), classifiers, truth)
+        truth_features = extractor.features(real_pairs.reshape(-1, *real_pairs.shape[2:]), verbose=False)  # main only:
+        ceiling, ceiling_detail = score(pairs, real_pairs, truth_features.float().numpy(), classifiers, truth)  # no cache
         headline |= {f"ceiling_{k}": v for k, v in ceiling.items() if k.startswith(("seen_", "unseen_"))}
         detail = detail.join(ceiling_detail[[f for f in FIGURES if f in ceiling_detail]].add_prefix("ceiling_"))
     headline |= {"site_conditioned": "tss" in model.vocab.categorical,
