@@ -16,15 +16,12 @@ libtcmalloc-minimal4) where it can.
 from __future__ import annotations
 
 import ctypes.util
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from medi.errors import MediError
-
-log = logging.getLogger(__name__)
 
 ENV = "MEDI_MALLOC"
 LIBRARIES = ("tcmalloc_minimal", "tcmalloc")      # as ctypes.util.find_library names them

@@ -130,7 +130,7 @@ def _figure(value: float | None, spec: str) -> str:
 def pairs_table(metrics: Mapping[str, dict]) -> list[str]:
     """The index page's lines on the unseen-pairs evaluation (medi.unseen): each model's figures on pairs never seen
     in training and on seen ones, and the ground truth's on the synthetic world; none where no fid stage ran it."""
-    figures = ("site_accuracy", "stain_rank", "class_accuracy")
+    names = ("site_accuracy", "stain_rank", "class_accuracy")
     have = {name: m["pairs"] for name, m in metrics.items() if m.get("pairs")}
     if not have:
         return []
@@ -138,7 +138,7 @@ def pairs_table(metrics: Mapping[str, dict]) -> list[str]:
 
     def row(label: str, p: dict, prefix: str = "") -> str:
         return f"| {label} | " + " | ".join(_figure(p.get(f"{prefix}{kind}_{f}"), ".3f")
-                                           for kind in ("unseen", "seen") for f in figures) + " |"
+                                           for kind in ("unseen", "seen") for f in names) + " |"
 
     lines = ["", "### Pairs never seen in training", "",
              f"Every class at the largest training site of every class ({any_pairs['pairs_per_kind']['unseen']} unseen, "

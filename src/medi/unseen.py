@@ -164,8 +164,9 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     headline, detail = score(pairs, images, features, classifiers, truth)
     real_pairs = ground_truth_tiles(cfg, pairs, images.shape[1]) if truth is not None else None
     if real_pairs is not None:          # the same instrument on the ground truth: what a perfect generator scores
-        truth_features = extractor.features(real_pairs.reshape(-1, *real_pairs.shape[2:]), verbose=False)  # main only:
-        ceiling, ceiling_detail = score(pairs, real_pairs, truth_features.float().numpy(), classifiers, truth)  # no cache
+        # (encoded without the feature cache, whose lookups are collectives under a launch: this runs on the main only)
+        truth_features = extractor.features(real_pairs.reshape(-1, *real_pairs.shape[2:]), verbose=False)
+        ceiling, ceiling_detail = score(pairs, real_pairs, truth_features.float().numpy(), classifiers, truth)
         headline |= {f"ceiling_{k}": v for k, v in ceiling.items() if k.startswith(("seen_", "unseen_"))}
         detail = detail.join(ceiling_detail[[f for f in FIGURES if f in ceiling_detail]].add_prefix("ceiling_"))
     headline |= {"site_conditioned": "tss" in model.vocab.categorical,
