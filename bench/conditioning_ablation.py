@@ -4,6 +4,7 @@ the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc
     python bench/conditioning_ablation.py train additive 0          # one training (default budget, params.yaml)
     python bench/conditioning_ablation.py evaluate                   # every trained model x every guidance
     python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
+    python bench/conditioning_ablation.py figure                     # the trade-off plot (docs/figures/)
 
 A mechanism is a set of param overrides on params.yaml (MECHANISMS below); nothing else changes between
 them. Models, timings and results go under artifacts/ablation/ (git-ignored); `evaluate` skips a (model,
@@ -29,6 +30,8 @@ MECHANISMS: dict[str, dict] = {
     "scale_shift": {"model.conditioning": "scale_shift"},         # condition modulates every ResNet block's norm
     "output": {"model.metadata_route": "output"},                 # the site modulates the output norm only
     "nested": {"model.nested_dropout": True},                     # the site is never seen without the class
+    "scale_shift_nested": {"model.conditioning": "scale_shift",   # the two that each moved one side of the
+                           "model.nested_dropout": True},         # trade-off (stain / class), together
 }
 # (class guidance, metadata guidance): plain, joint 2 (today's two settings), the site alone pushed, both apart.
 GUIDANCE = [(1.0, 1.0), (2.0, 2.0), (1.0, 3.0), (2.0, 4.0)]
@@ -93,11 +96,7 @@ FIGURES = [("unseen_stain_rank", "stain rank, unseen"), ("unseen_site_accuracy",
 
 
 def cmd_table(args) -> None:
-    rows = [read_json(p) for p in sorted(ROOT.glob("*-seed*/eval-*.json"))]
-    if not rows:
-        sys.exit("no evaluations under artifacts/ablation; run `evaluate` first")
-    frame = pd.DataFrame([{"mechanism": r["mechanism"], "seed": r["seed"], "guidance": f"{r['guidance']:g} / "
-                           f"{r['metadata_guidance']:g}", **{k: r["headline"][k] for k, _ in FIGURES}} for r in rows])
+    frame = summary()
     order = {m: i for i, m in enumerate(MECHANISMS)}
     lines = ["| mechanism | guidance class / site | seeds | " + " | ".join(label for _, label in FIGURES) + " |",
              "|---|---|---|" + "---|" * len(FIGURES)]
@@ -113,6 +112,65 @@ def cmd_table(args) -> None:
                            f"{t['seconds']:.0f} s" for t in trained))
 
 
+def summary() -> pd.DataFrame:
+    """One row per evaluation: mechanism, seed, guidance label and the headline figures (ground truth's included)."""
+    rows = [read_json(p) for p in sorted(ROOT.glob("*-seed*/eval-*.json"))]
+    if not rows:
+        sys.exit("no evaluations under artifacts/ablation; run `evaluate` first")
+    return pd.DataFrame([{"mechanism": r["mechanism"], "seed": r["seed"],
+                          "guidance": f"{r['guidance']:g} / {r['metadata_guidance']:g}", **r["headline"]} for r in rows])
+
+
+TARGETS = {"unseen_stain_rank": 0.25, "unseen_site_accuracy": 0.25, "unseen_class_accuracy": 0.65}   # issue 16
+
+
+def cmd_figure(args) -> None:
+    """Unseen class accuracy against unseen stain rank and against unseen site accuracy: every mechanism x
+    guidance (mean of the seeds, bars = their range), the issue's target region, and the ground truth scored with
+    the same instrument (where an evaluation recorded it)."""
+    import matplotlib.pyplot as plt
+
+    from medi import figures
+
+    frame = summary()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+    marks = {g: m for g, m in zip(["1 / 1", "2 / 2", "1 / 3", "2 / 4"], "osD^")}
+    colours = dict(zip(MECHANISMS, plt.get_cmap("tab10").colors))
+    y = "unseen_class_accuracy"
+    for ax, x, label, better in ((axes[0], "unseen_stain_rank", "stain rank of the conditioned site, unseen pairs "
+                                  "(0 = nearest, 0.5 = chance)", "le"),
+                                 (axes[1], "unseen_site_accuracy", "site accuracy, unseen pairs (chance 0.023)", "ge")):
+        x0, y0 = TARGETS[x], TARGETS[y]
+        ax.set_xlim(0.05, 0.45) if better == "le" else ax.set_xlim(0.0, 0.55)
+        left, right = ax.get_xlim()
+        ax.add_patch(plt.Rectangle((left, y0), x0 - left, 1 - y0, color="0.9", zorder=0) if better == "le" else
+                     plt.Rectangle((x0, y0), right - x0, 1 - y0, color="0.9", zorder=0))
+        ax.text(x0, 0.98, "targets ", fontsize=8, color="0.35", ha="right" if better == "le" else "left", va="top")
+        for mech, g in frame.groupby("mechanism"):
+            stats = g.groupby("guidance")[[x, y]].agg(["mean", "min", "max"])
+            for guid, row in stats.iterrows():
+                ax.errorbar(row[(x, "mean")], row[(y, "mean")],
+                            xerr=[[row[(x, "mean")] - row[(x, "min")]], [row[(x, "max")] - row[(x, "mean")]]],
+                            yerr=[[row[(y, "mean")] - row[(y, "min")]], [row[(y, "max")] - row[(y, "mean")]]],
+                            fmt=marks.get(guid, "x"), color=colours[mech], ms=6, elinewidth=0.8, capsize=2)
+        truth = frame.filter(like="ceiling_").dropna()
+        if len(truth):
+            ax.plot(truth[f"ceiling_{x}"].iloc[0], truth[f"ceiling_{y}"].iloc[0], "*", color="k", ms=14)
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("class accuracy, unseen pairs (chance 0.143)")
+    handles = [plt.Line2D([], [], color=c, lw=3) for c in colours.values()] + \
+              [plt.Line2D([], [], color="0.3", marker=m, ls="") for m in marks.values()] + \
+              [plt.Line2D([], [], color="k", marker="*", ms=12, ls="")]
+    names = [*colours] + [f"guidance {g} (class / site)" for g in marks] + ["ground truth, same instrument"]
+    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.08))
+    seeds = ",".join(str(s) for s in sorted(frame.seed.unique()))
+    fig.suptitle(f"Unseen (class, site) pairs: every mechanism x guidance (mean of training seeds {seeds}, bars = their "
+                 f"range); shaded: the issue's targets, met by none", fontsize=10)
+    print(figures.save(fig, args.out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -123,8 +181,10 @@ def main() -> None:
     e = sub.add_parser("evaluate")
     e.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone (parallel workers)")
     sub.add_parser("table")
+    f = sub.add_parser("figure")
+    f.add_argument("--out", default="docs/figures/conditioning_tradeoff.png")
     args = ap.parse_args()
-    {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table}[args.cmd](args)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table, "figure": cmd_figure}[args.cmd](args)
 
 
 if __name__ == "__main__":
