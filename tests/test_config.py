@@ -179,6 +179,19 @@ BAD_PARAMS = [
                                                                                           "fid_count")],
     (["sweep.objective=fid", "sweep.fid_count=0"], "sweep.fid_count", r"sweep.objective is 'fid' but sweep.fid_count "
                                                                       r"is 0; give it images"),
+    (["sweep.objective=[pairs_unseen_stain_rank]", "sweep.fid_count=0"], "sweep.fid_count",
+     r"sweep.objective is 'pairs_unseen_stain_rank' but sweep.fid_count is 0; give it images"),
+    (["sweep.objective=[tss_avg, tss_avg]"], "sweep.objective", r"must name one figure, or a list of distinct figures, "
+                                                               r"got \['tss_avg', 'tss_avg'\]"),
+    (["sweep.objective=[]"], "sweep.objective", r"must name one figure, or a list of distinct figures, got \[\]"),
+    (["sweep.objective=[tss_avg, stain]"], "sweep.objective[1]", r"expected one of 'tss_avg'.*got 'stain'"),
+    (["sweep.objective=pairs_unseen_class_accuracy", "fid.unseen_per_pair=0"], "fid.unseen_per_pair",
+     r"a figure of the unseen-pairs evaluation, but fid.unseen_per_pair is 0"),
+    (["sweep.objective=pairs_seen_stain_rank", "data.source=tcga_ut"], "sweep.objective",
+     r"names a stain rank, which needs the synthetic world's true stains; data.source is 'tcga_ut'"),
+    (["sweep.objective=[pairs_unseen_stain_rank, pairs_unseen_class_accuracy]"], "sweep.pruner",
+     r"sweep.pruner 'quartile' prunes on one running objective; a study of several objectives .* cannot prune: set "
+     r"sweep.pruner: none"),
     (["sweep.methods=[none]"], "sweep.methods", r"'sweep.methods' must list probe methods with a model \(keys of "
      r"probe.models: cls, medi\) once each, got \['none'\]"),
     (["sweep.methods=[]"], "sweep.methods", r"'sweep.methods' must list probe methods with a model .* got \[\]"),

@@ -320,6 +320,42 @@ def test_objectives_gain_and_fid(tiny_world, tmp_path):
     assert study.best_trial.value == min(t.value for t in study.trials)
 
 
+def test_a_study_of_two_unseen_pair_figures_maps_their_pareto_front_and_fits_no_probe(tiny_world, tmp_path):
+    objectives = ["pairs_unseen_stain_rank", "pairs_unseen_class_accuracy"]
+    cfg = tiny_world(sweep__space={"sample.guidance": [1.0, 2.0, 4.0]}, sweep__sampler="grid", sweep__trials=3,
+                     sweep__objective=objectives, sweep__fid_count=8, sweep__methods=["medi"], sweep__study="front",
+                     sweep__pruner="none", fid__unseen_per_pair=2)
+    save_pipeline_model(cfg)
+    assert sweep_cli(write_params(cfg, tmp_path / "params.yaml")) == 0
+    study = optuna.load_study(study_name="front-medi", storage=cfg.sweep.storage)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    assert sorted(t.params["sample.guidance"] for t in study.trials) == [1.0, 2.0, 4.0]
+    for t in study.trials:
+        assert t.state.name == "COMPLETE" and t.user_attrs["work"] == "evaluation only"
+        assert t.values == [t.user_attrs["metrics"][o] for o in objectives]
+    assert not Path(cfg.sweep.output, "pools").exists()                     # no pool built, no probe fitted
+
+    def beaten(a, b):                       # b at least as good on both (rank down, accuracy up), better on one
+        return b[0] <= a[0] and b[1] >= a[1] and b != a
+    front = {t.number for t in study.trials if not any(beaten(t.values, o.values) for o in study.trials)}
+    summary = json.loads(Path(cfg.sweep.reports, "front-medi", "study.json").read_text())
+    assert {f["trial"] for f in summary["pareto_front"]} == front and summary["direction"] == "minimize, maximize"
+    for f in summary["pareto_front"]:
+        assert f["test"]["values"] == f["values"] and f["test"]["split"].startswith("none")
+    reports = Path(cfg.sweep.reports, "front-medi")
+    assert (reports / "pareto_front.png").exists()
+    assert {p.name for p in reports.glob("param_importances_*.png")} == {f"param_importances_{o}.png"
+                                                                          for o in objectives}
+    assert "Pareto front" in (reports / "study.md").read_text()
+    parent, trials = study_runs(cfg, "front-medi")
+    assert len(trials) == 3 and parent.data.params["objective"] == ", ".join(objectives)
+    client = mlflow.tracking.MlflowClient()
+    for o in objectives:
+        assert len(client.get_metric_history(parent.info.run_id, f"trial_{o}")) == 3
+    with pytest.raises(MediError, match="optimises pairs_unseen_stain_rank, pairs_unseen_class_accuracy"):
+        sweep.open_study(config.override(cfg, {"sweep.objective": "fid", "sweep.sampler": "random"}), "medi", [])
+
+
 def test_a_bad_storage_url_is_one_error_and_a_timeout_stops_the_study(tiny_world, tmp_path, capsys):
     cfg = tiny_world(sweep__space={"probe.ratio": [1.0, 2.0]}, sweep__sampler="random", sweep__trials=50,
                      sweep__timeout=1, sweep__fid_count=0, sweep__methods=["medi"], sweep__study="short",

@@ -265,6 +265,14 @@ class ReportConfig:
     probe_plot: str              # the probe's table (test sites) as rows for `dvc plots`: reports/plots/probe.csv
 
 
+# What a sweep optimises: the probe's figures on the validation sites (tss_avg, overall, worst_tss, gain), the
+# FID, or a figure of the unseen-pairs evaluation (`medi.unseen`, training sites only; stain rank: synthetic world).
+Objective = Literal["tss_avg", "overall", "worst_tss", "gain", "fid",
+                    "pairs_unseen_stain_rank", "pairs_unseen_site_accuracy", "pairs_unseen_class_accuracy",
+                    "pairs_seen_stain_rank", "pairs_seen_site_accuracy", "pairs_seen_class_accuracy"]
+PROBE_OBJECTIVES = ("tss_avg", "overall", "worst_tss", "gain")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     study: str                   # Optuna study name (one MLflow run of that name holds its trials)
@@ -278,12 +286,17 @@ class SweepConfig:
     sampler: Literal["tpe", "random", "grid"]
     pruner: Literal["quartile", "median", "none"]   # prune below the lower quartile / the median of earlier trials
     startup_trials: int          # trials before TPE models the space and before the pruner prunes
-    objective: Literal["tss_avg", "overall", "worst_tss", "gain", "fid"]   # on the validation sites; fid minimised
+    objective: Objective | list[Objective]   # one figure, or several: a multi-objective study (its Pareto front)
     methods: list[str]           # one study per method (<study>-<method>), the same trials each: cls, medi
     fid_count: int               # images per FID recorded beside each trial (0 = none)
     space: dict[str, Any]        # dotted param -> [choices] or {low, high, step, log}
     output: str                  # artifacts/sweep: trial models, pools, FID records
     reports: str                 # reports/sweep: figures and the study table
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """`objective` as a tuple (one name: a single-objective study)."""
+        return tuple(self.objective) if isinstance(self.objective, list) else (self.objective,)
 
 
 @dataclass(frozen=True)
@@ -355,7 +368,10 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        return _check(value, next(a for a in args if a is not type(None)), key, where)
+        arms = [a for a in args if a is not type(None)]
+        lists = [a for a in arms if get_origin(a) is list]      # X | list[X]: a list is checked as the list
+        arm = lists[0] if isinstance(value, list) and lists else next(a for a in arms if a not in lists)
+        return _check(value, arm, key, where)
     if origin is list:
         if not isinstance(value, list):
             fail("a list")
@@ -592,8 +608,24 @@ def _check_probe_and_sweep(cfg: Config, where: str) -> None:
     if sw.grace_period <= sw.heartbeat:
         raise MediError(f"{where}: 'sweep.grace_period' ({sw.grace_period}) must be longer than 'sweep.heartbeat' "
                         f"({sw.heartbeat})")
-    if sw.objective == "fid" and sw.fid_count < 2:
-        raise MediError(f"{where}: sweep.objective is 'fid' but sweep.fid_count is {sw.fid_count}; give it images (e.g. 256)")
+    objectives = sw.objectives
+    if not objectives or len(set(objectives)) != len(objectives):
+        raise MediError(f"{where}: 'sweep.objective' must name one figure, or a list of distinct figures, "
+                        f"got {sw.objective}")
+    imaged = [o for o in objectives if o not in PROBE_OBJECTIVES]        # fid and the unseen pairs sample images
+    if imaged and sw.fid_count < 2:
+        raise MediError(f"{where}: sweep.objective is {imaged[0]!r} but sweep.fid_count is {sw.fid_count}; give it "
+                        f"images (e.g. 256)")
+    pairs = [o for o in objectives if o.startswith("pairs_")]
+    if pairs and cfg.fid.unseen_per_pair < 1:
+        raise MediError(f"{where}: sweep.objective is {pairs[0]!r}, a figure of the unseen-pairs evaluation, but "
+                        f"fid.unseen_per_pair is 0; give it images per pair (e.g. 4)")
+    if any(o.endswith("stain_rank") for o in objectives) and cfg.data.source != "synthetic":
+        raise MediError(f"{where}: sweep.objective names a stain rank, which needs the synthetic world's true stains; "
+                        f"data.source is {cfg.data.source!r} (use the site or class accuracy)")
+    if len(objectives) > 1 and sw.pruner != "none":
+        raise MediError(f"{where}: sweep.pruner {sw.pruner!r} prunes on one running objective; a study of several "
+                        f"objectives ({', '.join(objectives)}) cannot prune: set sweep.pruner: none")
     bad = [m for m in sw.methods if m not in pr.models]
     if not sw.methods or bad or len(set(sw.methods)) != len(sw.methods):
         raise MediError(f"{where}: 'sweep.methods' must list probe methods with a model (keys of probe.models: "

@@ -21,9 +21,18 @@ The objective (`sweep.objective`) reads the probe's figures of the method on the
 another and the running objective is reported after each, so the pruner can stop a trial early. The FID of
 `sweep.fid_count` images of the trial's model and sampler is recorded beside it.
 
+The objective may also be a figure of the unseen-pairs evaluation (`pairs_unseen_stain_rank`, `..._site_accuracy`,
+`..._class_accuracy`, and the `pairs_seen_` ones; `medi.unseen`, on training sites only), computed with the FID's
+images budget (`sweep.fid_count` > 0). A list of figures makes a multi-objective study (Optuna, one direction
+each, no pruning): e.g. [pairs_unseen_stain_rank, pairs_unseen_class_accuracy] maps the trade-off between carrying
+a site's stain to classes it never sent and keeping the class (docs/conditioning.md) as a Pareto front. A study
+of unseen-pairs figures alone trains and samples what its trials change, but builds no pool and fits no probe.
+
 After each call the best trial of each study is scored once on the **test** sites (`best_test` in its
 summary, beside `best_value` on validation, each labelled): that is the figure to quote, and it never feeds
-back into the search.
+back into the search. A multi-objective study has no single best: each trial of its Pareto front (no other trial
+better on every objective) is scored so, and the summary lists them (`pareto_front`), with a Pareto-front figure
+and one history, importance and parallel-coordinates figure per objective.
 
 The study lives in an RDB (`sweep.storage`, sqlite by default): calling again continues it, and several
 processes on one storage (`--workers N`, or commands started by hand, on one machine or many with a
@@ -58,7 +67,13 @@ from medi.trial import RUN_ATTR, Workspace, score
 
 log = logging.getLogger(__name__)
 
-MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain")
+MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain", "pairs_unseen_site_accuracy", "pairs_unseen_class_accuracy",
+            "pairs_seen_site_accuracy", "pairs_seen_class_accuracy")       # the others (FID, stain ranks) are minimised
+
+
+def directions(cfg: Config) -> list[str]:
+    """Optuna's direction of each objective of `sweep.objective`, in order."""
+    return ["maximize" if o in MAXIMISE else "minimize" for o in cfg.sweep.objectives]
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -119,6 +134,17 @@ def make_pruner(cfg: Config):
     return optuna.pruners.PercentilePruner(50.0 if sw.pruner == "median" else 75.0, n_startup_trials=sw.startup_trials)
 
 
+def objective_label(cfg: Config) -> str:
+    return ", ".join(cfg.sweep.objectives)
+
+
+def scope(objectives) -> str:
+    """Where the objectives are measured, for titles."""
+    if objectives and all(o.startswith("pairs_") for o in objectives):
+        return "on the unseen-pairs grid (training sites)"
+    return "on the validation sites"
+
+
 def open_study(cfg: Config, method: str, dims: list[Dimension]):
     """Create the method's study (and its MLflow run) or load it; creating is atomic in the RDB, so of several
     workers starting together exactly one creates both and the others wait for the run id."""
@@ -127,18 +153,19 @@ def open_study(cfg: Config, method: str, dims: list[Dimension]):
 
     from medi import tracking
 
-    sw, name = cfg.sweep, study_name(cfg, method)
-    direction = "maximize" if sw.objective in MAXIMISE else "minimize"
+    sw, name, wanted = cfg.sweep, study_name(cfg, method), directions(cfg)
     store = storage(sw.storage, sw.heartbeat, sw.grace_period)
     sampler, pruner = make_sampler(cfg, dims), make_pruner(cfg)
     tracking.configure(cfg.tracking)
     try:
-        study = optuna.create_study(storage=store, study_name=name, direction=direction, sampler=sampler, pruner=pruner)
+        study = optuna.create_study(storage=store, study_name=name, directions=wanted, sampler=sampler, pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
-        if study.direction.name.lower() != direction:
-            raise MediError(f"study '{name}' in {sw.storage} {study.direction.name.lower()}s, but sweep.objective "
-                            f"{sw.objective} is to {direction}; name another study (sweep.study)") from None
+        have = [d.name.lower() for d in study.directions]
+        if have != wanted or study.user_attrs.get("objective", objective_label(cfg)) != objective_label(cfg):
+            raise MediError(f"study '{name}' in {sw.storage} optimises {study.user_attrs.get('objective', '?')} "
+                            f"({', '.join(have)}), but sweep.objective is {objective_label(cfg)} "
+                            f"({', '.join(wanted)}); name another study (sweep.study)") from None
         for _ in range(600):
             if RUN_ATTR in study.user_attrs:
                 return study
@@ -146,11 +173,12 @@ def open_study(cfg: Config, method: str, dims: list[Dimension]):
         raise MediError(f"study '{name}' has no MLflow run id after 60 s; was it created by another tool?") from None
     with mlflow.start_run(run_name=f"sweep-{name}", tags={**tracking.run_tags(cfg, "sweep", ("sweep",)),
                                                         "medi.study": name, "medi.method": method}) as run:
-        mlflow.log_params({"study": name, "storage": sw.storage, "objective": sw.objective, "method": method,
-                           "split": "validation", "direction": direction, "sampler": sw.sampler, "pruner": sw.pruner,
+        mlflow.log_params({"study": name, "storage": sw.storage, "objective": objective_label(cfg), "method": method,
+                           "split": "validation", "direction": ",".join(wanted), "sampler": sw.sampler,
+                           "pruner": sw.pruner,
                            "space": json.dumps({d.name: sw.space[d.name] for d in dims})[:6000]})
         study.set_user_attr(RUN_ATTR, run.info.run_id)
-        study.set_user_attr("objective", sw.objective)
+        study.set_user_attr("objective", objective_label(cfg))
         study.set_user_attr("method", method)
     return study
 
@@ -212,7 +240,7 @@ def _worker(cfg: Config, method: str, n_trials: int, worker: int, threads: int, 
 
 def run(cfg: Config, trials: int | None = None, workers: int | None = None) -> dict:
     """`medi sweep`: add `trials` trials to each method's study with `workers` processes, score each study's
-    best trial once on the test sites, and summarise."""
+    best trial (several objectives: each trial of its Pareto front) once on the test sites, and summarise."""
     from mlflow.tracking import MlflowClient
 
     trials = trials or cfg.sweep.trials
@@ -244,10 +272,16 @@ def run(cfg: Config, trials: int | None = None, workers: int | None = None) -> d
             summary["dead_workers"] = dead
         summary["call_seconds"] = time.perf_counter() - t0
         summaries[method] = summary
-        log.info("study %s: %d trials (%s); best validation %s = %s, on the test sites %s, with %s; reports in %s",
-                 summary["study"], summary["trials"], summary["states"], cfg.sweep.objective,
-                 summary.get("best_value"), summary.get("best_test", {}).get("value"), summary.get("best_params"),
-                 Path(cfg.sweep.reports) / summary["study"])
+        if "pareto_front" in summary:
+            log.info("study %s: %d trials (%s); Pareto front of %s on validation: %s; reports in %s", summary["study"],
+                     summary["trials"], summary["states"], objective_label(cfg),
+                     "; ".join(f"trial {f['trial']} {f['values']} with {f['params']}" for f in summary["pareto_front"]),
+                     Path(cfg.sweep.reports) / summary["study"])
+        else:
+            log.info("study %s: %d trials (%s); best validation %s = %s, on the test sites %s, with %s; reports in %s",
+                     summary["study"], summary["trials"], summary["states"], cfg.sweep.objective,
+                     summary.get("best_value"), summary.get("best_test", {}).get("value"), summary.get("best_params"),
+                     Path(cfg.sweep.reports) / summary["study"])
     return summaries
 
 
@@ -276,40 +310,68 @@ def replace_dead_workers(cfg: Config, method: str, dims: list[Dimension], trials
 
 
 # ----------------------------------------------------------------------------------------------- the summary
-def best_on_test(cfg: Config, study, method: str, dims: list[Dimension]) -> dict:
-    """The best trial's figures on the test sites, computed once per best trial and kept in the study: the
-    figure to quote (the validation value that chose it is optimistic). Never read by the search."""
-    best = study.best_trial
-    stored = study.user_attrs.get("best_test", {})
-    if stored.get("trial") == best.number:
-        return stored
-    tcfg = trial_config(cfg, {d.name: best.params[d.name] for d in dims if d.name in best.params})
-    ws = Workspace(cfg, ("test",))
-    result = score(tcfg, method, ws)
-    tasks = {t: f["test"] for t, f in result["tasks"].items() if "arms" in f.get("test", {})}
-    objective = cfg.sweep.objective
-    if objective == "fid":
-        value = best.value
-    elif objective == "gain":
-        value = float(np.mean([f["arms"][method]["tss_avg"] - f["arms"]["none"]["tss_avg"] for f in tasks.values()]))
+def on_test(cfg: Config, trial, method: str, dims: list[Dimension]) -> dict:
+    """Trial `trial`'s objectives on the test sites, the figures to quote (the validation values that chose it are
+    optimistic); never read by the search. The probe's figures are measured there; FID and the unseen-pairs
+    figures read no validation or test site, so they are the trial's own. A study of unseen-pairs figures alone
+    runs no probe (`trial.runs_probe`), here either."""
+    objectives, values = cfg.sweep.objectives, trial.values
+    out: dict[str, Any] = {"trial": trial.number, "objective": objective_label(cfg), "split": "test"}
+    tasks: dict = {}
+    if medi_trial.runs_probe(cfg):
+        tcfg = trial_config(cfg, {d.name: trial.params[d.name] for d in dims if d.name in trial.params})
+        result = score(tcfg, method, Workspace(cfg, ("test",)))
+        tasks = {t: f["test"] for t, f in result["tasks"].items() if "arms" in f.get("test", {})}
+        out["tasks"] = {t: {**{k: v for k, v in f["arms"][method].items() if k.startswith("tss_avg")},
+                            "none_tss_avg": f["arms"]["none"]["tss_avg"],
+                            f"{method}-none": f["differences"].get(f"{method}-none", {})} for t, f in tasks.items()}
     else:
-        value = float(np.mean([f["arms"][method][objective] for f in tasks.values()]))
-    out = {"trial": best.number, "objective": objective, "value": value, "split": "test",
-           "tasks": {t: {**{k: v for k, v in f["arms"][method].items() if k.startswith("tss_avg")},
-                         "none_tss_avg": f["arms"]["none"]["tss_avg"],
-                         f"{method}-none": f["differences"].get(f"{method}-none", {})} for t, f in tasks.items()}}
+        out["split"] = "none (the unseen-pairs evaluation reads training sites only)"
+    measured = []
+    for objective, value in zip(objectives, values):
+        if objective == "gain":
+            value = float(np.mean([f["arms"][method]["tss_avg"] - f["arms"]["none"]["tss_avg"]
+                                   for f in tasks.values()]))
+        elif objective in config_mod.PROBE_OBJECTIVES:
+            value = float(np.mean([f["arms"][method][objective] for f in tasks.values()]))
+        measured.append(value)
+    out["values"] = dict(zip(objectives, measured))
+    if len(objectives) == 1:
+        out["value"] = measured[0]
+    return out
+
+
+def best_on_test(cfg: Config, study, method: str, dims: list[Dimension]) -> dict:
+    """The best trial on the test sites (`on_test`), computed once per best trial and kept in the study."""
+    stored = study.user_attrs.get("best_test", {})
+    if stored.get("trial") == study.best_trial.number:
+        return stored
+    out = on_test(cfg, study.best_trial, method, dims)
     study.set_user_attr("best_test", out)
     return out
 
 
+def front_on_test(cfg: Config, study, method: str, dims: list[Dimension]) -> list[dict]:
+    """A multi-objective study's Pareto front (its best trials on validation), each with its values, params and
+    its figures on the test sites (`on_test`, computed once per trial and kept in the study)."""
+    stored = study.user_attrs.get("front_test", {})
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    tests = {str(t.number): stored.get(str(t.number)) or on_test(cfg, t, method, dims) for t in front}
+    if tests != stored:
+        study.set_user_attr("front_test", tests)
+    return [{"trial": t.number, "values": dict(zip(cfg.sweep.objectives, t.values)), "params": t.params,
+             "test": tests[str(t.number)]} for t in front]
+
+
 def trials_table(study) -> str:
-    lines = [f"Study `{study.study_name}`: objective {study.user_attrs.get('objective')} of "
-             f"{study.user_attrs.get('method')} on the validation sites ({study.direction.name.lower()}).",
-             "", "| trial | state | validation value | params | FID | work | seconds |", "|---|---|---|---|---|---|---|"]
+    label = study.user_attrs.get("objective", "")
+    lines = [f"Study `{study.study_name}`: objective {label} of {study.user_attrs.get('method')} "
+             f"{scope(label.split(', '))} ({', '.join(d.name.lower() for d in study.directions)}).",
+             "", "| trial | state | value | params | FID | work | seconds |", "|---|---|---|---|---|---|---|"]
     for t in study.get_trials(deepcopy=False):
         m = t.user_attrs.get("metrics", {})
         seconds = m.get("seconds") or (t.duration.total_seconds() if t.duration else float("nan"))
-        value = f"{t.value:.4f}" if t.value is not None else "-"
+        value = " / ".join(f"{v:.4f}" for v in t.values) if t.values is not None else "-"
         if t.state.name == "PRUNED" and t.intermediate_values:      # Optuna keeps the last running value
             step = max(t.intermediate_values)
             value = f"({t.intermediate_values[step]:.4f} after task {step + 1})"
@@ -317,10 +379,20 @@ def trials_table(study) -> str:
         params = ", ".join(f"{k}={v}" for k, v in t.params.items())
         lines.append(f"| {t.number} | {t.state.name} | {value} | {params} | {fid} | {t.user_attrs.get('work', '-')} "
                      f"| {seconds:.1f} |")
-    best = study.user_attrs.get("best_test")
-    if best:
+    best = study.user_attrs.get("best_test") if len(study.directions) == 1 else None
+    if best and best["split"] == "test":
         lines += ["", f"Best trial {best['trial']} scored once on the **test** sites: {best['objective']} "
                   f"{best['value']:.4f} (its validation value above chose it and is optimistic)."]
+    elif best:
+        lines += ["", f"Best trial {best['trial']}: {best['objective']} {best['value']:.4f} (split: {best['split']})."]
+    front = study.user_attrs.get("front_test", {}) if len(study.directions) > 1 else {}
+    if front:
+        lines += ["", f"Pareto front ({len(front)} trial{'s' * (len(front) != 1)}: no other trial is better on every "
+                  f"objective), each "
+                  f"scored once on the **test** sites where the probe is an objective:", ""]
+        for number, test in sorted(front.items(), key=lambda kv: int(kv[0])):
+            values = ", ".join(f"{k} {v:.4f}" for k, v in test["values"].items())
+            lines.append(f"- trial {number}: {values} (split: {test['split']})")
     return "\n".join(lines) + "\n"
 
 
@@ -351,23 +423,36 @@ def summarise(cfg: Config, method: str) -> dict:
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1
     out = Path(cfg.sweep.reports) / name
+    objectives = cfg.sweep.objectives
     summary: dict[str, Any] = {"study": name, "method": method, "storage": cfg.sweep.storage,
                                "objective": cfg.sweep.objective, "split": "validation",
-                               "direction": study.direction.name.lower(), "trials": sum(states.values()),
-                               "states": states, "time_per_trial": time_per_trial(study)}
-    if states.get("COMPLETE"):
+                               "direction": ", ".join(d.name.lower() for d in study.directions),
+                               "trials": sum(states.values()), "states": states,
+                               "time_per_trial": time_per_trial(study)}
+    dims = parse_space(cfg, method)
+    if states.get("COMPLETE") and len(objectives) > 1:
+        summary["pareto_front"] = front_on_test(cfg, study, method, dims)
+        client.log_metric(run_id, "pareto_trials", len(summary["pareto_front"]), step=len(study.trials))
+        client.set_tag(run_id, "pareto.trials", ",".join(str(f["trial"]) for f in summary["pareto_front"]))
+    elif states.get("COMPLETE"):
         best = study.best_trial
         summary.update({"best_value": best.value, "best_params": best.params, "best_trial": best.number,
                         "best_metrics": best.user_attrs.get("metrics", {}),
-                        "best_test": best_on_test(cfg, study, method, parse_space(cfg, method))})
+                        "best_test": best_on_test(cfg, study, method, dims)})
         client.log_metric(run_id, "best_value_validation", best.value, step=len(study.trials))
         client.log_metric(run_id, "best_value_test", summary["best_test"]["value"], step=len(study.trials))
         for k, v in best.params.items():
             client.set_tag(run_id, f"best.{k}", str(v))
         client.set_tag(run_id, "best.trial", str(best.number))
-    plots = {"optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
-             "param_importances": optuna.visualization.matplotlib.plot_param_importances,
-             "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate}
+    vis = optuna.visualization.matplotlib
+    targets = ([(o, lambda t, i=i: t.values[i]) for i, o in enumerate(objectives)] if len(objectives) > 1
+               else [("", None)])      # ("", None): the single objective, as Optuna names it
+    plots = {f"{kind}{'_' + o if o else ''}": functools.partial(plot, target=target, target_name=o or "Objective Value")
+             for kind, plot in (("optimization_history", vis.plot_optimization_history),
+                                ("param_importances", vis.plot_param_importances),
+                                ("parallel_coordinate", vis.plot_parallel_coordinate)) for o, target in targets}
+    if len(objectives) > 1:     # the trade-off itself: every trial's values, the front marked
+        plots["pareto_front"] = functools.partial(vis.plot_pareto_front, target_names=list(objectives))
     with warnings.catch_warnings():       # experimental plots; constant params warn about flat axes
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)
@@ -379,14 +464,17 @@ def summarise(cfg: Config, method: str) -> dict:
                 summary.setdefault("figures_skipped", {})[plot_name] = str(exc)
                 continue
             fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
-            fig.suptitle(f"study {name}: {cfg.sweep.objective} of {method} on the validation sites "
+            fig.suptitle(f"study {name}: {objective_label(cfg)} of {method} {scope(objectives)} "
                          f"({summary['direction']}), {summary['trials']} trials", fontsize=9)
             fig.set_size_inches(8, 4.5)
             fig.tight_layout()
             path = figures.save(fig, out / f"{plot_name}.png")
             client.log_artifact(run_id, str(path), "study")
         try:
-            summary["importances"] = optuna.importance.get_param_importances(study)
+            summary["importances"] = {o: optuna.importance.get_param_importances(study, target=target)
+                                      for o, target in targets}
+            if len(objectives) == 1:
+                summary["importances"] = summary["importances"][""]
         except (ValueError, RuntimeError) as exc:
             summary["importances"] = {}
             log.info("no parameter importances yet: %s", exc)

@@ -3,7 +3,7 @@ embeddings, models, pools and FID records, kept under `sweep.output` for later t
 trial trains what its values change, scores the method on the validation sites through the probe's own
 evaluation (`probe.evaluate`, parts ("validation",)), reports the running objective after each task (so the
 pruner can stop it), and records the FID of its model and sampler beside it; all nested in MLflow under the
-study's run."""
+study's run. A study whose objectives are all unseen-pairs figures fits no probe (`runs_probe`)."""
 from __future__ import annotations
 
 import hashlib
@@ -138,6 +138,18 @@ class Workspace:
 
 
 # ----------------------------------------------------------------------------------------------- a trial
+def runs_probe(cfg: Config) -> bool:
+    """Whether a trial fits the probe: unless every objective is a figure of the unseen-pairs evaluation (which
+    needs only the model and sampler: a trial then neither builds a synthetic pool nor fits the probe)."""
+    return not all(o.startswith("pairs_") for o in cfg.sweep.objectives)
+
+
+def objective_values(cfg: Config, metrics: dict) -> list[float]:
+    """The trial's value of each objective, from its metrics (probe figures as their mean over the tasks)."""
+    return [metrics[o] if o not in config_mod.PROBE_OBJECTIVES else metrics[f"mean_{o}_validation"]
+            for o in cfg.sweep.objectives]
+
+
 def score(cfg: Config, method: str, ws: Workspace, on_task=None) -> dict:
     """The probe's figures of `method` (beside `none`) on the workspace's parts, for the trial's params: the
     model, the pool and the same evaluation function as `medi probe`."""
@@ -149,9 +161,10 @@ def score(cfg: Config, method: str, ws: Workspace, on_task=None) -> dict:
                           n_boot=cfg.probe.bootstrap if "test" in ws.parts else 0)
 
 
-def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Workspace, parent_run_id: str) -> float:
+def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Workspace,
+              parent_run_id: str) -> float | list[float]:
     """One trial: its params, what they need (model, pool), the probe task by task on the validation sites with
-    pruning, FID beside."""
+    pruning, FID and the unseen-pairs figures beside; its objective value (several objectives: one each)."""
     import mlflow
     import optuna
 
@@ -162,7 +175,7 @@ def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Worksp
     ws.work = []
 
     def work() -> str:
-        return ", ".join(ws.work) or "probe only"
+        return ", ".join(ws.work) or ("probe only" if runs_probe(cfg) else "evaluation only")
 
     with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=parent_run_id, tags={
             **tracking.run_tags(cfg, "sweep-trial", ("sweep",)), "medi.study": study_name(cfg, method),
@@ -184,28 +197,33 @@ def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Worksp
                 for m, f in figures.get("validation", {}).get("arms", {}).items():
                     metrics.update({f"{task}_{m}_{k}_validation": v for k, v in f.items()
                                     if k in ("tss_avg", "overall", "worst_tss")})
-                if cfg.sweep.objective != "fid":
-                    running = objective_value(done, cfg.sweep.objective, method)
+                if cfg.sweep.objectives[0] in config_mod.PROBE_OBJECTIVES and len(cfg.sweep.objectives) == 1:
+                    running = objective_value(done, cfg.sweep.objectives[0], method)
                     mlflow.log_metric("objective_running", running, step=len(done) - 1)
                     trial.report(running, len(done) - 1)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"running objective {running:.4f} after {task}")
 
-            score(tcfg, method, ws, after_task)
-            for k in ("tss_avg", "overall", "worst_tss", "gain"):
-                metrics[f"mean_{k}_validation"] = objective_value(done, k, method)
-            value = metrics["fid"] if cfg.sweep.objective == "fid" else metrics[f"mean_{cfg.sweep.objective}_validation"]
+            if runs_probe(cfg):
+                score(tcfg, method, ws, after_task)
+                for k in config_mod.PROBE_OBJECTIVES:
+                    metrics[f"mean_{k}_validation"] = objective_value(done, k, method)
+            objectives, value = cfg.sweep.objectives, objective_values(cfg, metrics)
             seconds = time.perf_counter() - t0
-            metrics.update({"objective": value, "seconds": seconds})
+            metrics.update({"seconds": seconds, **({"objective": value[0]} if len(value) == 1 else
+                                                   {f"objective_{o}": v for o, v in zip(objectives, value)})})
             mlflow.log_metrics(metrics)
             mlflow.set_tag("medi.work", work())
-            mlflow.tracking.MlflowClient().log_metric(parent_run_id, "trial_objective", value, step=trial.number)
+            client = mlflow.tracking.MlflowClient()
+            for o, v in zip(objectives, value):
+                client.log_metric(parent_run_id, "trial_objective" if len(value) == 1 else f"trial_{o}", v,
+                                  step=trial.number)
             trial.set_user_attr("metrics", {k: metrics[k] for k in ("mean_tss_avg_validation", "mean_gain_validation",
-                                                                    "fid", "seconds") if k in metrics})
+                                                                    "fid", "seconds", *objectives) if k in metrics})
             trial.set_user_attr("work", work())
-            log.info("trial %d (%s): %s -> validation %s %.4f (%s; %.1fs)", trial.number, method, values,
-                     cfg.sweep.objective, value, work(), seconds)
-            return value
+            log.info("trial %d (%s): %s -> validation %s %s (%s; %.1fs)", trial.number, method, values,
+                     ", ".join(objectives), " / ".join(f"{v:.4f}" for v in value), work(), seconds)
+            return value[0] if len(value) == 1 else value
         except optuna.TrialPruned as exc:
             trial.set_user_attr("work", work())
             mlflow.set_tags({"optuna.state": "PRUNED", "medi.pruned": str(exc), "medi.work": work()})
