@@ -340,6 +340,7 @@ def test_a_study_of_two_unseen_pair_figures_maps_their_pareto_front_and_fits_no_
     front = {t.number for t in study.trials if not any(beaten(t.values, o.values) for o in study.trials)}
     summary = json.loads(Path(cfg.sweep.reports, "front-medi", "study.json").read_text())
     assert {f["trial"] for f in summary["pareto_front"]} == front and summary["direction"] == "minimize, maximize"
+    assert summary["split"] == "unseen-pairs grid (training sites)"
     for f in summary["pareto_front"]:
         assert f["test"]["values"] == f["values"] and f["test"]["split"].startswith("none")
     reports = Path(cfg.sweep.reports, "front-medi")

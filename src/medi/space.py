@@ -110,6 +110,19 @@ def trial_config(cfg: Config, values: dict[str, Any]) -> Config:
     return config_mod.override(cfg, values, where=f"{cfg.source_path}: sweep trial {values}")
 
 
+def split_of(objectives) -> str:
+    """Where the objectives are measured: the validation sites, or (unseen-pairs figures alone) training sites."""
+    if objectives and all(o.startswith("pairs_") for o in objectives):
+        return "unseen-pairs grid (training sites)"
+    return "validation"
+
+
+def scope(objectives) -> str:
+    """`split_of` for titles."""
+    split = split_of(objectives)
+    return "on the validation sites" if split == "validation" else f"on the {split}"
+
+
 def objective_value(tasks: dict[str, dict], objective: str, method: str) -> float:
     """The objective over the tasks scored so far: the mean of the method's validation figure (gain: minus
     none's)."""

@@ -61,7 +61,7 @@ from medi import config as config_mod
 from medi import runtime
 from medi.config import Config
 from medi.errors import MediError
-from medi.space import SWEEPABLE, Dimension, parse_space, study_name, trial_config
+from medi.space import SWEEPABLE, Dimension, parse_space, scope, split_of, study_name, trial_config
 from medi import trial as medi_trial
 from medi.trial import RUN_ATTR, Workspace, score
 
@@ -71,10 +71,12 @@ MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain", "pairs_unseen_site_accura
             "pairs_seen_site_accuracy", "pairs_seen_class_accuracy")       # the others (FID, stain ranks) are minimised
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def directions(cfg: Config) -> list[str]:
     """Optuna's direction of each objective of `sweep.objective`, in order."""
     return ["maximize" if o in MAXIMISE else "minimize" for o in cfg.sweep.objectives]
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # ----------------------------------------------------------------------------------------------- the study
@@ -138,13 +140,6 @@ def objective_label(cfg: Config) -> str:
     return ", ".join(cfg.sweep.objectives)
 
 
-def scope(objectives) -> str:
-    """Where the objectives are measured, for titles."""
-    if objectives and all(o.startswith("pairs_") for o in objectives):
-        return "on the unseen-pairs grid (training sites)"
-    return "on the validation sites"
-
-
 def open_study(cfg: Config, method: str, dims: list[Dimension]):
     """Create the method's study (and its MLflow run) or load it; creating is atomic in the RDB, so of several
     workers starting together exactly one creates both and the others wait for the run id."""
@@ -174,7 +169,7 @@ def open_study(cfg: Config, method: str, dims: list[Dimension]):
     with mlflow.start_run(run_name=f"sweep-{name}", tags={**tracking.run_tags(cfg, "sweep", ("sweep",)),
                                                         "medi.study": name, "medi.method": method}) as run:
         mlflow.log_params({"study": name, "storage": sw.storage, "objective": objective_label(cfg), "method": method,
-                           "split": "validation", "direction": ",".join(wanted), "sampler": sw.sampler,
+                           "split": split_of(sw.objectives), "direction": ",".join(wanted), "sampler": sw.sampler,
                            "pruner": sw.pruner,
                            "space": json.dumps({d.name: sw.space[d.name] for d in dims})[:6000]})
         study.set_user_attr(RUN_ATTR, run.info.run_id)
@@ -248,10 +243,10 @@ def run(cfg: Config, trials: int | None = None, workers: int | None = None) -> d
     summaries = {}
     for method in cfg.sweep.methods:
         dims = parse_space(cfg, method)
-        log.info("sweep %s: %d param(s) (%s), objective %s of %s on the validation sites, storage %s",
+        log.info("sweep %s: %d param(s) (%s), objective %s of %s %s, storage %s",
                  study_name(cfg, method), len(dims),
-                 ", ".join(f"{d.name} [{SWEEPABLE[d.name.split('.')[0]]}]" for d in dims), cfg.sweep.objective,
-                 method, cfg.sweep.storage)
+                 ", ".join(f"{d.name} [{SWEEPABLE[d.name.split('.')[0]]}]" for d in dims), objective_label(cfg),
+                 method, scope(cfg.sweep.objectives), cfg.sweep.storage)
         study = open_study(cfg, method, dims)
         MlflowClient().update_run(study.user_attrs[RUN_ATTR], status="RUNNING")
         t0 = time.perf_counter()
@@ -273,8 +268,8 @@ def run(cfg: Config, trials: int | None = None, workers: int | None = None) -> d
         summary["call_seconds"] = time.perf_counter() - t0
         summaries[method] = summary
         if "pareto_front" in summary:
-            log.info("study %s: %d trials (%s); Pareto front of %s on validation: %s; reports in %s", summary["study"],
-                     summary["trials"], summary["states"], objective_label(cfg),
+            log.info("study %s: %d trials (%s); Pareto front of %s %s: %s; reports in %s", summary["study"],
+                     summary["trials"], summary["states"], objective_label(cfg), scope(cfg.sweep.objectives),
                      "; ".join(f"trial {f['trial']} {f['values']} with {f['params']}" for f in summary["pareto_front"]),
                      Path(cfg.sweep.reports) / summary["study"])
         else:
@@ -388,8 +383,7 @@ def trials_table(study) -> str:
     front = study.user_attrs.get("front_test", {}) if len(study.directions) > 1 else {}
     if front:
         lines += ["", f"Pareto front ({len(front)} trial{'s' * (len(front) != 1)}: no other trial is better on every "
-                  f"objective), each "
-                  f"scored once on the **test** sites where the probe is an objective:", ""]
+                  f"objective), each scored once on the **test** sites where the probe is an objective:", ""]
         for number, test in sorted(front.items(), key=lambda kv: int(kv[0])):
             values = ", ".join(f"{k} {v:.4f}" for k, v in test["values"].items())
             lines.append(f"- trial {number}: {values} (split: {test['split']})")
@@ -425,7 +419,7 @@ def summarise(cfg: Config, method: str) -> dict:
     out = Path(cfg.sweep.reports) / name
     objectives = cfg.sweep.objectives
     summary: dict[str, Any] = {"study": name, "method": method, "storage": cfg.sweep.storage,
-                               "objective": cfg.sweep.objective, "split": "validation",
+                               "objective": cfg.sweep.objective, "split": split_of(objectives),
                                "direction": ", ".join(d.name.lower() for d in study.directions),
                                "trials": sum(states.values()), "states": states,
                                "time_per_trial": time_per_trial(study)}

@@ -19,7 +19,7 @@ import numpy as np
 
 from medi import config as config_mod
 from medi.config import Config
-from medi.space import Dimension, objective_value, study_name, trial_config
+from medi.space import Dimension, objective_value, scope, study_name, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ def run_trial(trial, cfg: Config, method: str, dims: list[Dimension], ws: Worksp
             trial.set_user_attr("metrics", {k: metrics[k] for k in ("mean_tss_avg_validation", "mean_gain_validation",
                                                                     "fid", "seconds", *objectives) if k in metrics})
             trial.set_user_attr("work", work())
-            log.info("trial %d (%s): %s -> validation %s %s (%s; %.1fs)", trial.number, method, values,
-                     ", ".join(objectives), " / ".join(f"{v:.4f}" for v in value), work(), seconds)
+            log.info("trial %d (%s): %s -> %s %s %s (%s; %.1fs)", trial.number, method, values, ", ".join(objectives),
+                     scope(objectives), " / ".join(f"{v:.4f}" for v in value), work(), seconds)
             return value[0] if len(value) == 1 else value
         except optuna.TrialPruned as exc:
             trial.set_user_attr("work", work())
