@@ -188,7 +188,10 @@ BAD_PARAMS = [
     (["sweep.objective=pairs_unseen_class_accuracy", "fid.unseen_per_pair=0"], "fid.unseen_per_pair",
      r"a figure of the unseen-pairs evaluation, but fid.unseen_per_pair is 0"),
     (["sweep.objective=pairs_seen_stain_rank", "data.source=tcga_ut"], "sweep.objective",
-     r"names a stain rank, which needs the synthetic world's true stains; data.source is 'tcga_ut'"),
+     r"names 'pairs_seen_stain_rank', which needs the synthetic world's ground truth; data.source is 'tcga_ut'"),
+    (["sweep.objective=[pairs_deconf_unseen_site_accuracy]", "fid.deconfounded_per_pair=0"],
+     "fid.deconfounded_per_pair", r"names the deconfounded classifiers' accuracy, but fid.deconfounded_per_pair is 0"),
+    (["fid.deconfounded_per_pair=-1"], "fid.deconfounded_per_pair", r"'fid.deconfounded_per_pair' must be >= 0, got -1"),
     (["sweep.objective=[pairs_unseen_stain_rank, pairs_unseen_class_accuracy]"], "sweep.pruner",
      r"sweep.pruner 'quartile' prunes on one running objective; a study of several objectives .* cannot prune: set "
      r"sweep.pruner: none"),

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from helpers import save_untrained, train_index
-from medi import artifacts, fidelity, sampling, unseen
+from medi import artifacts, config, fidelity, sampling, unseen
 from medi.groundtruth import GroundTruth, stain_match
 
 
@@ -126,3 +126,35 @@ def test_the_ceiling_is_the_ground_truth_scored_by_the_same_instrument(tiny_worl
             assert unseen.figures_of(headline)[f"pairs_ceiling_{kind}_{f}"] == headline[f"ceiling_{kind}_{f}"]
     assert headline["ceiling_unseen_stain_rank"] < 0.25 < headline["unseen_stain_rank"]
     assert unseen.ground_truth_tiles(make_cfg(data__source="tcga_ut"), pairs, 3) is None
+
+
+def test_the_deconfounded_classifiers_learn_every_class_at_every_site_and_score_model_and_ground_truth(tiny_world,
+                                                                                                       make_cfg):
+    """`deconf_*`: classifiers fitted on rendered tiles of every class at every training site (so the site's label never
+    goes with one class), scoring the model's tiles and the ground truth's; an untrained model's tiles name their site
+    no better than chance, the world's own tiles far better."""
+    cfg = tiny_world(fid__unseen_per_pair=3, fid__deconfounded_per_pair=4)
+    idx = train_index(cfg).sort_values("idx").reset_index(drop=True)
+    tiles, labels = unseen.deconfounded_set(cfg, idx)
+    classes, sites = sorted(idx["class"].unique()), sorted(idx["tss"].astype(str).unique())
+    assert tiles.shape == (len(classes) * len(sites) * 4, cfg.data.resolution, cfg.data.resolution, 3)
+    assert (pd.crosstab(labels["class"], labels["tss"]) == 4).all().all() and labels["slide"].is_unique
+    assert set(labels["tss"]) == set(sites) and set(labels["class"]) == set(classes)
+    again, _ = unseen.deconfounded_set(cfg, idx)
+    assert np.array_equal(tiles, again)                                                   # deterministic
+    assert unseen.deconfounded_set(config.override(cfg, {"fid.deconfounded_per_pair": 0}), idx) is None
+    assert unseen.deconfounded_set(make_cfg(data__source="tcga_ut"), idx) is None
+    save_untrained(cfg, "medi")
+    headline, cells, _ = unseen.evaluate(cfg, "medi")
+    for prefix in ("deconf_", "ceiling_deconf_"):
+        for kind, sel in (("seen", cells["seen"]), ("unseen", ~cells["seen"])):
+            for f in ("site_accuracy", "class_accuracy"):
+                assert headline[f"{prefix}{kind}_{f}"] == pytest.approx(cells.loc[sel, f"{prefix}{f}"].mean())
+                assert unseen.figures_of(headline)[f"pairs_{prefix}{kind}_{f}"] == headline[f"{prefix}{kind}_{f}"]
+        assert f"{prefix}stain_rank" not in cells                         # accuracies only: the stain rank is one
+    assert 0 < headline["deconf_site_accuracy_cv"] <= 1 and 0 < headline["deconf_class_accuracy_cv"] <= 1
+    chance = 1 / len(sites)
+    assert headline["deconf_unseen_site_accuracy"] < 2 * chance < headline["ceiling_deconf_unseen_site_accuracy"]
+    assert not any(k.startswith("pairs_deconf") for k in unseen.figures_of(headline, deconfounded=False))
+    off, _, _ = unseen.evaluate(config.override(cfg, {"fid.deconfounded_per_pair": 0}), "medi")
+    assert not any(k.startswith(("deconf_", "ceiling_deconf_")) for k in off)

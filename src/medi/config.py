@@ -211,6 +211,8 @@ class FidConfig:
     curve_count: int             # images generated per point of the training FID curve (train.eval_every)
     stain_tiles: int             # synthetic data: generated tiles per (class, site) cell for the ground-truth stain check
     unseen_per_pair: int         # unseen-pairs evaluation (medi.unseen): images per (class, site) pair; 0 = off
+    deconfounded_per_pair: int   # synthetic world: rendered tiles per (class, training site) that the deconfounded
+                                 # classifiers of the unseen-pairs evaluation learn from (medi.unseen); 0 = off
     cache: str                   # features of real tiles, keyed by extractor and image bytes ("" = off)
     metrics: str                 # metrics/fid_{model}.json (headline figures: the contract)
     detail: str                  # reports/fid_{model}_detail.json (every figure, n per group, settings, unseen-pairs cells)
@@ -266,10 +268,13 @@ class ReportConfig:
 
 
 # What a sweep optimises: the probe's figures on the validation sites (tss_avg, overall, worst_tss, gain), the
-# FID, or a figure of the unseen-pairs evaluation (`medi.unseen`, training sites only; stain rank: synthetic world).
+# FID, or a figure of the unseen-pairs evaluation (`medi.unseen`, training sites only; stain rank and the
+# deconfounded classifiers' accuracies: synthetic world).
 Objective = Literal["tss_avg", "overall", "worst_tss", "gain", "fid",
                     "pairs_unseen_stain_rank", "pairs_unseen_site_accuracy", "pairs_unseen_class_accuracy",
-                    "pairs_seen_stain_rank", "pairs_seen_site_accuracy", "pairs_seen_class_accuracy"]
+                    "pairs_seen_stain_rank", "pairs_seen_site_accuracy", "pairs_seen_class_accuracy",
+                    "pairs_deconf_unseen_site_accuracy", "pairs_deconf_unseen_class_accuracy",
+                    "pairs_deconf_seen_site_accuracy", "pairs_deconf_seen_class_accuracy"]
 PROBE_OBJECTIVES = ("tss_avg", "overall", "worst_tss", "gain")
 
 
@@ -572,7 +577,8 @@ def _check_sampling_and_fid(cfg: Config, where: str) -> None:
     f = cfg.fid
     _at_least(where, 1, {f"fid.{k}": getattr(f, k) for k in ("batch_size", "min_count", "kid_subset_size", "kid_subsets",
                                                              "curve_count", "stain_tiles")})
-    _at_least(where, 0, {"fid.input_size": f.input_size, "fid.unseen_per_pair": f.unseen_per_pair})
+    _at_least(where, 0, {"fid.input_size": f.input_size, "fid.unseen_per_pair": f.unseen_per_pair,
+                         "fid.deconfounded_per_pair": f.deconfounded_per_pair})
 
 
 def _check_probe_and_sweep(cfg: Config, where: str) -> None:
@@ -620,9 +626,13 @@ def _check_probe_and_sweep(cfg: Config, where: str) -> None:
     if pairs and cfg.fid.unseen_per_pair < 1:
         raise MediError(f"{where}: sweep.objective is {pairs[0]!r}, a figure of the unseen-pairs evaluation, but "
                         f"fid.unseen_per_pair is 0; give it images per pair (e.g. 4)")
-    if any(o.endswith("stain_rank") for o in objectives) and cfg.data.source != "synthetic":
-        raise MediError(f"{where}: sweep.objective names a stain rank, which needs the synthetic world's true stains; "
-                        f"data.source is {cfg.data.source!r} (use the site or class accuracy)")
+    synthetic = [o for o in objectives if o.endswith("stain_rank") or o.startswith("pairs_deconf_")]
+    if synthetic and cfg.data.source != "synthetic":
+        raise MediError(f"{where}: sweep.objective names {synthetic[0]!r}, which needs the synthetic world's ground "
+                        f"truth; data.source is {cfg.data.source!r} (use the site or class accuracy)")
+    if any(o.startswith("pairs_deconf_") for o in objectives) and cfg.fid.deconfounded_per_pair < 1:
+        raise MediError(f"{where}: sweep.objective names the deconfounded classifiers' accuracy, but "
+                        f"fid.deconfounded_per_pair is 0; give them rendered tiles per pair (e.g. 3)")
     if len(objectives) > 1 and sw.pruner != "none":
         raise MediError(f"{where}: sweep.pruner {sw.pruner!r} prunes on one running objective; a study of several "
                         f"objectives ({', '.join(objectives)}) cannot prune: set sweep.pruner: none")

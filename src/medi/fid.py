@@ -41,6 +41,14 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
     t0 = time.perf_counter()
     real = extractor.cached_features(real_images, cfg.fid.cache, split=True)
     gen = extractor.cached_features(gen_images, cfg.fid.cache, split=True)   # the probe's pool reads them back
+    reference = None
+    if cfg.fid.unseen_per_pair:             # the unseen-pairs evaluation's deconfounded classifiers (synthetic world)
+        from medi import unseen
+
+        reference = unseen.deconfounded_set(cfg, train_index)
+        if reference is not None:
+            reference = (extractor.cached_features(reference[0], cfg.fid.cache, verbose=False, split=True),
+                         reference[1])
     feature_seconds = time.perf_counter() - t0
     if not distributed.is_main():
         return None
@@ -76,10 +84,10 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
     out["conditioning"] = conditioning_accuracy(real_np, train_index, gen.float().numpy(), manifest,
                                                 site_conditioned, cfg.fid.seed, classifiers=classifiers)
     if cfg.fid.unseen_per_pair:             # the unseen-pairs evaluation (medi.unseen): headline here, cells apart
-        from medi import unseen
-
+        deconfounded = (unseen.deconfounded_classifiers(cfg, reference[0].float().numpy(), reference[1])
+                        if reference is not None else None)
         out["pairs"], cells, out["pairs_images"] = unseen.evaluate(cfg, name, extractor, train_index,
-                                                                   classifiers=classifiers)
+                                                                   classifiers=classifiers, deconfounded=deconfounded)
         out["pairs_cells"] = cells.to_dict("records")
     stain = stain_vs_truth(cfg, manifest, gen_images, train_index, tiles)
     if stain is not None:
@@ -151,7 +159,7 @@ def headline(metrics: dict) -> dict:
     out.update({k: cond.get(k) for k in ("class_accuracy", "site_accuracy")})   # by seen / unseen pair: detail
     from medi import unseen
 
-    out.update(unseen.figures_of(metrics.get("pairs", {}), ("unseen",), ceiling=False))   # the unseen-pairs evaluation
+    out.update(unseen.figures_of(metrics.get("pairs", {}), ("unseen",), ceiling=False, deconfounded=False))   # the unseen-pairs evaluation
     # (seen pairs and the ground truth's ceiling, the same for every model: the detail file and MLflow)
     return out
 

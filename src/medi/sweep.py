@@ -68,7 +68,9 @@ from medi.trial import RUN_ATTR, Workspace, score
 log = logging.getLogger(__name__)
 
 MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain", "pairs_unseen_site_accuracy", "pairs_unseen_class_accuracy",
-            "pairs_seen_site_accuracy", "pairs_seen_class_accuracy")       # the others (FID, stain ranks) are minimised
+            "pairs_seen_site_accuracy", "pairs_seen_class_accuracy", "pairs_deconf_unseen_site_accuracy",
+            "pairs_deconf_unseen_class_accuracy", "pairs_deconf_seen_site_accuracy",
+            "pairs_deconf_seen_class_accuracy")       # the others (FID, stain ranks) are minimised
 
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

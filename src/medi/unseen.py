@@ -21,6 +21,12 @@ site's stain, each tile from its own slide, JPEG at the site's quality, decoded 
 scored by the same classifiers. It is what a perfect generator would score with this instrument: the classifiers
 learnt site and class from tiles where each site sent one class, so on unseen pairs even the ground truth scores
 far below the seen pairs (docs/conditioning.md, "The instrument's ceiling").
+
+The synthetic world also allows a valid instrument (`deconf_*`): the same logistic regressions fitted on the
+world's own tiles of **every** class at **every** training site (`fid.deconfounded_per_pair` each,
+`deconfounded_classifiers`), so the class classifier never learns a stain that goes with one class and the site
+classifier never a morphology that goes with one site. Model and ground truth are scored with it as well
+(`deconf_*`, `ceiling_deconf_*`).
 """
 from __future__ import annotations
 
@@ -93,14 +99,19 @@ def score(pairs: pd.DataFrame, images: np.ndarray, features: np.ndarray, classif
     return headline, detail
 
 
-def figures_of(headline: dict, kinds: tuple[str, ...] = ("seen", "unseen"), ceiling: bool = True) -> dict[str, float]:
-    """The headline's figures of the pair kinds `kinds` (the model's, and with `ceiling` the ground truth's
-    `ceiling_...` where there is one), named as runs and metrics files log them (`pairs_...`)."""
-    prefixes = tuple(f"{pre}{kind}_" for pre in ("", "ceiling_")[:1 + ceiling] for kind in kinds)
+def figures_of(headline: dict, kinds: tuple[str, ...] = ("seen", "unseen"), ceiling: bool = True,
+               deconfounded: bool = True) -> dict[str, float]:
+    """The headline's figures of the pair kinds `kinds` (the model's; with `deconfounded` also by the deconfounded
+    classifiers, `deconf_...`; with `ceiling` the ground truth's, `ceiling_...`, where there are such), named as runs
+    and metrics files log them (`pairs_...`)."""
+    sources = [""] + ["deconf_"] * deconfounded
+    sources += [f"ceiling_{s}" for s in sources] if ceiling else []
+    prefixes = tuple(f"{pre}{kind}_" for pre in sources for kind in kinds)
     return {f"pairs_{k}": v for k, v in headline.items() if k.startswith(prefixes)}
 
 
 CEILING_STREAM = 7919     # the ground truth's random stream (apart from the dataset's slides): [synthetic.seed, this, pair]
+DECONFOUNDED_STREAM = 104729     # the deconfounded classifiers' tiles: another stream
 
 
 def ground_truth_tiles(cfg: Config, pairs: pd.DataFrame, n: int, stream: int = CEILING_STREAM) -> np.ndarray | None:
@@ -129,13 +140,39 @@ def ground_truth_tiles(cfg: Config, pairs: pd.DataFrame, n: int, stream: int = C
     return out
 
 
+def deconfounded_set(cfg: Config, train_index: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame] | None:
+    """What the deconfounded classifiers learn from: `fid.deconfounded_per_pair` rendered tiles of every class at every
+    training site, each from its own slide, (N, R, R, 3) uint8, and their labels (class, tss, slide); None off the
+    synthetic world or when fid.deconfounded_per_pair is 0."""
+    n = cfg.fid.deconfounded_per_pair
+    if not n or cfg.data.source != "synthetic":
+        return None
+    classes, sites = (sorted(train_index[c].astype(str).unique()) for c in ("class", "tss"))
+    grid = pd.DataFrame([(c, s) for c in classes for s in sites], columns=["class", "tss"])
+    tiles = ground_truth_tiles(cfg, grid, n, stream=DECONFOUNDED_STREAM)
+    labels = grid.loc[grid.index.repeat(n)].reset_index(drop=True)
+    labels["slide"] = [f"rendered-{i}" for i in range(len(labels))]
+    return tiles.reshape(-1, *tiles.shape[2:]), labels
+
+
+def deconfounded_classifiers(cfg: Config, features: np.ndarray, labels: pd.DataFrame) -> dict:
+    """Class and site classifiers fitted on the extractor's `features` of `deconfounded_set`, in
+    `fidelity.condition_classifiers`' form (cross-validated accuracy on rendered tiles; with fid.cache fitted once
+    per set of features)."""
+    from medi.fidelity import condition_classifiers
+
+    return condition_classifiers(features, labels, cfg.fid.seed, cache=cfg.fid.cache)
+
+
 def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame | None = None,
              real: np.ndarray | None = None, classifiers: dict | None = None,
-             model=None) -> tuple[dict, pd.DataFrame, np.ndarray]:
+             model=None, deconfounded: dict | None = None) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """Sample and score the pair grid of model NAME (`cfg.model.output`/NAME). The fid stage passes what it
     has already computed (the extractor, the real training tiles' features in `train_index` order, the
-    classifiers); anything missing is computed here. Returns (headline figures, one row per pair, the images
-    (pairs, n, H, W, 3))."""
+    classifiers, the deconfounded classifiers); anything missing is computed here. Returns (headline figures, one
+    row per pair, the images (pairs, n, H, W, 3))."""
+    from medi import distributed
+
     from medi import artifacts
     from medi.fidelity import Extractor, condition_classifiers
     from medi.groundtruth import GroundTruth
@@ -163,12 +200,28 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     truth = GroundTruth.load(cfg.data.root)
     headline, detail = score(pairs, images, features, classifiers, truth)
     real_pairs = ground_truth_tiles(cfg, pairs, images.shape[1]) if truth is not None else None
-    if real_pairs is not None:          # the same instrument on the ground truth: what a perfect generator scores
+    reference = deconfounded_set(cfg, train_index) if deconfounded is None and truth is not None else None
+    if reference is not None:           # the feature cache's lookups are collectives: not under a launch
+        encode = (extractor.features if distributed.state().num_processes > 1 else
+                  lambda x, verbose: extractor.cached_features(x, cfg.fid.cache, verbose=verbose))
+        deconfounded = deconfounded_classifiers(cfg, encode(reference[0], verbose=False).float().numpy(), reference[1])
+
+    def also(prefix: str, figures: tuple[dict, pd.DataFrame]) -> None:
+        nonlocal headline, detail
+        headline |= {f"{prefix}{k}": v for k, v in figures[0].items() if k.startswith(("seen_", "unseen_"))}
+        detail = detail.join(figures[1][[f for f in FIGURES if f in figures[1]]].add_prefix(prefix))
+
+    if deconfounded is not None:        # the valid instrument on the model's tiles (accuracies only)
+        also("deconf_", score(pairs, images, features, deconfounded))
+        headline |= {"deconf_site_accuracy_cv": deconfounded["tss"][1],
+                     "deconf_class_accuracy_cv": deconfounded["class"][1]}
+    if real_pairs is not None:          # the same instruments on the ground truth: what a perfect generator scores
         # (encoded without the feature cache, whose lookups are collectives under a launch: this runs on the main only)
         truth_features = extractor.features(real_pairs.reshape(-1, *real_pairs.shape[2:]), verbose=False)
-        ceiling, ceiling_detail = score(pairs, real_pairs, truth_features.float().numpy(), classifiers, truth)
-        headline |= {f"ceiling_{k}": v for k, v in ceiling.items() if k.startswith(("seen_", "unseen_"))}
-        detail = detail.join(ceiling_detail[[f for f in FIGURES if f in ceiling_detail]].add_prefix("ceiling_"))
+        truth_features = truth_features.float().numpy()
+        also("ceiling_", score(pairs, real_pairs, truth_features, classifiers, truth))
+        if deconfounded is not None:
+            also("ceiling_deconf_", score(pairs, real_pairs, truth_features, deconfounded))
     headline |= {"site_conditioned": "tss" in model.vocab.categorical,
                  "site_chance": 1.0 / len(classifiers["tss"][0].classes_),
                  "site_accuracy_real_cv": classifiers["tss"][1], "class_accuracy_real_cv": classifiers["class"][1],
