@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from helpers import save_untrained, train_index
-from medi import artifacts, embed, fid, fidelity, report, sample, sampling, train
+from medi import artifacts, embed, fid, fidelity, report, sample, sampling, train, unseen
 from medi.errors import MediError
 from medi.groundtruth import GroundTruth
 from medi.model import MediDiffusion
@@ -261,11 +261,13 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert pairs["unseen_stain_rank"] == pytest.approx(grid.loc[~grid["seen"], "stain_rank"].mean())
         assert pairs["site_conditioned"] == (name == "medi") and pairs["images_per_pair"] == cfg.fid.unseen_per_pair
     (folder,) = [f for f in Path(cfg.fid.cache).iterdir() if f.name != "classifiers"]   # one network in the cache
-    assert len(list((Path(cfg.fid.cache) / "classifiers").glob("*.npz"))) == 1   # fitted once for both models
+    # fitted once for both models: the classifiers of the real tiles, and the deconfounded ones of the rendered tiles
+    assert len(list((Path(cfg.fid.cache) / "classifiers").glob("*.npz"))) == 2
     keys = [k for shard in folder.glob("shard-*.npz") for k in np.load(shard)["keys"]]
-    # the real tiles encoded once for both models, and each model's 42 generated images (the probe's pools start from
-    # these sets and read their features back)
-    assert len(keys) == len(set(keys)) == len(real_classes) + 2 * 42
+    # the real tiles and the deconfounded classifiers' rendered tiles encoded once for both models, and each model's 42
+    # generated images (the probe's pools start from these sets and read their features back)
+    rendered = len(unseen.deconfounded_set(cfg, train_index(cfg))[0])
+    assert len(keys) == len(set(keys)) == len(real_classes) + rendered + 2 * 42
     summary = report.run_stage(cfg)
     cls, medi = (json.loads(Path(cfg.fid.metrics.format(model=m)).read_text())["per_class"] for m in ("cls", "medi"))
     common = sorted(set(cls) & set(medi))

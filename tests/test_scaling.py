@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import save_pipeline_model, save_untrained, train_index, write_params
-from medi import config
+from medi import config, unseen
 from medi import train as train_stage
 
 
@@ -149,7 +149,8 @@ def test_sampling_fid_features_and_probe_pools_split_over_two_processes_as_one_m
     # each process did its share, and the shares add up: 42 images in 6 batches of 8; FID features of the real
     # tiles and of the 42 images; the probe's embeddings and pools (cls and medi)
     assert shares(logs["sample"], "sampling batches") == [6]
-    assert sorted(shares(logs["fid"], "feature batches")) == [6, -(-len(train_index(cfg)) // 8)]
+    rendered = len(unseen.deconfounded_set(cfg, train_index(cfg))[0])     # the deconfounded classifiers' tiles
+    assert sorted(shares(logs["fid"], "feature batches")) == sorted([6, -(-len(train_index(cfg)) // 8), -(-rendered // 8)])
     assert len(shares(logs["probe"], "embedding batches")) == 3 and len(shares(logs["probe"], "sampling batches")) == 2
 
     # One process, here, with the threads of each launched process (torchrun: 1): CPU kernels round
