@@ -159,8 +159,9 @@ def headline(metrics: dict) -> dict:
     out.update({k: cond.get(k) for k in ("class_accuracy", "site_accuracy")})   # by seen / unseen pair: detail
     from medi import unseen
 
-    out.update(unseen.figures_of(metrics.get("pairs", {}), ("unseen",), ceiling=False, deconfounded=False))   # the unseen-pairs evaluation
-    # (seen pairs and the ground truth's ceiling, the same for every model: the detail file and MLflow)
+    # the unseen-pairs evaluation's unseen figures (seen pairs, the deconfounded classifiers' figures and the ground
+    # truth's ceiling: the detail file and MLflow)
+    out.update(unseen.figures_of(metrics.get("pairs", {}), ("unseen",), ceiling=False, deconfounded=False))
     return out
 
 

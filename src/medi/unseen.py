@@ -171,9 +171,7 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
     has already computed (the extractor, the real training tiles' features in `train_index` order, the
     classifiers, the deconfounded classifiers); anything missing is computed here. Returns (headline figures, one
     row per pair, the images (pairs, n, H, W, 3))."""
-    from medi import distributed
-
-    from medi import artifacts
+    from medi import artifacts, distributed
     from medi.fidelity import Extractor, condition_classifiers
     from medi.groundtruth import GroundTruth
     from medi.sampling import load_model
