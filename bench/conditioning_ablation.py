@@ -93,23 +93,35 @@ def cmd_evaluate(args) -> None:
 FIGURES = [("unseen_stain_rank", "stain rank, unseen"), ("unseen_site_accuracy", "site acc., unseen"),
            ("unseen_class_accuracy", "class acc., unseen"), ("seen_stain_rank", "stain rank, seen"),
            ("seen_site_accuracy", "site acc., seen"), ("seen_class_accuracy", "class acc., seen")]
+# the same unseen pairs read by the deconfounded classifiers (evaluations made since they exist: medi.unseen)
+DECONFOUNDED = [("deconf_unseen_site_accuracy", "site acc., unseen, deconf."),
+                ("deconf_unseen_class_accuracy", "class acc., unseen, deconf.")]
 
 
 def cmd_table(args) -> None:
     frame = summary()
+    shown = FIGURES + [f for f in DECONFOUNDED if f[0] in frame]
     order = {m: i for i, m in enumerate(MECHANISMS)}
-    lines = ["| mechanism | guidance class / site | seeds | " + " | ".join(label for _, label in FIGURES) + " |",
-             "|---|---|---|" + "---|" * len(FIGURES)]
+    lines = ["| mechanism | guidance class / site | seeds | " + " | ".join(label for _, label in shown) + " |",
+             "|---|---|---|" + "---|" * len(shown)]
     for (mech, guid), g in sorted(frame.groupby(["mechanism", "guidance"]), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         cells = []
-        for key, _ in FIGURES:
-            v = g[key].to_numpy(float)
-            cells.append(f"{v.mean():.3f} ± {np.ptp(v) / 2:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        for key, _ in shown:
+            v = g[key].dropna().to_numpy(float)
+            cells.append("-" if not len(v) else f"{v.mean():.3f} ± {np.ptp(v) / 2:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
         lines.append(f"| {mech} | {guid} | {','.join(map(str, sorted(g['seed'])))} | " + " | ".join(cells) + " |")
+    truth = frame.filter(like="ceiling_").dropna(how="all")
+    if len(truth):                  # the same for every evaluation: the world's own tiles of the pairs
+        first = truth.iloc[0]
+        lines.append("| ground truth | | | " + " | ".join(_cell(first.get(f"ceiling_{key}")) for key, _ in shown) + " |")
     print("\n".join(lines))
     trained = [read_json(p) for p in sorted(ROOT.glob("*-seed*/train.json"))]
     print("\n" + "\n".join(f"- {t['mechanism']} seed {t['seed']}: {t['steps']} steps, final loss {t['final_loss']:.4f}, "
                            f"{t['seconds']:.0f} s" for t in trained))
+
+
+def _cell(value) -> str:
+    return "-" if value is None or pd.isna(value) else f"{value:.3f}"
 
 
 def summary() -> pd.DataFrame:
