@@ -41,7 +41,7 @@ import pandas as pd
 from medi import artifacts, config, histology
 from medi.fidelity import Extractor, condition_classifiers
 from medi.groundtruth import GroundTruth
-from medi.unseen import ground_truth_tiles, pair_grid, score
+from medi.unseen import deconfounded_set, ground_truth_tiles, pair_grid, score
 
 sys.path.insert(0, str(Path(__file__).parent))       # run from the project root
 from bench_report import cpu_name, write_section  # noqa: E402
@@ -70,24 +70,24 @@ def features_of(extractor, images: np.ndarray) -> np.ndarray:
     return extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
 
 
-def deconfounded_classifiers(cfg, extractor, sites: list[str], classes: list[str], per_pair: int):
-    """Class and site classifiers fitted on rendered tiles of every class at every site (the ground truth
-    decorrelates the two), in `condition_classifiers`' form: {"class"|"tss": (fitted, held-out accuracy)}."""
+def deconfounded_classifiers(cfg, extractor, train_index: pd.DataFrame, per_pair: int):
+    """Class and site classifiers fitted on `per_pair` rendered tiles of every class at every training site (the
+    pipeline's `unseen.deconfounded_set`, at this count), in `condition_classifiers`' form but with the accuracy on 2
+    further rendered tiles per pair: {"class"|"tss": (fitted, held-out accuracy)}."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    grid = [(c, t) for c in classes for t in sites]
-    frame = pd.DataFrame(grid, columns=["class", "tss"])
-    fit, held = ground_truth_tiles(cfg, frame, per_pair, stream=104729), ground_truth_tiles(cfg, frame, 2, stream=130363)
-    x_fit, x_held = features_of(extractor, fit), features_of(extractor, held)
+    fit, labels = deconfounded_set(config.override(cfg, {"fid.deconfounded_per_pair": per_pair}), train_index)
+    grid = labels.drop_duplicates(["class", "tss"])[["class", "tss"]].reset_index(drop=True)
+    held = ground_truth_tiles(cfg, grid, 2, stream=130363)
+    x_fit = extractor.features(fit, verbose=False).float().numpy()
+    x_held = features_of(extractor, held)
     out = {}
-    for target, k in (("class", 0), ("tss", 1)):
-        y_fit = np.repeat([g[k] for g in grid], per_pair)
-        y_held = np.repeat([g[k] for g in grid], 2)
+    for target in ("class", "tss"):
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, tol=1e-3, random_state=cfg.fid.seed))
-        model.fit(x_fit, y_fit)
-        out[target] = (model, float(np.mean(model.predict(x_held) == y_held)))
+        model.fit(x_fit, labels[target].to_numpy(str))
+        out[target] = (model, float(np.mean(model.predict(x_held) == np.repeat(grid[target].to_numpy(str), 2))))
     return out
 
 
@@ -137,8 +137,7 @@ def main() -> None:
                                      verbose=False).float().numpy()
     instruments = {
         "pipeline": condition_classifiers(real, train_index, cfg.fid.seed, cache=cfg.fid.cache),
-        "deconfounded": deconfounded_classifiers(cfg, extractor, sorted(train_index["tss"].astype(str).unique()),
-                                                 classes, args.train_per_pair),
+        "deconfounded": deconfounded_classifiers(cfg, extractor, train_index, args.train_per_pair),
     }
     subjects = {"ground truth": truth_images}
     tiles = np.asarray(artifacts.load_tiles(cfg.data.output))

@@ -136,9 +136,9 @@ def pairs_table(metrics: Mapping[str, dict]) -> list[str]:
         return []
     any_pairs = next(iter(have.values()))
 
-    def row(label: str, p: dict, prefix: str = "") -> str:
+    def row(label: str, p: dict, prefix: str = "", figures: tuple[str, ...] = names) -> str:
         return f"| {label} | " + " | ".join(_figure(p.get(f"{prefix}{kind}_{f}"), ".3f")
-                                           for kind in ("unseen", "seen") for f in names) + " |"
+                                           for kind in ("unseen", "seen") for f in figures) + " |"
 
     lines = ["", "### Pairs never seen in training", "",
              f"Every class at the largest training site of every class ({any_pairs['pairs_per_kind']['unseen']} unseen, "
@@ -155,10 +155,7 @@ def pairs_table(metrics: Mapping[str, dict]) -> list[str]:
     valid = next((p for p in have.values() if "deconf_unseen_site_accuracy" in p), None)
     if valid is None:
         return lines
-
-    def accuracies(label: str, p: dict, prefix: str) -> str:
-        return f"| {label} | " + " | ".join(_figure(p.get(f"{prefix}{kind}_{f}"), ".3f") for kind in ("unseen", "seen")
-                                           for f in ("site_accuracy", "class_accuracy")) + " |"
+    accuracies = ("site_accuracy", "class_accuracy")
 
     lines += ["", "The same tiles read by classifiers that learnt from the world's own tiles of every class at every "
               f"training site ({valid['deconf_site_accuracy_cv']:.2f} site and {valid['deconf_class_accuracy_cv']:.2f} "
@@ -166,9 +163,9 @@ def pairs_table(metrics: Mapping[str, dict]) -> list[str]:
               "tissue as its site: a valid instrument, which only the synthetic world allows.", "",
               "| tiles | unseen: site accuracy | unseen: class accuracy | seen: site accuracy | seen: class accuracy |",
               "|---|---|---|---|---|"]
-    lines += [accuracies(name, p, "deconf_") for name, p in have.items() if "deconf_unseen_site_accuracy" in p]
+    lines += [row(name, p, "deconf_", accuracies) for name, p in have.items() if "deconf_unseen_site_accuracy" in p]
     if "ceiling_deconf_unseen_site_accuracy" in valid:
-        lines.append(accuracies("ground truth", valid, "ceiling_deconf_"))
+        lines.append(row("ground truth", valid, "ceiling_deconf_", accuracies))
     return lines
 
 
