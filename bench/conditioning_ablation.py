@@ -32,6 +32,8 @@ MECHANISMS: dict[str, dict] = {
     "nested": {"model.nested_dropout": True},                     # the site is never seen without the class
     "scale_shift_nested": {"model.conditioning": "scale_shift",   # the two that each moved one side of the
                            "model.nested_dropout": True},         # trade-off (stain / class), together
+    "stain": {"model.site_pathway": "stain"},                     # the site as its estimated stain only (medi.stain)
+    "stain_both": {"model.site_pathway": "both"},                 # the stain, and the site's embedding as well
 }
 # (class guidance, metadata guidance): plain, joint 2 (today's two settings), the site alone pushed, both apart.
 GUIDANCE = [(1.0, 1.0), (2.0, 2.0), (1.0, 3.0), (2.0, 4.0)]

@@ -153,6 +153,8 @@ BAD_PARAMS = [
      r"key 'model.conditioning': expected one of 'additive', 'scale_shift', got 'film'"),
     (["model.metadata_route=attention"], "model.metadata_route",
      r"key 'model.metadata_route': expected one of 'embedding', 'output', got 'attention'"),
+    (["model.site_pathway=colour"], "model.site_pathway",
+     r"key 'model.site_pathway': expected one of 'embedding', 'stain', 'both', got 'colour'"),
     (["sample.strategy=explicit"], "sample.pairs", r"sample.strategy is 'explicit' but 'sample.pairs' is empty"),
     (["sample.pairs=[{tss: '05'}]"], "sample.pairs[0]", r"'sample.pairs\[0\]' has no 'class': \{'tss': '05'\}"),
     *[([f"fid.{k}=0"], f"fid.{k}", rf"'fid.{k}' must be >= 1, got 0")

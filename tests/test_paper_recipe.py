@@ -81,11 +81,11 @@ def test_profile_writes_params_that_read_back_keep_comments_and_mark_changes(tmp
     before = params.read_text()
     changes = profile.apply(params, ["paper"], directory=PROFILES)
     after = params.read_text()
-    assert {c.key for c in changes} == set(profile.read_profile(PROFILES / "paper.yaml")) and len(changes) == 33
+    assert {c.key for c in changes} == set(profile.read_profile(PROFILES / "paper.yaml")) and len(changes) == 34
     # line for line the same file, but for the changed keys (blank lines and comment lines all kept)
     kept = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if "# profile paper (was" not in b]
     assert len(before.splitlines()) == len(after.splitlines()) and all(a == b for a, b in kept) and len(kept) == len(
-        before.splitlines()) - 33
+        before.splitlines()) - 34
     lines = {ln.split(":")[0].strip(): ln for ln in after.splitlines() if ":" in ln}
     assert "# profile paper (was 0.001); " not in lines["lr"] and "# profile paper (was 0.001)" in lines["lr"]
     assert "# profile paper (was v_prediction); v-prediction + zero-terminal-SNR" in lines["prediction_type"]
@@ -142,7 +142,7 @@ def test_dvc_sees_every_param_the_profile_changes(tmp_path):
     done = subprocess.run(["dvc", "params", "diff", "--json"], cwd=work, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     diff = json.loads(done.stdout)["params.yaml"]
-    assert set(diff) == {c.key for c in changes} and len(diff) == 33
+    assert set(diff) == {c.key for c in changes} and len(diff) == 34
     assert diff["train.lr"] == {"old": 0.001, "new": 0.0001, "diff": pytest.approx(-0.0009)}
     assert diff["model.prediction_type"] == {"old": "v_prediction", "new": "epsilon"}
 

@@ -124,6 +124,8 @@ class ModelConfig:
     nested_dropout: bool         # attributes dropped whenever the class is (never an attribute without the class)
     conditioning: Literal["additive", "scale_shift"]   # additive (the paper's) | scale_shift (feature-wise modulation)
     metadata_route: Literal["embedding", "output"]     # embedding (the paper's) | output (modulates the output norm)
+    site_pathway: Literal["embedding", "stain", "both"]  # the site as an embedding (the paper's), as its estimated
+                                 # stain only (medi.stain), or both; models conditioned on the site only
     prediction_type: Literal["epsilon", "v_prediction", "sample"]
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
     rescale_zero_snr: bool       # rescale betas to zero terminal SNR (Lin et al. 2024)

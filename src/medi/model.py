@@ -14,7 +14,11 @@ docs/conditioning.md measures them):
 - `metadata_route`: `embedding` (the paper's: the attributes travel in the vector above) or `output` (the class
   alone fills d_t; the attributes, with the time, scale and shift the UNet's output normalisation only, a
   per-channel transform just before the last convolution, so a site can change the look of a tile more
-  easily than its structure).
+  easily than its structure);
+- `site_pathway`: `embedding` (the paper's: the site is an attribute like the others), `stain` (the site reaches
+  the tile only as its estimated H&E stain: the UNet learns every tile under one reference stain and never sees
+  the site; each generated tile is re-stained to its site's, `medi.stain`) or `both` (the stain, and the site's
+  embedding as well).
 
 Categorical attributes (tss, race, gender) use a learnable table; continuous ones (age) a sinusoidal
 encoding of the value to d_e followed by a linear map. Index 0 of every table, and a learned vector for
@@ -42,8 +46,10 @@ from torch.nn import functional as F
 from medi.config import MIN_D_CLASS, UNET_PRESETS, ModelConfig, time_embedding_width
 from medi.errors import MediError
 from medi.io import atomic_path, write_json
+from medi.stain import PATHWAYS, StainPathway
 
 NULL = "<null>"
+SITE = "tss"
 ATTRIBUTE_ALIASES = {"tissue_source_site": "tss", "TSS": "tss", "age_at_index": "age"}
 
 def canonical(name: str) -> str:
@@ -218,6 +224,7 @@ class Architecture:
     d_e: int
     conditioning: str = "additive"         # additive | scale_shift (how time + condition enter the ResNet blocks)
     metadata_route: str = "embedding"      # embedding | output (where the metadata attributes enter)
+    site_pathway: str = "embedding"        # embedding | stain | both (how the site enters; `medi.stain`)
 
     @property
     def d_t(self) -> int:
@@ -273,8 +280,13 @@ class MediDiffusion(nn.Module):
             self.unet.time_embedding.register_forward_hook(lambda _m, _i, out: self._route.__setitem__("t_emb", out))
             self.unet.conv_norm_out.register_forward_hook(
                 lambda _m, _i, out: self.modulation(out, self._route["z_meta"], self._route["t_emb"]))
+        # the stain pathway: only for a model conditioned on the site (CLS stays the paper's CLS)
+        self.stain = (StainPathway(len(vocab.categorical[SITE])) if arch.site_pathway != "embedding"
+                      and SITE in vocab.categorical else None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.stain is not None and self.arch.site_pathway == "stain":    # the site reaches the tile as its stain
+            cond = {**cond, SITE: torch.zeros_like(cond[SITE])}             # alone: the UNet sees its null token
         if self.modulation is None:
             return self.unet(x, t, class_labels=self.encoder(cond)).sample
         z_class, self._route["z_meta"] = self.encoder.parts(cond)
@@ -290,6 +302,8 @@ class MediDiffusion(nn.Module):
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
         write_json(folder / "config.json", {"architecture": asdict(self.arch), **(extra or {})})
         write_json(folder / "vocab.json", self.vocab.to_json())
+        if self.stain is not None and self.stain.estimates:
+            write_json(folder / "stain.json", self.stain.estimates)
 
     @classmethod
     def load(cls, folder: str | Path, map_location: str = "cpu") -> "MediDiffusion":
@@ -305,17 +319,20 @@ class MediDiffusion(nn.Module):
 
 
 def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None = None, split: str = "d_e",
-                 attributes: int = 0, conditioning: str = "additive", metadata_route: str = "embedding") -> Architecture:
+                 attributes: int = 0, conditioning: str = "additive", metadata_route: str = "embedding",
+                 site_pathway: str = "embedding") -> Architecture:
     """The network of a preset. `split` sets the conditioning widths for `attributes` (k) metadata attributes:
     'd_e' gives each attribute d_e and the class d_t - k * d_e (the paper's text); 'equal' splits d_t equally
     between the class and each attribute, d_t // (k + 1) each with the remainder to the class (the authors' code).
-    `conditioning` and `metadata_route`: see the module docstring."""
+    `conditioning`, `metadata_route` and `site_pathway`: see the module docstring."""
     if split not in ("d_e", "equal"):
         raise MediError(f"model.embedding_split: unknown split '{split}'; known: d_e, equal")
     if conditioning not in ("additive", "scale_shift"):
         raise MediError(f"model.conditioning: unknown mechanism '{conditioning}'; known: additive, scale_shift")
     if metadata_route not in ("embedding", "output"):
         raise MediError(f"model.metadata_route: unknown route '{metadata_route}'; known: embedding, output")
+    if site_pathway not in PATHWAYS:
+        raise MediError(f"model.site_pathway: unknown pathway '{site_pathway}'; known: {', '.join(PATHWAYS)}")
     if preset == "custom":
         spec = dict(custom or {})
     elif preset in UNET_PRESETS:
@@ -326,7 +343,8 @@ def architecture(preset: str, sample_size: int, d_e: int, custom: Mapping | None
     if sample_size % (2 ** need):
         raise MediError(f"model: {len(spec['block_out_channels'])} UNet levels need a resolution divisible by "
                         f"{2 ** need}; data.resolution is {sample_size}")
-    arch = Architecture(sample_size=sample_size, d_e=d_e, conditioning=conditioning, metadata_route=metadata_route, **spec)
+    arch = Architecture(sample_size=sample_size, d_e=d_e, conditioning=conditioning, metadata_route=metadata_route,
+                        site_pathway=site_pathway, **spec)
     if split == "equal" and attributes > 0:
         arch = replace(arch, d_e=arch.d_t // (attributes + 1))
     return arch

@@ -39,7 +39,7 @@ from medi import distributed
 from medi.config import ModelConfig, SampleConfig, SamplerKind, TrainConfig
 from medi.errors import MediError
 from medi.io import atomic_path
-from medi.model import MediDiffusion, noise_kwargs, null_condition
+from medi.model import SITE, MediDiffusion, noise_kwargs, null_condition
 from medi.precision import AUTO, Decision, for_sampling
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ def generate(model: MediDiffusion, sampler: Sampler, noise: ModelConfig, cond: M
     for lo in range(0, len(seeds), batch_size):
         chunk = list(seeds[lo:lo + batch_size])
         c = {k: v[lo:lo + len(chunk)].to(device) for k, v in cond.items()}
+        site = c.get(SITE)
         x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in chunk]).to(device)
         x = x * scheduler.init_noise_sigma
         variants, combine = guidance_conditions(c, sampler.guidance, sampler.metadata_guidance)
@@ -198,6 +199,8 @@ def generate(model: MediDiffusion, sampler: Sampler, noise: ModelConfig, cond: M
                 pred = model(inp, t.to(device).expand(inp.shape[0]), c).float()
             pred = combine(pred.chunk(k))
             x = scheduler.step(pred, t, x).prev_sample
+        if model.stain is not None:         # the stain pathway: from the reference stain to each tile's site's
+            x = model.stain.restain(x, site)
         out.append(to_uint8(x))
     return np.concatenate(out)
 

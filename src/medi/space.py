@@ -95,7 +95,7 @@ def inert(cfg: Config, method: str) -> set[str]:
     """Params that cannot change a method's figures: the site strategy without site conditioning, attribute
     embeddings and their dropout without any attribute."""
     attributes = cfg.variant(cfg.probe.models[method])
-    out = set() if "tss" in attributes else {"probe.strategy"}
+    out = set() if "tss" in attributes else {"probe.strategy", "model.site_pathway"}
     if not attributes:
         out |= {"model.d_e", "model.attribute_dropout", "model.continuous", "model.nested_dropout",
                 "model.metadata_route", "sample.metadata_guidance"}

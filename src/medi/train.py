@@ -48,7 +48,8 @@ from medi import artifacts, distributed, precision
 from medi.config import Config, ModelConfig, TrainConfig
 from medi.errors import MediError
 from medi.io import write_json, write_text
-from medi.model import MediDiffusion, Vocabulary, architecture, drop_conditions, training_scheduler
+from medi.model import SITE, MediDiffusion, Vocabulary, architecture, drop_conditions, training_scheduler
+from medi.stain import StainPathway
 
 HEADLINE = ("steps", "final_loss", "images_per_second")   # metrics/train_NAME.json (dvc metrics show)
 
@@ -204,7 +205,7 @@ def build_model(cfg: Config, name: str, train_index: pd.DataFrame) -> MediDiffus
     m = cfg.model
     vocab = Vocabulary.from_frame(train_index, "class", cfg.variant(name), m.continuous)
     arch = architecture(m.preset, cfg.data.resolution, m.d_e, m.custom, m.embedding_split, len(vocab.attributes),
-                        m.conditioning, m.metadata_route)
+                        m.conditioning, m.metadata_route, m.site_pathway)
     return MediDiffusion(arch, vocab)
 
 
@@ -270,11 +271,15 @@ def step_loader(t: TrainConfig, train_index: pd.DataFrame, tiles_file: str | Pat
 
 
 def noised_batch(batch: Mapping, conditions: Mapping[str, torch.Tensor], noise, m: ModelConfig, seed: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+                 device: torch.device, stain: StainPathway | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
     """A micro-batch as the model sees it: (x_t, timesteps, dropped-out conditions, target). Each tile's noise,
-    timestep and dropout come from its own generator (`tile_generators`), not from the batch it lands in."""
+    timestep and dropout come from its own generator (`tile_generators`), not from the batch it lands in. With a
+    stain pathway the tiles are first mapped from their sites' stains to the reference stain."""
     gens = tile_generators(seed, int(batch["step"]), batch["index"].tolist())
     x0 = batch["pixels"].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if stain is not None:
+        x0 = stain.canonical(x0, conditions[SITE][batch["pos"]].to(device))
     eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
     timesteps = torch.cat([torch.randint(0, noise.config.num_train_timesteps, (1,), generator=g) for g in gens])
     timesteps = timesteps.to(device)
@@ -364,6 +369,8 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, name, train_index)
+    if model.stain is not None:          # each site's stain, from its training tiles (a resume loads the same)
+        model.stain.fit(np.load(tiles_file, mmap_mode="r"), train_index, model.vocab.categorical[SITE], t.seed)
     ema, optimizer, lr_scheduler = optimisation(t, model, main)
     root = checkpoint_root(cfg, name, train_index)
     state = TrainState(mlflow_run_id=mlflow_run_id)
@@ -399,7 +406,7 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
     model.train()
     for batch in step_loader(t, train_index, tiles_file, state.step, accelerator):
         step = int(batch["step"])
-        x_t, timesteps, cond, target = noised_batch(batch, conditions, noise, m, t.seed, accelerator.device)
+        x_t, timesteps, cond, target = noised_batch(batch, conditions, noise, m, t.seed, accelerator.device, core.stain)
         loss = learn(accelerator, model, optimizer, lr_scheduler, (x_t, timesteps, cond, target), t.max_grad_norm,
                      lambda bad: TrainingDiverged(f"training {name}: loss is {bad} at step {step}; the last good "
                                                   f"checkpoint is kept in {root} (try a lower train.lr or precision: fp32)"))

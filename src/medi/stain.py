@@ -1,0 +1,175 @@
+"""The stain pathway (params `model.site_pathway`): a site reaches the image as its H&E stain, not as an embedding.
+
+In TCGA each site sent (nearly) one cancer type, so a learned site embedding learns the class with the stain and
+carries the class's morphology to every class it is asked for (docs/conditioning.md). The stain, though, is a
+physical, global colour transform: by Beer-Lambert, a pixel's optical density OD = -log10(I / I0) is the
+concentrations of hematoxylin and eosin times the site's stain vectors, so two sites' tiles of the same section
+differ by a 3x3 linear map in OD space and their white levels I0. That map cannot draw a nucleus, which is what
+keeps the site off the class.
+
+For each training site this module estimates, from the site's own training tiles only:
+- the H and E optical-density vectors (Macenko, `histology.estimate_stain_vectors`) and a third, residual vector
+  orthogonal to both, so the basis is invertible and nothing of a pixel is lost (unmixing onto H and E alone drops
+  what the two vectors do not span: noise, blur, compression, and the estimate's own error);
+- its white level I0 per channel (a high percentile of its pixels) and the hematoxylin intensity (the 99th
+  percentile of the H concentration, Macenko's normalisation), both *relative to the other sites of its class*
+  (`fit`): as estimated from one site's tiles they mix the stain with the class's tissue (a class without
+  background has no white pixel), and each site sent one class.
+
+The reference stain is the H and E vectors of every site's tiles pooled (each site equally), with the median
+white and intensity. Training maps every tile from its site's stain to the reference (`StainPathway.canonical`), so
+the UNet learns each class's tissue under one stain; sampling maps the generated tile from the reference to the
+conditioned site's stain (`StainPathway.restain`). In OD row vectors the map of a site is
+
+    OD_site = OD_ref  V_ref^-1  diag(h_site / h_ref, 1, 1)  V_site      (V: rows H, E, residual)
+
+with OD measured against the reference's white and the tile made against the site's: I = I0_site 10^-OD_site.
+The eosin intensity is not transferred: its percentile is the class's cytoplasm more than the site's stain (with it,
+re-stained real tiles scored 0.67 class accuracy instead of 0.75, docs/conditioning.md). Blur, noise and
+JPEG are not in it; with `both` the UNet still gets the site's embedding as well, which may carry them (and the
+class with them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medi import histology
+from medi.errors import MediError
+
+PATHWAYS = ("embedding", "stain", "both")
+WHITE_PERCENTILE = 99.5       # I0: this percentile of a site's pixels, per channel
+INTENSITY_PERCENTILE = 99.0   # a stain's intensity: this percentile of its concentration (Macenko)
+TILES_PER_SITE = 64           # tiles a site's estimate is made from (all of them when fewer)
+
+
+@dataclass(frozen=True)
+class Stain:
+    """One site's (or the reference's) estimated stain."""
+    vectors: np.ndarray      # (3, 3) unit OD vectors, rows H, E, residual
+    intensity: np.ndarray    # (2,) the INTENSITY_PERCENTILE of the H and E concentrations (only H is transferred)
+    white: np.ndarray        # (3,) I0 per channel, 0..255
+
+    def to_json(self) -> dict:
+        return {"vectors": self.vectors.round(6).tolist(), "intensity": self.intensity.round(6).tolist(),
+                "white": self.white.round(4).tolist()}
+
+
+def _basis(he: np.ndarray) -> np.ndarray:
+    """H, E and their unit cross product (the residual direction), rows."""
+    r = np.cross(he[0], he[1])
+    return np.stack([he[0], he[1], r / np.linalg.norm(r)])
+
+
+def estimate(tiles: np.ndarray, site: str = "") -> Stain:
+    """The stain of a set of tiles (N, H, W, 3) uint8 of one site."""
+    pixels = np.asarray(tiles).reshape(-1, 3)
+    white = np.percentile(pixels, WHITE_PERCENTILE, axis=0).astype(np.float64)
+    white = np.maximum(white, 1.0)
+    try:
+        he = histology.estimate_stain_vectors(pixels.reshape(1, -1, 1, 3), illumination=white)
+    except ValueError as e:
+        raise MediError(f"stain pathway: cannot estimate the stain of site {site or '?'} from its {len(tiles)} "
+                        f"training tile(s): {e}") from None
+    vectors = _basis(he)
+    conc = histology.optical_density(pixels, white) @ np.linalg.inv(vectors)
+    intensity = np.maximum(np.percentile(conc[:, :2], INTENSITY_PERCENTILE, axis=0), 1e-3)
+    return Stain(vectors, intensity, white)
+
+
+def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed: int = 0
+        ) -> tuple[Stain, dict[str, Stain]]:
+    """(reference, {site: stain}) from up to TILES_PER_SITE training tiles of each site in `sites` (a seeded draw,
+    rows of `train_index` with `idx` into the packed `tiles`).
+
+    A site's white level and stain intensities, as estimated, mix its stain with its class's tissue (a class
+    without background has no white pixel; one with dense nuclei a high hematoxylin percentile), and each site
+    sent one class. So both are taken *relative to the other sites of the same class* (its most frequent one):
+    the site's value over the median of its class's sites, times the median over all sites. The class's own
+    level cancels; a class with one site keeps the median. The reference: the H and E vectors estimated from
+    every site's tiles pooled (each site equally), the median white and intensities."""
+    rng = np.random.default_rng(seed)
+    frame = train_index.assign(tss=train_index["tss"].astype(str), **{"class": train_index["class"].astype(str)})
+    by_site = frame.groupby("tss")["idx"]
+    picked, raw = {}, {}
+    for site in sites:
+        if site not in by_site.groups:
+            raise MediError(f"stain pathway: site {site} of the model's vocabulary has no training tiles")
+        idx = np.sort(by_site.get_group(site).to_numpy())
+        idx = np.sort(rng.choice(idx, TILES_PER_SITE, replace=False)) if len(idx) > TILES_PER_SITE else idx
+        picked[site] = np.asarray(tiles[idx])
+        raw[site] = estimate(picked[site], site)
+    owner = frame[frame["tss"].isin(list(sites))].groupby("tss")["class"].agg(lambda c: c.value_counts().index[0])
+    white = np.array([raw[s].white for s in sites])
+    intensity = np.array([raw[s].intensity for s in sites])
+    classes = owner.loc[list(sites)].to_numpy()
+    rel_white, rel_intensity = white.copy(), intensity.copy()
+    for c in np.unique(classes):
+        mine = classes == c
+        rel_white[mine] = white[mine] / np.median(white[mine], axis=0)
+        rel_intensity[mine] = intensity[mine] / np.median(intensity[mine], axis=0)
+    white_ref, intensity_ref = np.median(white, axis=0), np.median(intensity, axis=0)
+    stains = {s: Stain(raw[s].vectors, rel_intensity[i] * intensity_ref, np.minimum(rel_white[i] * white_ref, 255.0))
+              for i, s in enumerate(sites)}
+    n = min(len(v) for v in picked.values())
+    pooled = estimate(np.concatenate([v[:n] for v in picked.values()]), "(all sites pooled)")
+    return Stain(pooled.vectors, intensity_ref, white_ref), stains
+
+
+def site_map(reference: Stain, site: Stain) -> np.ndarray:
+    """The 3x3 map of OD row vectors from the reference stain to the site's (module docstring)."""
+    scale = np.diag([site.intensity[0] / reference.intensity[0], 1.0, 1.0])
+    return np.linalg.inv(reference.vectors) @ scale @ site.vectors
+
+
+class StainPathway(nn.Module):
+    """Per-site stain maps as buffers indexed like the vocabulary's `tss` table (0, the null token: the reference,
+    unchanged). Saved and loaded with the model's weights."""
+
+    def __init__(self, sites: int):
+        super().__init__()
+        self.register_buffer("forward_map", torch.eye(3).repeat(sites + 1, 1, 1))   # reference -> site
+        self.register_buffer("inverse_map", torch.eye(3).repeat(sites + 1, 1, 1))   # site -> reference
+        self.register_buffer("white", torch.full((sites + 1, 3), 255.0))             # row 0: the reference's
+        self.estimates: dict = {}       # what `fit` estimated, for the model folder's stain.json
+
+    def fit(self, tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed: int) -> None:
+        """Estimate the stains of `sites` (the vocabulary's, in its order) from their training tiles (`fit`)."""
+        reference, stains = fit(tiles, train_index, [str(s) for s in sites], seed)
+        self.set(reference, {i + 1: stains[str(s)] for i, s in enumerate(sites)})
+        self.estimates = {"reference": reference.to_json(), **{str(s): stains[str(s)].to_json() for s in sites}}
+
+    def set(self, reference: Stain, stains: Mapping[int, Stain]) -> None:
+        """Fill the maps: `stains` by vocabulary index (1..sites)."""
+        with torch.no_grad():
+            self.white[0] = torch.as_tensor(reference.white, dtype=torch.float32)
+            for i, st in stains.items():
+                m = site_map(reference, st)
+                self.forward_map[i] = torch.as_tensor(m, dtype=torch.float32)
+                self.inverse_map[i] = torch.as_tensor(np.linalg.inv(m), dtype=torch.float32)
+                self.white[i] = torch.as_tensor(st.white, dtype=torch.float32)
+
+    def _map(self, x: torch.Tensor, site: torch.Tensor, to_site: bool) -> torch.Tensor:
+        """x in [-1, 1] (B, 3, H, W) under one stain -> under the other, float32, clamped to [-1, 1]."""
+        site = site.to(self.white.device)
+        src, dst = (self.white[0].expand(len(site), 3), self.white[site]) if to_site else \
+                   (self.white[site], self.white[0].expand(len(site), 3))
+        maps = (self.forward_map if to_site else self.inverse_map)[site]
+        intensity = ((x.float() + 1) * 127.5).clamp(min=1.0)
+        od = -torch.log10(intensity / src[:, :, None, None])
+        od = torch.einsum("bchw,bcd->bdhw", od, maps)
+        out = dst[:, :, None, None] * torch.pow(10.0, -od)
+        return (out / 127.5 - 1).clamp(-1, 1)
+
+    def canonical(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        """Training tiles of sites `site` (vocabulary indices) under the reference stain."""
+        return self._map(x, site, to_site=False)
+
+    def restain(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        """Generated tiles (reference stain) under the stains of sites `site` (index 0: left as they are)."""
+        return self._map(x, site, to_site=True)

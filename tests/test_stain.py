@@ -1,0 +1,148 @@
+"""The stain pathway (medi.stain): the stains it estimates from rendered tiles, the class that the relative white
+and intensity cancel, exact round trips, transfer to another site's stain, and a model whose site changes a tile's
+stain only."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medi import histology, stain, synthetic
+from medi.groundtruth import stain_angle
+
+SITES = 4
+CLASSES = ("KIRC", "LUSC")     # clear cells with bright background / solid sheets without any
+
+
+@pytest.fixture(scope="module")
+def world():
+    """12 rendered 32 px tiles per (class, site): the same 4 true stains sent once by each class, so every stain
+    has a KIRC site and a LUSC site (sites named CLASS-k)."""
+    stains = [histology.sample_site_stain(np.random.default_rng(i)) for i in range(SITES)]
+    tiles, rows = [], []
+    for ci, c in enumerate(CLASSES):
+        for k, st in enumerate(stains):
+            for j in range(12):
+                rng = np.random.default_rng([ci, k, j])
+                tiles.append(histology.render_tile(synthetic.class_morphology(c), histology.jitter_stain(st, rng, 0.1),
+                                                   rng, size=32))
+                rows.append({"idx": len(rows), "class": c, "tss": f"{c}-{k}"})
+    index = pd.DataFrame(rows)
+    return np.stack(tiles), index, stains, sorted(index["tss"].unique())
+
+
+def to_unit(tiles: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_each_sites_stain_vectors_are_recovered_from_its_training_tiles(world):
+    tiles, index, stains, sites = world
+    _, fitted = stain.fit(tiles, index, sites)
+    for site in sites:
+        angles = [stain_angle(fitted[site].vectors[:2], histology.stain_od_matrix(s)) for s in stains]
+        assert np.argmin(angles) == int(site[-1]) and angles[int(site[-1])] < 6.0, (site, angles)
+        v = fitted[site].vectors
+        assert np.allclose(np.linalg.norm(v, axis=1), 1) and abs(np.linalg.det(v)) > 0.1   # an invertible basis
+
+
+def test_white_and_intensity_are_relative_to_the_class_so_the_same_stain_fits_alike_under_both_classes(world):
+    """LUSC tiles have no background, so a raw white level reads LUSC sites as much darker than the KIRC sites of
+    the same stain; taken relative to the class's sites the two agree far better (white and H intensity)."""
+    tiles, index, _, sites = world
+    _, fitted = stain.fit(tiles, index, sites)
+    raw = {s: stain.estimate(tiles[index["tss"] == s]) for s in sites}
+
+    def spread(est):
+        white = np.mean([np.abs(est[f"KIRC-{k}"].white - est[f"LUSC-{k}"].white).max() for k in range(SITES)])
+        h = np.mean([abs(np.log(est[f"KIRC-{k}"].intensity[0] / est[f"LUSC-{k}"].intensity[0])) for k in range(SITES)])
+        return white, h
+
+    (raw_white, raw_h), (rel_white, rel_h) = spread(raw), spread(fitted)
+    assert raw_white > 40 and rel_white < 0.4 * raw_white, (raw_white, rel_white)
+    assert rel_h < 0.7 * raw_h, (raw_h, rel_h)
+
+
+def test_canonical_and_restain_are_inverse_and_the_null_site_is_left_alone(world):
+    tiles, index, _, sites = world
+    path = stain.StainPathway(len(sites))
+    path.fit(tiles, index, sites, seed=0)
+    x = to_unit(tiles[:12])
+    site = torch.full((12,), 1 + sites.index(index["tss"][0]))
+    there = path.canonical(x, site)
+    assert (there - x).abs().max() > 0.05                                        # the map does something
+    assert torch.allclose(path.restain(there, site), x, atol=1e-3)              # and comes back
+    assert torch.allclose(path.restain(x, torch.zeros(12, dtype=torch.long)), x, atol=1e-4)
+    assert set(path.estimates) == {"reference", *sites}
+
+
+def test_restaining_a_sites_tiles_carries_them_to_another_sites_stain(world):
+    """KIRC tiles of stain 0, normalised and restained to the (LUSC) site of stain 2: their estimated stain is then
+    nearest stain 2 of the four, not stain 0."""
+    tiles, index, stains, sites = world
+    path = stain.StainPathway(len(sites))
+    path.fit(tiles, index, sites, seed=0)
+    pick = (index["tss"] == "KIRC-0").to_numpy()
+    x = to_unit(tiles[pick])
+    src = torch.full((len(x),), 1 + sites.index("KIRC-0"))
+    dst = torch.full((len(x),), 1 + sites.index("LUSC-2"))
+    moved = ((path.restain(path.canonical(x, src), dst) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    for images, expected in ((tiles[pick], 0), (moved, 2)):
+        est = histology.estimate_stain_vectors(images)
+        angles = [stain_angle(est, histology.stain_od_matrix(s)) for s in stains]
+        assert np.argmin(angles) == expected, angles
+
+
+def test_a_site_without_training_tiles_or_without_stained_pixels_is_a_clear_error(world):
+    from medi.errors import MediError
+
+    tiles, index, _, sites = world
+    with pytest.raises(MediError, match="site XX of the model's vocabulary has no training tiles"):
+        stain.fit(tiles, index, [*sites, "XX"])
+    blank = np.full((2, 32, 32, 3), 250, np.uint8)
+    with pytest.raises(MediError, match="cannot estimate the stain of site B1 from its 2 training tile"):
+        stain.estimate(blank, "B1")
+
+
+@pytest.mark.parametrize("pathway", ["stain", "both"])
+def test_the_model_of_a_stain_pathway_changes_only_the_stain_with_the_site(world, tmp_path, pathway):
+    """With `stain` the UNet never sees the site: one seed and class sampled at two sites gives the same tile under
+    the reference stain (restained back, to uint8 rounding). With `both` the site's embedding reaches the UNet too.
+    The maps travel with the weights; CLS (no site) gets no pathway."""
+    from medi.config import ModelConfig
+    from medi.model import MediDiffusion, Vocabulary, architecture
+    from medi.sampling import Sampler, generate
+
+    tiles, index, _, sites = world
+    vocab = Vocabulary.from_frame(index, "class", ["tss"], [])
+    torch.manual_seed(0)
+    model = MediDiffusion(architecture("tiny-cpu", 16, d_e=16, attributes=1, site_pathway=pathway), vocab).eval()
+    model.stain.fit(tiles, index, vocab.categorical["tss"], seed=0)
+    with torch.no_grad():
+        for p in model.unet.parameters():        # an untrained UNet predicts ~0; weights that make tiles not grey
+            p.add_(torch.randn_like(p) * 0.05)
+    noise = ModelConfig(preset="tiny-cpu", custom={}, variants={}, continuous=[], d_e=16, embedding_split="d_e",
+                        class_dropout=0.1, attribute_dropout=0.1, nested_dropout=False, conditioning="additive",
+                        metadata_route="embedding", site_pathway=pathway, prediction_type="v_prediction",
+                        beta_schedule="linear", rescale_zero_snr=True, timesteps=1000, output="")
+    a, b = "KIRC-0", "LUSC-3"
+    cond = vocab.encode(["KIRC", "KIRC"], {"tss": [a, b]})
+    sampler = Sampler(kind="ddim", steps=3, guidance=1.0, metadata_guidance=None, precision="fp32")
+    images = generate(model, sampler, noise, cond, [7, 7])
+    canonical = model.stain.canonical(to_unit(images), cond["tss"])
+    inside = torch.from_numpy(((images > 3) & (images < 252)).all(axis=(0, 3)))     # clamped in neither tile
+    assert inside.float().mean() > 0.2
+    gap = (canonical[0] - canonical[1]).abs()[:, inside].mean().item() * 127.5
+    assert (images[0].astype(int) - images[1]).__abs__().mean() > 3        # the two sites' tiles look different
+    if pathway == "stain":
+        assert gap < 2.5, gap                      # ... by their stains alone
+    else:
+        assert gap > 2.5, gap
+
+    model.save(tmp_path)
+    back = MediDiffusion.load(tmp_path)
+    assert back.arch.site_pathway == pathway and (tmp_path / "stain.json").exists()
+    assert torch.equal(back.stain.forward_map, model.stain.forward_map)
+    cls = MediDiffusion(architecture("tiny-cpu", 16, d_e=16, site_pathway=pathway),
+                        Vocabulary.from_frame(index, "class", [], []))
+    assert cls.stain is None
