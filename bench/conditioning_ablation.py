@@ -5,6 +5,7 @@ the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc
     python bench/conditioning_ablation.py evaluate                   # every trained model x every guidance
     python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
     python bench/conditioning_ablation.py figure                     # the trade-off plot (docs/figures/)
+    python bench/conditioning_ablation.py fid --only additive stain  # FID of those models (the fid stage's setting)
 
 A mechanism is a set of param overrides on params.yaml (MECHANISMS below); nothing else changes between
 them. Models, timings and results go under artifacts/ablation/ (git-ignored); `evaluate` skips a (model,
@@ -139,23 +140,27 @@ TARGETS = {"unseen_stain_rank": 0.25, "unseen_site_accuracy": 0.25, "unseen_clas
 
 
 def cmd_figure(args) -> None:
-    """Unseen class accuracy against unseen stain rank and against unseen site accuracy: every mechanism x
-    guidance (mean of the seeds, bars = their range), the issue's target region, and the ground truth scored with
-    the same instrument (where an evaluation recorded it)."""
+    """Unseen class accuracy against unseen stain rank and against unseen site accuracy, and the same two
+    accuracies by the deconfounded classifiers (where every evaluation has them): every mechanism x guidance (mean
+    of the seeds, bars = their range), the issue's target region, and the ground truth scored with the same
+    instrument (where an evaluation recorded it)."""
     import matplotlib.pyplot as plt
 
     from medi import figures
 
     frame = summary()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+    panels = [("unseen_stain_rank", "unseen_class_accuracy", "le",
+               "stain rank of the conditioned site, unseen pairs (0 = nearest, 0.5 = chance)"),
+              ("unseen_site_accuracy", "unseen_class_accuracy", "ge", "site accuracy, unseen pairs (chance 0.023)")]
+    if frame.filter(like="deconf_unseen").notna().all().all() and len(frame.filter(like="deconf_unseen").columns):
+        panels.append(("deconf_unseen_site_accuracy", "deconf_unseen_class_accuracy", "ge",
+                       "deconfounded classifiers: site accuracy (x), class accuracy (y)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.2), sharey=True)
     marks = {g: m for g, m in zip(["1 / 1", "2 / 2", "1 / 3", "2 / 4"], "osD^")}
     colours = dict(zip(MECHANISMS, plt.get_cmap("tab10").colors))
-    y = "unseen_class_accuracy"
-    for ax, x, label, better in ((axes[0], "unseen_stain_rank", "stain rank of the conditioned site, unseen pairs "
-                                  "(0 = nearest, 0.5 = chance)", "le"),
-                                 (axes[1], "unseen_site_accuracy", "site accuracy, unseen pairs (chance 0.023)", "ge")):
-        x0, y0 = TARGETS[x], TARGETS[y]
-        ax.set_xlim(0.05, 0.45) if better == "le" else ax.set_xlim(0.0, 0.55)
+    for ax, (x, y, better, label) in zip(axes, panels):
+        x0, y0 = TARGETS[x.removeprefix("deconf_")], TARGETS[y.removeprefix("deconf_")]
+        ax.set_xlim(0.0, 0.45) if better == "le" else ax.set_xlim(0.0, 0.55)
         left, right = ax.get_xlim()
         ax.add_patch(plt.Rectangle((left, y0), x0 - left, 1 - y0, color="0.9", zorder=0) if better == "le" else
                      plt.Rectangle((x0, y0), right - x0, 1 - y0, color="0.9", zorder=0))
@@ -178,11 +183,43 @@ def cmd_figure(args) -> None:
               [plt.Line2D([], [], color="0.3", marker=m, ls="") for m in marks.values()] + \
               [plt.Line2D([], [], color="k", marker="*", ms=12, ls="")]
     names = [*colours] + [f"guidance {g} (class / site)" for g in marks] + ["ground truth, same instrument"]
-    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.08))
+    fig.legend(handles, names, loc="lower center", ncol=6, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.08))
     seeds = ",".join(str(s) for s in sorted(frame.seed.unique()))
     fig.suptitle(f"Unseen (class, site) pairs: every mechanism x guidance (mean of training seeds {seeds}, bars = their "
-                 f"range); shaded: the issue's targets, met by none", fontsize=10)
+                 f"range); shaded: the issue's targets (a setting meets them all only inside every panel's)", fontsize=10)
     print(figures.save(fig, args.out))
+
+
+def cmd_fid(args) -> None:
+    """FID overall and per class of every trained model on the sample stage's plan (params `sample`: the images
+    the fid stage scores for the default model), against the training tiles in the fid stage's features; written
+    to <model folder>/fid.json (skipped where present)."""
+    from medi import artifacts
+    from medi.fidelity import Extractor, frechet, group_scores
+    from medi.sampling import Sampler, conditions_of, generate, load_model, plan
+
+    base = config.load(args.params)
+    train_index = pd.read_parquet(Path(base.split.output) / "train.parquet").sort_values("idx").reset_index(drop=True)
+    extractor = Extractor.from_config(base.fid.encoder)
+    real = extractor.cached_features(artifacts.load_tiles(base.data.output)[train_index["idx"].to_numpy()],
+                                     base.fid.cache, verbose=False)
+    for folder in sorted(ROOT.glob("*-seed*")):
+        out = folder / "fid.json"
+        if out.exists() or not (folder / "models" / "medi" / "model.safetensors").exists():
+            continue
+        if args.only and folder.name.rsplit("-seed", 1)[0] not in args.only:
+            continue
+        model = load_model(folder / "models" / "medi")
+        rows = plan(base.sample, train_index, model.vocab.classes)
+        images = generate(model, Sampler.of(base.sample), base.model, conditions_of(rows, model), rows["seed"].tolist(),
+                          batch_size=base.sample.batch_size)
+        gen = extractor.features(images, verbose=False)
+        per_class = group_scores(real, train_index["class"].to_numpy(str), gen, rows["class"].to_numpy(str), base.fid)["fid"]
+        result = {"overall": frechet(real, gen), "mean_class": float(np.mean(list(per_class.values()))),
+                  "per_class": per_class, "images": len(images)}
+        write_json(out, result)
+        print(f"{folder.name}: FID {result['overall']:.5f}, mean per class {result['mean_class']:.4f}, "
+              + ", ".join(f"{c} {v:.4f}" for c, v in per_class.items()), flush=True)
 
 
 def main() -> None:
@@ -195,10 +232,12 @@ def main() -> None:
     e = sub.add_parser("evaluate")
     e.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone (parallel workers)")
     sub.add_parser("table")
+    d = sub.add_parser("fid")
+    d.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone")
     f = sub.add_parser("figure")
     f.add_argument("--out", default="docs/figures/conditioning_tradeoff.png")
     args = ap.parse_args()
-    {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table, "figure": cmd_figure}[args.cmd](args)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table, "figure": cmd_figure, "fid": cmd_fid}[args.cmd](args)
 
 
 if __name__ == "__main__":
