@@ -26,20 +26,6 @@ PER_PAIR = 7
 INTENSITIES = {"H and E": (True, True), "none": (False, False), "H": (True, False)}
 
 
-def maps(reference: stain.Stain, stains: dict, sites: list[str], intensity: tuple[bool, bool]) -> stain.StainPathway:
-    """A pathway over `sites` whose maps transfer the chosen intensities (the module's own map transfers H only)."""
-    path = stain.StainPathway(len(sites))
-    with torch.no_grad():
-        path.white[0] = torch.as_tensor(reference.white, dtype=torch.float32)
-        for i, s in enumerate(sites, 1):
-            ratio = [stains[s].intensity[k] / reference.intensity[k] if on else 1.0 for k, on in enumerate(intensity)]
-            m = np.linalg.inv(reference.vectors) @ np.diag([*ratio, 1.0]) @ stains[s].vectors
-            path.forward_map[i] = torch.as_tensor(m, dtype=torch.float32)
-            path.inverse_map[i] = torch.as_tensor(np.linalg.inv(m), dtype=torch.float32)
-            path.white[i] = torch.as_tensor(stains[s].white, dtype=torch.float32)
-    return path
-
-
 def main() -> None:
     cfg = config.load("params.yaml")
     train_index = artifacts.train_frame(cfg).sort_values("idx").reset_index(drop=True)
@@ -78,7 +64,8 @@ def main() -> None:
     score("real, their own site's stain", np.stack([np.asarray(tiles[s]) for s in source]))
     for white_label, stains in (("absolute", absolute), ("fixed", fixed), ("relative", relative)):
         for intensity_label, intensity in INTENSITIES.items():
-            path = maps(reference, stains, sites, intensity)
+            path = stain.StainPathway(len(sites))
+            path.set(reference, {i: stains[s] for s, i in index.items()}, transferred=intensity)
             out = []
             for (c, s), rows in zip(zip(pairs["class"], pairs["tss"]), source):
                 x = torch.from_numpy(np.asarray(tiles[rows])).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -46,6 +46,7 @@ PATHWAYS = ("embedding", "stain", "both")
 WHITE_PERCENTILE = 99.5       # I0: this percentile of a site's pixels, per channel
 INTENSITY_PERCENTILE = 99.0   # a stain's intensity: this percentile of its concentration (Macenko)
 TILES_PER_SITE = 64           # tiles a site's estimate is made from (all of them when fewer)
+TRANSFERRED = (True, False)   # the stain intensities a map carries: hematoxylin yes, eosin no (module docstring)
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,11 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
     return Stain(pooled.vectors, intensity_ref, white_ref), stains
 
 
-def site_map(reference: Stain, site: Stain) -> np.ndarray:
-    """The 3x3 map of OD row vectors from the reference stain to the site's (module docstring)."""
-    scale = np.diag([site.intensity[0] / reference.intensity[0], 1.0, 1.0])
-    return np.linalg.inv(reference.vectors) @ scale @ site.vectors
+def site_map(reference: Stain, site: Stain, transferred: tuple[bool, bool] = TRANSFERRED) -> np.ndarray:
+    """The 3x3 map of OD row vectors from the reference stain to the site's (module docstring); `transferred`:
+    which of the H and E intensities it carries (bench/stain_oracle.py compares the choices)."""
+    ratio = [site.intensity[k] / reference.intensity[k] if on else 1.0 for k, on in enumerate(transferred)]
+    return np.linalg.inv(reference.vectors) @ np.diag([*ratio, 1.0]) @ site.vectors
 
 
 class StainPathway(nn.Module):
@@ -139,17 +141,18 @@ class StainPathway(nn.Module):
         self.estimates: dict = {}       # what `fit` estimated, for the model folder's stain.json
 
     def fit(self, tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed: int) -> None:
-        """Estimate the stains of `sites` (the vocabulary's, in its order) from their training tiles (`fit`)."""
+        """Estimate the stains of `sites` (the vocabulary's, in its order) from their training tiles (the module's
+        `fit`) and fill the maps."""
         reference, stains = fit(tiles, train_index, [str(s) for s in sites], seed)
         self.set(reference, {i + 1: stains[str(s)] for i, s in enumerate(sites)})
         self.estimates = {"reference": reference.to_json(), **{str(s): stains[str(s)].to_json() for s in sites}}
 
-    def set(self, reference: Stain, stains: Mapping[int, Stain]) -> None:
+    def set(self, reference: Stain, stains: Mapping[int, Stain], transferred: tuple[bool, bool] = TRANSFERRED) -> None:
         """Fill the maps: `stains` by vocabulary index (1..sites)."""
         with torch.no_grad():
             self.white[0] = torch.as_tensor(reference.white, dtype=torch.float32)
             for i, st in stains.items():
-                m = site_map(reference, st)
+                m = site_map(reference, st, transferred)
                 self.forward_map[i] = torch.as_tensor(m, dtype=torch.float32)
                 self.inverse_map[i] = torch.as_tensor(np.linalg.inv(m), dtype=torch.float32)
                 self.white[i] = torch.as_tensor(st.white, dtype=torch.float32)
