@@ -8,12 +8,15 @@ deconfounded ones, the stain rank). A perfect class-only generator behind the pa
 Variants (one line each): the tiles as they are (their own site's stain); and re-stained with the white level
 estimated per site ("absolute"), fixed to the reference's, or relative to the site's class (`medi.stain.fit`), each
 with the hematoxylin and eosin intensities transferred, none, or hematoxylin only (the default pathway's:
-relative white, hematoxylin). 7 tiles per pair, drawn with numpy seed [pair]; AMD EPYC figures in
-docs/conditioning.md.
+relative white, hematoxylin); and re-stained with the world's true stains (ground_truth.json: vectors, both
+intensities, illumination), which separates what the estimates miss from what a colour map cannot carry (blur,
+noise, JPEG). 7 tiles per pair, drawn with numpy seed [pair]; AMD EPYC figures in docs/conditioning.md.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +53,14 @@ def main() -> None:
     absolute = {s: dataclasses.replace(relative[s], white=stain.estimate(np.asarray(tiles[train_index["idx"][
         train_index["tss"].astype(str) == s].to_numpy()[:stain.TILES_PER_SITE]])).white) for s in sites}
     fixed = {s: dataclasses.replace(relative[s], white=reference.white) for s in sites}
+    variants = [(f"re-stained, white {w}, intensity {i}", stains, transfer)
+                for w, stains in (("absolute", absolute), ("fixed", fixed), ("relative", relative))
+                for i, transfer in INTENSITIES.items()]
+    true = json.loads((Path(cfg.data.root) / "ground_truth.json").read_text())["sites"]
+    variants.append(("re-stained with the world's true stains (vectors, both intensities, white)",
+                     {s: stain.Stain(stain.basis(np.array(true[s]["od_matrix"])),
+                                     np.array([true[s]["stain"]["h_intensity"], true[s]["stain"]["e_intensity"]]),
+                                     np.array(true[s]["stain"]["illumination"])) for s in sites}, (True, True)))
 
     def score(label: str, images: np.ndarray) -> None:
         features = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
@@ -62,16 +73,15 @@ def main() -> None:
     print("| tiles (unseen pairs) | stain rank | site acc. | class acc. | site acc., deconf. | class acc., deconf. |")
     print("|---|---|---|---|---|---|")
     score("real, their own site's stain", np.stack([np.asarray(tiles[s]) for s in source]))
-    for white_label, stains in (("absolute", absolute), ("fixed", fixed), ("relative", relative)):
-        for intensity_label, intensity in INTENSITIES.items():
-            path = stain.StainPathway(len(sites))
-            path.set(reference, {i: stains[s] for s, i in index.items()}, transferred=intensity)
-            out = []
-            for (c, s), rows in zip(zip(pairs["class"], pairs["tss"]), source):
-                x = torch.from_numpy(np.asarray(tiles[rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
-                x = path.restain(path.canonical(x, torch.full((len(x),), index[owner[c]])), torch.full((len(x),), index[s]))
-                out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-            score(f"re-stained, white {white_label}, intensity {intensity_label}", np.stack(out))
+    for label, stains, transfer in variants:
+        path = stain.StainPathway(len(sites))
+        path.set(reference, {i: stains[s] for s, i in index.items()}, transferred=transfer)
+        out = []
+        for (c, s), rows in zip(zip(pairs["class"], pairs["tss"]), source):
+            x = torch.from_numpy(np.asarray(tiles[rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = path.restain(path.canonical(x, torch.full((len(x),), index[owner[c]])), torch.full((len(x),), index[s]))
+            out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        score(label, np.stack(out))
 
 
 if __name__ == "__main__":

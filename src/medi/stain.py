@@ -61,7 +61,7 @@ class Stain:
                 "white": self.white.round(4).tolist()}
 
 
-def _basis(he: np.ndarray) -> np.ndarray:
+def basis(he: np.ndarray) -> np.ndarray:
     """H, E and their unit cross product (the residual direction), rows."""
     r = np.cross(he[0], he[1])
     return np.stack([he[0], he[1], r / np.linalg.norm(r)])
@@ -77,7 +77,7 @@ def estimate(tiles: np.ndarray, site: str = "") -> Stain:
     except ValueError as e:
         raise MediError(f"stain pathway: cannot estimate the stain of site {site or '?'} from its {len(tiles)} "
                         f"training tile(s): {e}") from None
-    vectors = _basis(he)
+    vectors = basis(he)
     conc = histology.optical_density(pixels, white) @ np.linalg.inv(vectors)
     intensity = np.maximum(np.percentile(conc[:, :2], INTENSITY_PERCENTILE, axis=0), 1e-3)
     return Stain(vectors, intensity, white)
