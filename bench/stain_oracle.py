@@ -53,14 +53,21 @@ def main() -> None:
     absolute = {s: dataclasses.replace(relative[s], white=stain.estimate(np.asarray(tiles[train_index["idx"][
         train_index["tss"].astype(str) == s].to_numpy()[:stain.TILES_PER_SITE]])).white) for s in sites}
     fixed = {s: dataclasses.replace(relative[s], white=reference.white) for s in sites}
-    variants = [(f"re-stained, white {w}, intensity {i}", stains, transfer)
+    variants = [(f"re-stained, white {w}, intensity {i}", stains, transfer, reference)
                 for w, stains in (("absolute", absolute), ("fixed", fixed), ("relative", relative))
                 for i, transfer in INTENSITIES.items()]
-    true = json.loads((Path(cfg.data.root) / "ground_truth.json").read_text())["sites"]
-    variants.append(("re-stained with the world's true stains (vectors, both intensities, white)",
-                     {s: stain.Stain(stain.basis(np.array(true[s]["od_matrix"])),
-                                     np.array([true[s]["stain"]["h_intensity"], true[s]["stain"]["e_intensity"]]),
-                                     np.array(true[s]["stain"]["illumination"])) for s in sites}, (True, True)))
+    truth_file = json.loads((Path(cfg.data.root) / "ground_truth.json").read_text())["sites"]
+    true = {s: stain.Stain(stain.basis(np.array(truth_file[s]["od_matrix"])),
+                           np.array([truth_file[s]["stain"]["h_intensity"], truth_file[s]["stain"]["e_intensity"]]),
+                           np.array(truth_file[s]["stain"]["illumination"])) for s in sites}
+    # the pathway's estimates with one swapped for the world's truth (true intensities are relative to 1, so the
+    # reference's are 1 there), then all of them
+    unit = dataclasses.replace(reference, intensity=np.ones(2))
+    variants += [("the pathway's, with the true white", {s: dataclasses.replace(relative[s], white=true[s].white)
+                                                         for s in sites}, stain.TRANSFERRED, reference),
+                 ("the pathway's, with the true H and E intensities",
+                  {s: dataclasses.replace(relative[s], intensity=true[s].intensity) for s in sites}, (True, True), unit),
+                 ("re-stained with the world's true stains (vectors, both intensities, white)", true, (True, True), unit)]
 
     def score(label: str, images: np.ndarray) -> None:
         features = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
@@ -73,9 +80,9 @@ def main() -> None:
     print("| tiles (unseen pairs) | stain rank | site acc. | class acc. | site acc., deconf. | class acc., deconf. |")
     print("|---|---|---|---|---|---|")
     score("real, their own site's stain", np.stack([np.asarray(tiles[s]) for s in source]))
-    for label, stains, transfer in variants:
+    for label, stains, transfer, ref in variants:
         path = stain.StainPathway(len(sites))
-        path.set(reference, {i: stains[s] for s, i in index.items()}, transferred=transfer)
+        path.set(ref, {i: stains[s] for s, i in index.items()}, transferred=transfer)
         out = []
         for (c, s), rows in zip(zip(pairs["class"], pairs["tss"]), source):
             x = torch.from_numpy(np.asarray(tiles[rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
