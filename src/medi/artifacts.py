@@ -5,7 +5,7 @@
 | raw tiles in the TCGA-UT layout (`tcga-ut/CLASS/...`) and the GDC metadata (`gdc_metadata.csv`) | `medi synthesize` or `make tcga-ut` | `data.root` |
 | the prepared dataset: `index.parquet` (one row per tile), `slides.parquet`, packed tiles `tiles.npy` (row `idx`) | `medi prepare` | `data.output` |
 | split frames: `train.parquet`, `holdout.parquet` (part = validation / test) | `medi split` | `split.output` |
-| a trained model: `model.safetensors`, `config.json`, `vocab.json` | `medi train` | `model.output`/NAME |
+| a trained model: `model.safetensors`, `config.json`, `vocab.json` (and `stain.json` with the stain pathway) | `medi train` | `model.output`/NAME |
 | a sample set: `manifest.csv` (one row per image) + lossless PNGs under `images/` | `medi sample`, the probe's pools | `sample.output` |
 
 Writers stay with the stage that owns the artifact (each writes atomically); readers live here, so a change of
