@@ -59,21 +59,32 @@ def cmd_train(args) -> None:
     print(f"trained {args.mechanism} seed {args.seed}: loss {result.final_loss:.4f} in {time.perf_counter() - t0:.0f}s")
 
 
-def cmd_evaluate(args) -> None:
-    from medi import artifacts, figures, unseen
-    from medi.fidelity import Extractor, condition_classifiers
+def real_features(base: config.Config):
+    """(training split in `idx` order, the fid stage's extractor, its features of the real training tiles)."""
+    from medi import artifacts
+    from medi.fidelity import Extractor
 
-    base = config.load(args.params)
     extractor = Extractor.from_config(base.fid.encoder)
     train_index = pd.read_parquet(Path(base.split.output) / "train.parquet").sort_values("idx").reset_index(drop=True)
     tiles = artifacts.load_tiles(base.data.output)
-    real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], base.fid.cache, verbose=False)
+    return train_index, extractor, extractor.cached_features(tiles[train_index["idx"].to_numpy()], base.fid.cache,
+                                                             verbose=False)
+
+
+def trained(only) -> list[Path]:
+    """The folders of the trained models (of the mechanisms `only`, when given)."""
+    return [f for f in sorted(ROOT.glob("*-seed*")) if (f / "models" / "medi" / "model.safetensors").exists()
+            and (not only or f.name.rsplit("-seed", 1)[0] in only)]
+
+
+def cmd_evaluate(args) -> None:
+    from medi import figures, unseen
+    from medi.fidelity import condition_classifiers
+
+    base = config.load(args.params)
+    train_index, extractor, real = real_features(base)
     classifiers = condition_classifiers(real.float().numpy(), train_index, base.fid.seed)   # once for all models
-    for folder in sorted(ROOT.glob("*-seed*")):
-        if not (folder / "models" / "medi" / "model.safetensors").exists():
-            continue
-        if args.only and folder.name.rsplit("-seed", 1)[0] not in args.only:
-            continue
+    for folder in trained(args.only):
         info = read_json(folder / "train.json")
         cfg = model_cfg(args.params, info["mechanism"], info["seed"])
         for g_c, g_m in GUIDANCE:
@@ -194,20 +205,14 @@ def cmd_fid(args) -> None:
     """FID overall and per class of every trained model on the sample stage's plan (params `sample`: the images
     the fid stage scores for the default model), against the training tiles in the fid stage's features; written
     to <model folder>/fid.json (skipped where present)."""
-    from medi import artifacts
-    from medi.fidelity import Extractor, frechet, group_scores
+    from medi.fidelity import frechet, group_scores
     from medi.sampling import Sampler, conditions_of, generate, load_model, plan
 
     base = config.load(args.params)
-    train_index = pd.read_parquet(Path(base.split.output) / "train.parquet").sort_values("idx").reset_index(drop=True)
-    extractor = Extractor.from_config(base.fid.encoder)
-    real = extractor.cached_features(artifacts.load_tiles(base.data.output)[train_index["idx"].to_numpy()],
-                                     base.fid.cache, verbose=False)
-    for folder in sorted(ROOT.glob("*-seed*")):
+    train_index, extractor, real = real_features(base)
+    for folder in trained(args.only):
         out = folder / "fid.json"
-        if out.exists() or not (folder / "models" / "medi" / "model.safetensors").exists():
-            continue
-        if args.only and folder.name.rsplit("-seed", 1)[0] not in args.only:
+        if out.exists():
             continue
         model = load_model(folder / "models" / "medi")
         rows = plan(base.sample, train_index, model.vocab.classes)

@@ -628,11 +628,12 @@ def _check_probe_and_sweep(cfg: Config, where: str) -> None:
     if pairs and cfg.fid.unseen_per_pair < 1:
         raise MediError(f"{where}: sweep.objective is {pairs[0]!r}, a figure of the unseen-pairs evaluation, but "
                         f"fid.unseen_per_pair is 0; give it images per pair (e.g. 4)")
-    synthetic = [o for o in objectives if o.endswith("stain_rank") or o.startswith("pairs_deconf_")]
+    deconfounded = [o for o in objectives if o.startswith("pairs_deconf_")]
+    synthetic = [o for o in objectives if o.endswith("stain_rank") or o in deconfounded]
     if synthetic and cfg.data.source != "synthetic":
         raise MediError(f"{where}: sweep.objective names {synthetic[0]!r}, which needs the synthetic world's ground "
                         f"truth; data.source is {cfg.data.source!r} (use the site or class accuracy)")
-    if any(o.startswith("pairs_deconf_") for o in objectives) and cfg.fid.deconfounded_per_pair < 1:
+    if deconfounded and cfg.fid.deconfounded_per_pair < 1:
         raise MediError(f"{where}: sweep.objective names the deconfounded classifiers' accuracy, but "
                         f"fid.deconfounded_per_pair is 0; give them rendered tiles per pair (e.g. 3)")
     if len(objectives) > 1 and sw.pruner != "none":

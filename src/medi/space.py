@@ -110,11 +110,14 @@ def trial_config(cfg: Config, values: dict[str, Any]) -> Config:
     return config_mod.override(cfg, values, where=f"{cfg.source_path}: sweep trial {values}")
 
 
+def pairs_only(objectives) -> bool:
+    """Whether every objective is a figure of the unseen-pairs evaluation (its trials fit no probe)."""
+    return bool(objectives) and all(o.startswith("pairs_") for o in objectives)
+
+
 def split_of(objectives) -> str:
     """Where the objectives are measured: the validation sites, or (unseen-pairs figures alone) training sites."""
-    if objectives and all(o.startswith("pairs_") for o in objectives):
-        return "unseen-pairs grid (training sites)"
-    return "validation"
+    return "unseen-pairs grid (training sites)" if pairs_only(objectives) else "validation"
 
 
 def scope(objectives) -> str:

@@ -67,18 +67,14 @@ from medi.trial import RUN_ATTR, Workspace, score
 
 log = logging.getLogger(__name__)
 
-MAXIMISE = ("tss_avg", "overall", "worst_tss", "gain", "pairs_unseen_site_accuracy", "pairs_unseen_class_accuracy",
-            "pairs_seen_site_accuracy", "pairs_seen_class_accuracy", "pairs_deconf_unseen_site_accuracy",
-            "pairs_deconf_unseen_class_accuracy", "pairs_deconf_seen_site_accuracy",
-            "pairs_deconf_seen_class_accuracy")       # the others (FID, stain ranks) are minimised
-
-
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def directions(cfg: Config) -> list[str]:
-    """Optuna's direction of each objective of `sweep.objective`, in order."""
-    return ["maximize" if o in MAXIMISE else "minimize" for o in cfg.sweep.objectives]
+    """Optuna's direction of each objective of `sweep.objective`, in order: the probe's figures and every accuracy are
+    maximised, the FID and the stain ranks minimised."""
+    return ["maximize" if o in config_mod.PROBE_OBJECTIVES or o.endswith("_accuracy") else "minimize"
+            for o in cfg.sweep.objectives]
 
 
 # ----------------------------------------------------------------------------------------------- the study

@@ -19,7 +19,7 @@ import numpy as np
 
 from medi import config as config_mod
 from medi.config import Config
-from medi.space import Dimension, objective_value, scope, study_name, trial_config
+from medi.space import Dimension, objective_value, pairs_only, scope, study_name, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Workspace:
 def runs_probe(cfg: Config) -> bool:
     """Whether a trial fits the probe: unless every objective is a figure of the unseen-pairs evaluation (which
     needs only the model and sampler: a trial then neither builds a synthetic pool nor fits the probe)."""
-    return not all(o.startswith("pairs_") for o in cfg.sweep.objectives)
+    return not pairs_only(cfg.sweep.objectives)
 
 
 def objective_values(cfg: Config, metrics: dict) -> list[float]:
