@@ -3,6 +3,7 @@ the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc
 
     python bench/conditioning_ablation.py train additive 0          # one training (default budget, params.yaml)
     python bench/conditioning_ablation.py evaluate                   # every trained model x every guidance
+    python bench/conditioning_ablation.py evaluate --only stain --joint   # those models, joint guidance settings only
     python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
     python bench/conditioning_ablation.py figure                     # the trade-off plot (docs/figures/)
     python bench/conditioning_ablation.py fid --only additive stain  # FID of those models (the fid stage's setting)
@@ -36,8 +37,16 @@ MECHANISMS: dict[str, dict] = {
     "stain": {"model.site_pathway": "stain"},                     # the site as its estimated stain only (medi.stain)
     "stain_both": {"model.site_pathway": "both"},                 # the stain, and the site's embedding as well
 }
-# (class guidance, metadata guidance): plain, joint 2 (today's two settings), the site alone pushed, both apart.
-GUIDANCE = [(1.0, 1.0), (2.0, 2.0), (1.0, 3.0), (2.0, 4.0)]
+# (class guidance, metadata guidance, colour): plain, joint 2 (the two settings before compositional guidance), the
+# site alone pushed, both apart (all with the usual guidance, "guided"), and joint 2 keeping the conditional
+# prediction's mean colour (sample.guidance_colour: conditional, the default since it was measured here).
+GUIDANCE = [(1.0, 1.0, "guided"), (2.0, 2.0, "guided"), (1.0, 3.0, "guided"), (2.0, 4.0, "guided"),
+            (2.0, 2.0, "conditional")]
+
+
+def guidance_label(g_c: float, g_m: float, colour: str = "guided") -> str:
+    """How tables, figures and file names show a guidance setting ("2 / 2" or "2 / 2 colour kept")."""
+    return f"{g_c:g} / {g_m:g}" + (" colour kept" if colour == "conditional" else "")
 
 
 def model_cfg(params: str, mechanism: str, seed: int) -> config.Config:
@@ -87,21 +96,25 @@ def cmd_evaluate(args) -> None:
     for folder in trained(args.only):
         info = read_json(folder / "train.json")
         cfg = model_cfg(args.params, info["mechanism"], info["seed"])
-        for g_c, g_m in GUIDANCE:
-            out = folder / f"eval-g{g_c:g}-m{g_m:g}.json"
+        for g_c, g_m, colour in GUIDANCE:
+            if args.joint and g_c != g_m:
+                continue
+            out = folder / f"eval-g{g_c:g}-m{g_m:g}{'-kept' if colour == 'conditional' else ''}.json"
             if out.exists():
                 continue
-            gcfg = config.override(cfg, {"sample.guidance": g_c, "sample.metadata_guidance": g_m})
+            gcfg = config.override(cfg, {"sample.guidance": g_c, "sample.metadata_guidance": g_m,
+                                         "sample.guidance_colour": colour})
             t0 = time.perf_counter()
             headline, cells, images = unseen.evaluate(gcfg, "medi", extractor=extractor, train_index=train_index,
                                                       classifiers=classifiers)
             write_json(out, {"mechanism": info["mechanism"], "seed": info["seed"], "guidance": g_c,
-                             "metadata_guidance": g_m, "headline": headline, "cells": cells.to_dict("records"),
+                             "metadata_guidance": g_m, "guidance_colour": colour, "headline": headline,
+                             "cells": cells.to_dict("records"),
                              "seconds": time.perf_counter() - t0})
-            figures.save(unseen.grid_figure(cells, images, f"{folder.name}, guidance {g_c:g} / site {g_m:g}: rows = "
-                                                           f"class, columns = the largest site of each class"),
+            figures.save(unseen.grid_figure(cells, images, f"{folder.name}, guidance {guidance_label(g_c, g_m, colour)}: "
+                                                           f"rows = class, columns = the largest site of each class"),
                          out.with_suffix(".png"))
-            print(f"{folder.name} g {g_c} / {g_m}: {json.dumps(headline)}", flush=True)
+            print(f"{folder.name} g {guidance_label(g_c, g_m, colour)}: {json.dumps(headline)}", flush=True)
 
 
 FIGURES = [("unseen_stain_rank", "stain rank, unseen"), ("unseen_site_accuracy", "site acc., unseen"),
@@ -144,7 +157,8 @@ def summary() -> pd.DataFrame:
     if not rows:
         sys.exit("no evaluations under artifacts/ablation; run `evaluate` first")
     return pd.DataFrame([{"mechanism": r["mechanism"], "seed": r["seed"],
-                          "guidance": f"{r['guidance']:g} / {r['metadata_guidance']:g}", **r["headline"]} for r in rows])
+                          "guidance": guidance_label(r["guidance"], r["metadata_guidance"], r.get("guidance_colour", "guided")),
+                          **r["headline"]} for r in rows])
 
 
 TARGETS = {"unseen_stain_rank": 0.25, "unseen_site_accuracy": 0.25, "unseen_class_accuracy": 0.65}   # issue 16
@@ -167,7 +181,7 @@ def cmd_figure(args) -> None:
         panels.append(("deconf_unseen_site_accuracy", "deconf_unseen_class_accuracy", "ge",
                        "deconfounded classifiers: site accuracy (x), class accuracy (y)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.2), sharey=True)
-    marks = {g: m for g, m in zip(["1 / 1", "2 / 2", "1 / 3", "2 / 4"], "osD^")}
+    marks = {guidance_label(*g): m for g, m in zip(GUIDANCE, "osD^v")}
     colours = dict(zip(MECHANISMS, plt.get_cmap("tab10").colors))
     for ax, (x, y, better, label) in zip(axes, panels):
         x0, y0 = TARGETS[x.removeprefix("deconf_")], TARGETS[y.removeprefix("deconf_")]
@@ -236,6 +250,9 @@ def main() -> None:
     t.add_argument("seed", type=int)
     e = sub.add_parser("evaluate")
     e.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone (parallel workers)")
+    e.add_argument("--joint", action="store_true",
+                   help="the joint settings alone (the stain pathway's UNet never sees the site: nothing for metadata "
+                        "guidance to push)")
     sub.add_parser("table")
     d = sub.add_parser("fid")
     d.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone")

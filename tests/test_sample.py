@@ -230,6 +230,45 @@ def test_compositional_guidance_pushes_the_class_and_the_metadata_by_their_own_s
     assert len(variants) == 2
 
 
+def test_guidance_that_keeps_the_colour_pushes_only_what_varies_across_a_tile():
+    cond = {"class": torch.tensor([2, 3]), "tss": torch.tensor([4, 1])}
+    g = torch.Generator().manual_seed(0)
+    e_full, e_class, e_null = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    preds = {(True, True): e_full, (True, False): e_class, (False, False): e_null}
+
+    def evaluations(variants):
+        return [preds[(bool((v["class"] != 0).all()), bool((v["tss"] != 0).all()))] for v in variants]
+
+    def centred(x):
+        return x - x.mean((2, 3), keepdim=True)
+
+    for scales in ((2.0, None), (2.0, 3.0), (1.0, 3.0)):
+        usual_variants, usual = sampling.guidance_conditions(cond, *scales)
+        variants, keep = sampling.guidance_conditions(cond, *scales, colour="conditional")
+        assert [v.keys() for v in variants] == [v.keys() for v in usual_variants]     # the same evaluations
+        out, pushed = keep(evaluations(variants)), usual(evaluations(variants))
+        # the mean colour per image and channel is the conditional prediction's; what varies is guided as usual
+        assert torch.allclose(out.mean((2, 3)), e_full.mean((2, 3)), atol=1e-6)
+        assert torch.allclose(centred(out), centred(pushed), atol=1e-6)
+        assert not torch.allclose(out.mean((2, 3)), pushed.mean((2, 3)))
+    variants, keep = sampling.guidance_conditions(cond, 1.0, None, colour="conditional")   # no guidance: unchanged
+    assert len(variants) == 1 and torch.equal(keep(evaluations(variants)), e_full)
+    with pytest.raises(MediError, match="unknown guidance colour 'mean'"):
+        sampling.guidance_conditions(cond, 2.0, None, colour="mean")
+
+
+def test_the_guidance_colour_is_part_of_a_sets_identity_only_where_guidance_is_applied():
+    Sampler = sampling.Sampler
+    kept, usual = Sampler(guidance=2.0, colour="conditional"), Sampler(guidance=2.0)
+    assert kept.settings() == {**usual.settings(), "guidance_colour": "conditional"}
+    assert Sampler.from_settings(kept.settings()) == kept and Sampler.from_settings(usual.settings()) == usual
+    # unguided sampling is the same whatever the colour: same identity, same manifest columns
+    assert Sampler(colour="conditional").settings() == Sampler().settings()
+    assert Sampler(colour="conditional").columns() == Sampler().columns()
+    assert Sampler(guidance=1.0, metadata_guidance=3.0, colour="conditional").settings()["guidance_colour"] == "conditional"
+    assert Sampler.from_settings({**kept.columns(), "guidance_colour": float("nan")}).colour == "guided"   # an empty cell
+
+
 def test_metadata_guidance_in_the_sample_stage_regenerates_and_joint_is_unchanged(tiny_world):
     cfg = tiny_world(sample__count=8, sample__batch_size=8, sample__guidance=2.0, sample__metadata_guidance=4.0)
     model = save_untrained(cfg, "medi")
@@ -241,14 +280,16 @@ def test_metadata_guidance_in_the_sample_stage_regenerates_and_joint_is_unchange
     assert np.array_equal(sampling.regenerate(manifest, model, cfg.model), images)
     cond, seeds = sampling.conditions_of(manifest, model), manifest["seed"].tolist()
 
-    def draw(guidance, metadata):
-        return sampling.generate(model, sampling.Sampler(cfg.sample.scheduler, cfg.sample.steps, guidance, metadata),
-                                 cfg.model, cond, seeds)
+    assert cfg.sample.guidance_colour == "conditional" and (manifest["guidance_colour"] == "conditional").all()
 
-    assert np.array_equal(draw(2.0, 4.0), images)
+    def draw(guidance, metadata, colour="conditional"):
+        return sampling.generate(model, sampling.Sampler(cfg.sample.scheduler, cfg.sample.steps, guidance, metadata,
+                                                         colour=colour), cfg.model, cond, seeds)
+
+    assert np.array_equal(draw(2.0, 4.0), images) and not np.array_equal(draw(2.0, 4.0, "guided"), images)
     assert np.array_equal(draw(2.0, None), draw(2.0, 2.0)) and not np.array_equal(draw(2.0, 2.0), images)
-    # a manifest written before the setting existed replays as joint guidance
-    old = manifest.drop(columns="metadata_guidance")
-    assert np.array_equal(sampling.regenerate(old, model, cfg.model), draw(2.0, 2.0))
+    # a manifest written before the settings existed replays as joint, usual guidance
+    old = manifest.drop(columns=["metadata_guidance", "guidance_colour"])
+    assert np.array_equal(sampling.regenerate(old, model, cfg.model), draw(2.0, 2.0, "guided"))
     grown = manifest.assign(metadata_guidance=np.nan)      # older rows of a pool grown after it existed
     assert np.array_equal(sampling.regenerate(grown, model, cfg.model), draw(2.0, 2.0))

@@ -91,7 +91,7 @@ def test_evaluate_samples_each_pair_with_shared_seeds_and_a_class_only_model_onc
         assert images.shape == (k * k, 2, cfg.data.resolution, cfg.data.resolution, 3)
         assert headline["pairs_per_kind"] == {"seen": k, "unseen": k * k - k}
         assert headline["sampling"] == {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps,
-                                        "guidance": 2.0, "metadata_guidance": 3.0}
+                                        "guidance": 2.0, "metadata_guidance": 3.0, "guidance_colour": "conditional"}
         for kind, sel in (("seen", cells["seen"]), ("unseen", ~cells["seen"])):
             for f in unseen.FIGURES:
                 assert headline[f"{kind}_{f}"] == cells.loc[sel, f].mean()
@@ -100,7 +100,8 @@ def test_evaluate_samples_each_pair_with_shared_seeds_and_a_class_only_model_onc
         assert all(np.array_equal(rows[i, 0], rows[i, j]) for i in range(k) for j in range(k)) == (name == "cls")
         first = cells.iloc[1]           # one pair again, on its own, with seeds sample.seed + 0, 1
         cond = model.vocab.encode([first["class"]] * 2, {"tss": [first["tss"]] * 2} if name == "medi" else {})
-        again = sampling.generate(model, sampling.Sampler(cfg.sample.scheduler, cfg.sample.steps, 2.0, 3.0), cfg.model,
+        again = sampling.generate(model, sampling.Sampler(cfg.sample.scheduler, cfg.sample.steps, 2.0, 3.0,
+                                                          colour="conditional"), cfg.model,
                                   cond, [cfg.sample.seed, cfg.sample.seed + 1])
         assert np.array_equal(again, images[1])
 

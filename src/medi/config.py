@@ -28,6 +28,7 @@ PROBE_METHODS = ("none", "real", "cls", "medi")
 # faster here (timed at start on a CPU; bf16 where a GPU supports it), recorded with the results (medi.precision).
 Precision = Literal["fp32", "fp16", "bf16", "auto"]
 SamplerKind = Literal["ddim", "dpmsolver++"]         # diffusers schedulers for inference (medi.sampling)
+GuidanceColour = Literal["conditional", "guided"]   # what guidance does to a tile's mean colour (sampling.guidance_conditions)
 PRECISION_ALIASES = {"no": "fp32"}
 
 # The 32 TCGA projects of TCGA-UT with their folder (zip) names in the Zenodo record: the seven of the paper's three
@@ -162,6 +163,7 @@ class TrainConfig:
     grid_seeds: int              # images (seeds) per (class, site) cell of those grids (the stain check's, too)
     grid_guidance: float         # classifier-free guidance scale for the grids and the stain check (1 = none)
     grid_metadata_guidance: float | None  # their metadata scale (as sample.metadata_guidance; None = grid_guidance)
+    grid_guidance_colour: GuidanceColour  # their guidance's colour (as sample.guidance_colour)
     eval_every: int              # steps between evaluation hooks (FID curve); 0 = off
     figure: str                  # the last sample grid, e.g. reports/samples_{model}.png
     metrics: str                 # e.g. metrics/train_{model}.json (headline: steps, final loss, images/s)
@@ -175,6 +177,8 @@ class SampleConfig:
     steps: int
     guidance: float              # classifier-free guidance scale (1 = plain conditional sampling, the paper's)
     metadata_guidance: float | None  # the metadata's own scale (compositional guidance; None = guidance: joint)
+    guidance_colour: GuidanceColour  # conditional: guidance pushes structure, the mean colour stays the conditional's
+                                     # prediction's | guided: the usual guidance (colour pushed too)
     strategy: Literal["match", "uniform", "grid", "explicit"]
     count: int                   # match / uniform: images in all (0 = as many as training tiles, the paper's FID setting)
     per_pair: int                # grid / explicit: images per (class, site) pair

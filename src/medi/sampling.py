@@ -73,24 +73,29 @@ class Sampler:
     guidance: float = 1.0                       # classifier-free guidance scale (1 = plain conditional sampling)
     metadata_guidance: float | None = None      # the metadata's own scale (None = guidance: joint guidance)
     precision: str = "fp32"                     # fp32 | bf16 | fp16 | auto (resolved before sampling)
+    colour: str = "guided"                      # conditional | guided (guidance_conditions); guided: sets made before
+                                                # the setting existed
 
     @classmethod
     def of(cls, s: SampleConfig) -> "Sampler":
         """The sampler of params `sample` (the sample stage, FID curve, unseen pairs, pools, registry)."""
-        return cls(s.scheduler, s.steps, s.guidance, s.metadata_guidance, s.precision)
+        return cls(s.scheduler, s.steps, s.guidance, s.metadata_guidance, s.precision, s.guidance_colour)
 
     @classmethod
     def for_grids(cls, t: TrainConfig, precision: str) -> "Sampler":
         """The sampler of the training grids (and the stain check that scores them), in `precision`."""
-        return cls(t.grid_scheduler, t.grid_steps, t.grid_guidance, t.grid_metadata_guidance, precision)
+        return cls(t.grid_scheduler, t.grid_steps, t.grid_guidance, t.grid_metadata_guidance, precision,
+                   t.grid_guidance_colour)
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "Sampler":
         """Back from `settings()` or a manifest row (rows made before metadata guidance existed: joint)."""
         mg = settings.get("metadata_guidance")
         mg = None if mg is None or mg != mg else float(mg)       # (NaN: a manifest cell left empty)
+        colour = settings.get("guidance_colour")
+        colour = "guided" if colour is None or colour != colour else str(colour)
         return cls(str(settings["scheduler"]), int(settings["steps"]), float(settings["guidance"]), mg,
-                   str(settings["precision"]))
+                   str(settings["precision"]), colour)
 
     @property
     def metadata_scale(self) -> float:
@@ -104,20 +109,31 @@ class Sampler:
         return diffusers_scheduler(self.kind, noise)
 
     def settings(self) -> dict:
-        """What makes images what they are, as plain values; metadata_guidance only when set apart from the class
-        (joint-guidance pools and sets made before it existed keep their identity)."""
+        """What makes images what they are, as plain values; metadata_guidance only when set apart from the class,
+        guidance_colour only when guidance is applied and not the usual one (pools and sets made before either
+        existed keep their identity)."""
         out = {"scheduler": self.kind, "steps": self.steps, "guidance": self.guidance, "precision": self.precision}
         if self.metadata_guidance is not None:
             out["metadata_guidance"] = self.metadata_guidance
+        if self.colour != "guided" and self.guided:
+            out["guidance_colour"] = self.colour
         return out
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance is applied (a scale other than 1)."""
+        return self.guidance != 1.0 or self.metadata_scale != 1.0
 
     def columns(self) -> dict:
         """The manifest columns of the images it makes (metadata_guidance: the scale applied, joint or not)."""
         return {"scheduler": self.kind, "steps": self.steps, "guidance": self.guidance,
-                "metadata_guidance": self.metadata_scale, "precision": self.precision}
+                "metadata_guidance": self.metadata_scale, "precision": self.precision,
+                "guidance_colour": self.colour if self.guided else "guided"}
 
     def describe(self) -> str:
-        return f"{self.kind} {self.steps} steps, guidance {self.guidance} / metadata {self.metadata_scale}, {self.precision}"
+        colour = f" (colour {self.colour})" if self.guided else ""
+        return (f"{self.kind} {self.steps} steps, guidance {self.guidance} / metadata {self.metadata_scale}{colour}, "
+                f"{self.precision}")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -143,8 +159,8 @@ def sampling_precision(model: MediDiffusion, sampler: Sampler, cond: Mapping[str
     return for_sampling(sampler.precision, model, first, batch, evaluations, sampler.steps, device)
 
 
-def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
-                        metadata_guidance: float | None) -> tuple[list[dict[str, torch.Tensor]], Callable]:
+def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float, metadata_guidance: float | None,
+                        colour: str = "guided") -> tuple[list[dict[str, torch.Tensor]], Callable]:
     """The condition batches one guided step evaluates, and how their predictions combine.
 
     With c the class and m the metadata attributes, e(.) the model's prediction and null the null token:
@@ -152,7 +168,28 @@ def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float,
       the usual classifier-free guidance (g = 1: plain conditional sampling, one evaluation);
     - compositional: e(null) + g_c (e(c, null) - e(null)) + g_m (e(c, m) - e(c, null)): the class pushed by
       g_c, the metadata on top of it by g_m (three evaluations; two when g_c = 1, where e(null) cancels).
-      Equal scales give the joint formula."""
+      Equal scales give the joint formula.
+
+    `colour` "conditional": the guided prediction (B, C, H, W) keeps the per-channel mean over the image of the
+    conditional prediction e(c, m), so guidance sharpens what varies across a tile (the class's tissue) and leaves
+    its mean colour as plain conditional sampling draws it. The usual guidance ("guided") pushes the mean as well:
+    under the stain pathway that is the class's colour in the reference stain, pushed away from what the site's map
+    expects (docs/conditioning.md, "Guidance and colour"). Without guidance nothing changes."""
+    if colour not in ("conditional", "guided"):
+        raise MediError(f"unknown guidance colour '{colour}'; known: conditional, guided")
+    variants, combine = _guidance(cond, guidance, metadata_guidance)
+    if colour == "guided" or len(variants) == 1:
+        return variants, combine
+
+    def keep_colour(e: Sequence[torch.Tensor]) -> torch.Tensor:
+        guided = combine(e)
+        return guided - guided.mean((2, 3), keepdim=True) + e[0].mean((2, 3), keepdim=True)
+    return variants, keep_colour
+
+
+def _guidance(cond: Mapping[str, torch.Tensor], guidance: float,
+              metadata_guidance: float | None) -> tuple[list[dict[str, torch.Tensor]], Callable]:
+    """guidance_conditions' evaluations (the full condition first) and how they combine."""
     attributes = [k for k in cond if k != "class"]
     g_c = guidance
     g_m = guidance if metadata_guidance is None or not attributes else metadata_guidance
@@ -189,7 +226,7 @@ def generate(model: MediDiffusion, sampler: Sampler, noise: ModelConfig, cond: M
         site = c.get(SITE)
         x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in chunk]).to(device)
         x = x * scheduler.init_noise_sigma
-        variants, combine = guidance_conditions(c, sampler.guidance, sampler.metadata_guidance)
+        variants, combine = guidance_conditions(c, sampler.guidance, sampler.metadata_guidance, sampler.colour)
         k = len(variants)
         c = {key: torch.cat([v[key] for v in variants]) for key in c}
         scheduler.set_timesteps(sampler.steps)
@@ -352,9 +389,11 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, noise: ModelConfig)
     """Replay a manifest's batches: the images, in manifest order, bit for bit as first generated."""
     out = np.zeros((len(manifest), model.arch.sample_size, model.arch.sample_size, 3), np.uint8)
     for _, g in manifest.groupby("batch", sort=True):
-        # rows made before the setting existed (a whole set, or the older rows of a grown pool): joint guidance
-        g = g.assign(metadata_guidance=g.get("metadata_guidance", g["guidance"]).fillna(g["guidance"]))
-        settings = g[["scheduler", "steps", "guidance", "metadata_guidance", "precision"]].drop_duplicates()
+        # rows made before a setting existed (a whole set, or the older rows of a grown pool): joint, usual guidance
+        g = g.assign(metadata_guidance=g.get("metadata_guidance", g["guidance"]).fillna(g["guidance"]),
+                     guidance_colour=g.get("guidance_colour", pd.Series("guided", index=g.index)).fillna("guided"))
+        settings = g[["scheduler", "steps", "guidance", "metadata_guidance", "precision",
+                      "guidance_colour"]].drop_duplicates()
         if len(settings) != 1:
             raise MediError(f"manifest batch {g['batch'].iloc[0]} mixes sampler settings: {settings.to_dict('records')}")
         attrs = [a for a in str(g["conditioned_on"].iloc[0]).split(",") if a and a != "class"]
