@@ -82,6 +82,9 @@ def test_one_preprocessing_for_hwc_and_chw_tiles():
     hwc = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
     a, b = embed.preprocess(hwc, spec), embed.preprocess(hwc.permute(0, 3, 1, 2).contiguous(), spec)
     assert a.shape == (2, 3, 24, 24) and torch.equal(a, b)
+    # and laid out alike (channels first): a channels-last tensor runs other kernels, whose sums differ in the last
+    # bits on some CPUs (AVX2-only AMD EPYC), and the feature cache needs fid's and the probe's vectors equal
+    assert a.is_contiguous() and a.stride() == b.stride()
     with pytest.raises(MediError, match="uint8"):
         embed.preprocess(hwc.float(), spec)
 

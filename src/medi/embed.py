@@ -152,7 +152,10 @@ def preprocess(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     if images.dtype != torch.uint8:
         raise MediError(f"encoders take uint8 RGB images, got {images.dtype}")
     if images.shape[-1] == 3 and images.shape[1] != 3:
-        images = images.permute(0, 3, 1, 2)
+        # channels first in memory too: a channels-last view would run the network on other kernels, whose sums
+        # differ in the last bits on some CPUs, and fid's extractor (batches from torch-fidelity's loader) and the
+        # probe's encoder (stacked HWC tiles) must give the feature cache the same vectors
+        images = images.permute(0, 3, 1, 2).contiguous()
     x = images.float() / 255.0
     size = spec.input_size
     if x.shape[-1] != size or x.shape[-2] != size:

@@ -5,9 +5,9 @@ training grids, the FID curve, the unseen-pairs evaluation, the probe's pools an
 Every image is generated from its own seed (its initial noise comes from a generator seeded with it).
 A sample set is lossless PNGs plus `manifest.csv`, one row per image: path, class, the metadata of the
 row (tss, race, gender, age), which of them the model was conditioned on, seed, generation batch,
-model, scheduler, steps, guidance, precision (`sample.precision: auto`: the one chosen, `medi.precision`) and
-strategy. Replaying the manifest's batches through `regenerate` gives the same pixels on the same machine
-(`medi sample --from-manifest`). Where sets live and how they are read: `medi.artifacts`.
+model, scheduler, steps, guidance, metadata_guidance, guidance_colour, precision (`sample.precision: auto`: the
+one chosen, `medi.precision`) and strategy. Replaying the manifest's batches through `regenerate` gives the same
+pixels on the same machine (`medi sample --from-manifest`). Where sets live and how they are read: `medi.artifacts`.
 
 Strategies (params `sample.strategy`) say which conditions to sample:
 - `match`: the training split's rows (class with its metadata), so class and (class, site) frequencies are
@@ -89,7 +89,8 @@ class Sampler:
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "Sampler":
-        """Back from `settings()` or a manifest row (rows made before metadata guidance existed: joint)."""
+        """Back from `settings()` or a manifest row (rows made before metadata guidance or the guidance colour
+        existed: joint, usual guidance)."""
         mg = settings.get("metadata_guidance")
         mg = None if mg is None or mg != mg else float(mg)       # (NaN: a manifest cell left empty)
         colour = settings.get("guidance_colour")
@@ -125,7 +126,8 @@ class Sampler:
         return self.guidance != 1.0 or self.metadata_scale != 1.0
 
     def columns(self) -> dict:
-        """The manifest columns of the images it makes (metadata_guidance: the scale applied, joint or not)."""
+        """The manifest columns of the images it makes (metadata_guidance: the scale applied, joint or not;
+        guidance_colour: "guided" where no guidance is applied, whatever the setting)."""
         return {"scheduler": self.kind, "steps": self.steps, "guidance": self.guidance,
                 "metadata_guidance": self.metadata_scale, "precision": self.precision,
                 "guidance_colour": self.colour if self.guided else "guided"}
