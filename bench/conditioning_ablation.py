@@ -7,6 +7,7 @@ the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc
     python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
     python bench/conditioning_ablation.py figure                     # the trade-off plot (docs/figures/)
     python bench/conditioning_ablation.py fid --only additive stain  # FID of those models (the fid stage's setting)
+    python bench/conditioning_ablation.py fid --only stain --guidance 2 --colour guided   # ... sampled with guidance 2
 
 A mechanism is a set of param overrides on params.yaml (MECHANISMS below); nothing else changes between
 them. Models, timings and results go under artifacts/ablation/ (git-ignored); `evaluate` skips a (model,
@@ -218,14 +219,20 @@ def cmd_figure(args) -> None:
 def cmd_fid(args) -> None:
     """FID overall and per class of every trained model on the sample stage's plan (params `sample`: the images
     the fid stage scores for the default model), against the training tiles in the fid stage's features; written
-    to <model folder>/fid.json (skipped where present)."""
+    to <model folder>/fid.json (skipped where present). With --guidance G [--colour C], sampled with that joint
+    guidance instead (fid-gG.json, fid-gG-kept.json for the colour kept)."""
     from medi.fidelity import frechet, group_scores
     from medi.sampling import Sampler, conditions_of, generate, load_model, plan
 
     base = config.load(args.params)
+    name = "fid.json"
+    if args.guidance is not None:
+        base = config.override(base, {"sample.guidance": args.guidance, "sample.metadata_guidance": None,
+                                      "sample.guidance_colour": args.colour})
+        name = f"fid-g{args.guidance:g}{'-kept' if args.colour == 'conditional' else ''}.json"
     train_index, extractor, real = real_features(base)
     for folder in trained(args.only):
-        out = folder / "fid.json"
+        out = folder / name
         if out.exists():
             continue
         model = load_model(folder / "models" / "medi")
@@ -235,9 +242,9 @@ def cmd_fid(args) -> None:
         gen = extractor.features(images, verbose=False)
         per_class = group_scores(real, train_index["class"].to_numpy(str), gen, rows["class"].to_numpy(str), base.fid)["fid"]
         result = {"overall": frechet(real, gen), "mean_class": float(np.mean(list(per_class.values()))),
-                  "per_class": per_class, "images": len(images)}
+                  "per_class": per_class, "images": len(images), "sampling": Sampler.of(base.sample).settings()}
         write_json(out, result)
-        print(f"{folder.name}: FID {result['overall']:.5f}, mean per class {result['mean_class']:.4f}, "
+        print(f"{folder.name} ({name}): FID {result['overall']:.5f}, mean per class {result['mean_class']:.4f}, "
               + ", ".join(f"{c} {v:.4f}" for c, v in per_class.items()), flush=True)
 
 
@@ -256,6 +263,9 @@ def main() -> None:
     sub.add_parser("table")
     d = sub.add_parser("fid")
     d.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone")
+    d.add_argument("--guidance", type=float, help="joint guidance scale (default: params sample.guidance)")
+    d.add_argument("--colour", choices=["conditional", "guided"], default="conditional",
+                   help="with --guidance: sample.guidance_colour")
     f = sub.add_parser("figure")
     f.add_argument("--out", default="docs/figures/conditioning_tradeoff.png")
     args = ap.parse_args()
