@@ -5,6 +5,7 @@ the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc
     python bench/conditioning_ablation.py evaluate                   # every trained model x every guidance
     python bench/conditioning_ablation.py evaluate --only stain --joint   # those models, joint guidance settings only
     python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
+    python bench/conditioning_ablation.py paired stain "2 / 2 colour kept" "2 / 2"   # paired over the unseen pairs
     python bench/conditioning_ablation.py figure                     # the trade-off plot (docs/figures/)
     python bench/conditioning_ablation.py fid --only additive stain  # FID of those models (the fid stage's setting)
     python bench/conditioning_ablation.py fid --only stain --guidance 2 --colour guided   # ... sampled with guidance 2
@@ -248,6 +249,36 @@ def cmd_fid(args) -> None:
               + ", ".join(f"{c} {v:.4f}" for c, v in per_class.items()), flush=True)
 
 
+def cmd_paired(args) -> None:
+    """One mechanism's setting A minus setting B (guidance labels as `table` prints them), paired over the unseen
+    pairs: each pair's figure averaged over the training seeds that have both, then a 95 % bootstrap interval over
+    the pairs (2,000 resamples, numpy seed 0)."""
+    def cells(folder: Path, label: str) -> pd.DataFrame | None:
+        for path in folder.glob("eval-*.json"):
+            r = read_json(path)
+            if guidance_label(r["guidance"], r["metadata_guidance"], r.get("guidance_colour", "guided")) == label:
+                c = pd.DataFrame(r["cells"])
+                return c[~c["seen"]].set_index(["class", "tss"])
+        return None
+
+    diffs, seeds = [], []
+    for folder in trained([args.mechanism]):
+        a, b = cells(folder, args.a), cells(folder, args.b)
+        if a is not None and b is not None:
+            diffs.append(a.drop(columns="seen") - b.drop(columns="seen"))
+            seeds.append(read_json(folder / "train.json")["seed"])
+    if not diffs:
+        sys.exit(f"no {args.mechanism} model has evaluations '{args.a}' and '{args.b}'")
+    mean = sum(diffs) / len(diffs)
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(mean), (2000, len(mean)))
+    print(f"{args.mechanism}: '{args.a}' minus '{args.b}', {len(mean)} unseen pairs, seeds {seeds}")
+    for figure in [c for c in mean.columns if mean[c].notna().all() and not c.startswith("ceiling_")]:
+        d = mean[figure].to_numpy(float)
+        lo, hi = np.percentile(d[draws].mean(axis=1), [2.5, 97.5])
+        print(f"  {figure}: {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -261,6 +292,10 @@ def main() -> None:
                    help="the joint settings alone (the stain pathway's UNet never sees the site: nothing for metadata "
                         "guidance to push)")
     sub.add_parser("table")
+    pr = sub.add_parser("paired")
+    pr.add_argument("mechanism", choices=sorted(MECHANISMS))
+    pr.add_argument("a", help='a guidance setting as `table` labels it, e.g. "2 / 2 colour kept"')
+    pr.add_argument("b", help='the setting it is compared with, e.g. "2 / 2"')
     d = sub.add_parser("fid")
     d.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone")
     d.add_argument("--guidance", type=float, help="joint guidance scale (default: params sample.guidance)")
@@ -269,7 +304,8 @@ def main() -> None:
     f = sub.add_parser("figure")
     f.add_argument("--out", default="docs/figures/conditioning_tradeoff.png")
     args = ap.parse_args()
-    {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table, "figure": cmd_figure, "fid": cmd_fid}[args.cmd](args)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table, "figure": cmd_figure, "fid": cmd_fid,
+     "paired": cmd_paired}[args.cmd](args)
 
 
 if __name__ == "__main__":
