@@ -36,7 +36,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
 from medi import distributed
-from medi.config import ModelConfig, SampleConfig, SamplerKind, TrainConfig
+from medi.config import GuidanceColour, ModelConfig, SampleConfig, SamplerKind, TrainConfig
 from medi.errors import MediError
 from medi.io import atomic_path
 from medi.model import SITE, MediDiffusion, noise_kwargs, null_condition
@@ -177,8 +177,8 @@ def guidance_conditions(cond: Mapping[str, torch.Tensor], guidance: float, metad
     its mean colour as plain conditional sampling draws it. The usual guidance ("guided") pushes the mean as well:
     under the stain pathway that is the class's colour in the reference stain, pushed away from what the site's map
     expects (docs/conditioning.md, "Guidance and colour"). Without guidance nothing changes."""
-    if colour not in ("conditional", "guided"):
-        raise MediError(f"unknown guidance colour '{colour}'; known: conditional, guided")
+    if colour not in typing.get_args(GuidanceColour):
+        raise MediError(f"unknown guidance colour '{colour}'; known: {', '.join(typing.get_args(GuidanceColour))}")
     variants, combine = _guidance(cond, guidance, metadata_guidance)
     if colour == "guided" or len(variants) == 1:
         return variants, combine
