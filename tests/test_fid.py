@@ -204,7 +204,7 @@ def test_condition_classifiers_are_fitted_once_per_real_features_and_labels(tmp_
 
 
 def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
-    cfg = tiny_world()
+    cfg = tiny_world(sample__guidance=2.0)      # guided: the detail and the page name the guidance's colour
     idx = train_index(cfg).sort_values("idx")
     real_classes = idx["class"].to_numpy(str)
     extractor = fidelity.Extractor.from_config(cfg.fid.encoder)
@@ -218,6 +218,11 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         on_disk = json.loads(Path(cfg.fid.detail.format(model=name)).read_text())
         assert on_disk["extractor"].startswith("random:resnet18") and "offline default" in on_disk["extractor"]
         assert metrics["overall"] == on_disk["overall"]
+        s = cfg.sample                      # the detail names every setting that made the images
+        assert on_disk["sampling"] == {
+            "strategy": s.strategy, "conditioned_on": "class,tss" if name == "medi" else "class", "scheduler": s.scheduler,
+            "steps": s.steps, "guidance": s.guidance, "metadata_guidance": s.guidance, "precision": s.precision,
+            "guidance_colour": s.guidance_colour}
         # the metrics file: the contract's headline figures only (mean per class, per site, stain check, n per group,
         # settings: the detail)
         headline = json.loads(Path(cfg.fid.metrics.format(model=name)).read_text())
@@ -279,6 +284,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
     page = Path(cfg.report.index).read_text()
     assert f"MeDi better than CLS on {len(summary['medi_better_classes'])} of {len(common)} classes." in page
     assert "## Fidelity" in page and "offline default" in page and "](fid_per_class.png)" in page
+    assert f"{cfg.sample.steps} steps, guidance {cfg.sample.guidance}, colour kept;" in page
     assert "Table 1" not in page                                   # no probe metrics yet: no probe section
     for fig in (cfg.report.fid_figure, cfg.report.sites_figure):
         assert Path(fig).stat().st_size > 10_000

@@ -26,6 +26,7 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
     split the feature extraction; the main process alone computes the figures (the others return None)."""
     from medi import artifacts
     from medi.artifacts import load_images, read_manifest, train_frame
+    from medi.sampling import Sampler
 
     sample_dir = Path(cfg.sample.output.format(model=name))
     manifest = read_manifest(sample_dir / "manifest.csv")
@@ -74,8 +75,8 @@ def evaluate(cfg: Config, name: str, extractor: Extractor | None = None) -> dict
             "" if site_conditioned else " (this model was not conditioned on it: the per-site figures show how "
                                         "well class conditioning alone reproduces each site)"),
         "preprocessing": PREPROCESSING,
-        "sampling": {k: manifest[k].iloc[0] for k in ("scheduler", "strategy", "conditioned_on")}
-                    | {"steps": int(manifest["steps"].iloc[0]), "guidance": float(manifest["guidance"].iloc[0])},
+        "sampling": {k: manifest[k].iloc[0] for k in ("strategy", "conditioned_on")}
+                    | Sampler.from_settings(manifest.iloc[0]).settings(),
         "feature_seconds": feature_seconds,
     }
     real_np = real.float().numpy()

@@ -110,6 +110,14 @@ def tile_grid(tiles: np.ndarray, row_labels: list[str], col_labels: list[str] | 
 COLOURS = {"cls": "tab:red", "medi": "tab:blue"}
 
 
+def guidance_text(sampling: dict) -> str:
+    """A sample set's guidance as captions show it (`sampling`: a fid metrics file's record)."""
+    colour = {"conditional": ", colour kept", "guided": ", usual"}.get(sampling.get("guidance_colour", ""), "")
+    metadata = sampling.get("metadata_guidance")
+    apart = metadata is not None and metadata != sampling["guidance"]
+    return f"guidance {sampling['guidance']}" + (f" / metadata {metadata}" if apart else "") + colour
+
+
 def fid_figure(metrics: Mapping[str, dict]):
     """Per-class FID bars per model with each model's mean as a dotted line; per-site FID against n real (the
     paper's Figure 3; the report's, and each fid run's in MLflow)."""
@@ -156,6 +164,6 @@ def fid_figure(metrics: Mapping[str, dict]):
     ax2.legend(fontsize=8)
     s = first["sampling"]
     fig.suptitle(f"Feature space: {first['extractor']}\n{s['strategy']} samples, {s['scheduler']} {s['steps']} steps, "
-                 f"guidance {s['guidance']}; {first['n_generated']} generated vs {first['n_real']} real", fontsize=8)
+                 f"{guidance_text(s)}; {first['n_generated']} generated vs {first['n_real']} real", fontsize=8)
     fig.tight_layout()
     return fig

@@ -173,6 +173,8 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_ta
                train_metrics: Mapping[str, dict]) -> str:
     """reports/index.md: every figure and table of a pipeline run, with the settings that produced it and the
     paper's figures beside ours (the probe's table as the probe stage wrote it)."""
+    from medi import figures
+
     out = Path(cfg.report.index).parent
 
     def rel(path: str) -> str:
@@ -194,7 +196,7 @@ def index_page(cfg: Config, metrics: Mapping[str, dict], summary: dict, probe_ta
                       f"on unseen pairs; real tiles {stain['stain_real_rank_percentile']:.2f}.", ""]
     lines += ["## Fidelity (the paper's Figures 3 and 4)", "",
               f"Feature space: {first['extractor']}. Samples: `{s['strategy']}`, {s['scheduler']} {s['steps']} steps, "
-              f"guidance {s['guidance']}; {first['n_generated']} generated vs {first['n_real']} real training tiles. "
+              f"{figures.guidance_text(s)}; {first['n_generated']} generated vs {first['n_real']} real training tiles. "
               "Paper (Inception, DDIM 100, 800k steps): mean FID per class CLS 50.65, MeDi 37.73, MeDi better on 23 of 32 classes.", "",
               f"![fid]({rel(cfg.report.fid_figure)})", "", f"![sites]({rel(cfg.report.sites_figure)})", "",
               "| model | FID overall | mean FID per class | KID | class accuracy | site accuracy | stain rank (seen) |",
