@@ -2,6 +2,7 @@
 the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc repro split`:
 
     python bench/conditioning_ablation.py train additive 0          # one training (default budget, params.yaml)
+    python bench/conditioning_ablation.py train stain_true 0        # an oracle: the stain pathway with the world's true stains
     python bench/conditioning_ablation.py evaluate                   # every trained model x every guidance
     python bench/conditioning_ablation.py evaluate --only stain --joint   # those models, joint guidance settings only
     python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
@@ -17,6 +18,8 @@ guidance) already scored, so it resumes after a kill, and `train` resumes from i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -38,7 +41,13 @@ MECHANISMS: dict[str, dict] = {
                            "model.nested_dropout": True},         # trade-off (stain / class), together
     "stain": {"model.site_pathway": "stain"},                     # the site as its estimated stain only (medi.stain)
     "stain_both": {"model.site_pathway": "both"},                 # the stain, and the site's embedding as well
+    "stain_true": {"model.site_pathway": "stain"},                # ORACLE below: the stain with the world's true maps
 }
+# Oracles (synthetic world only; not options of the product): `stain_true` trains and samples the stain pathway with
+# maps from the world's true stains (bench/stain_oracle.py `true_stains`: vectors, both intensities, white) in place
+# of the estimates. The maps travel in the weights, so `evaluate` and `fid` need nothing more. What perfect stain
+# estimates would give this generator.
+ORACLES = {"stain_true"}
 # (class guidance, metadata guidance, colour): plain, joint 2 (the two settings before compositional guidance), the
 # site alone pushed, both apart (all with the usual guidance, "guided"), and joint 2 keeping the conditional
 # prediction's mean colour (sample.guidance_colour: conditional, the default since it was measured here).
@@ -62,12 +71,36 @@ def cmd_train(args) -> None:
     cfg = model_cfg(args.params, args.mechanism, args.seed)
     train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
     t0 = time.perf_counter()
-    result = train.train(cfg, "medi", train_index, Path(cfg.data.output) / "tiles.npy")
+    with true_stain_maps(cfg.data.root) if args.mechanism in ORACLES else contextlib.nullcontext():
+        result = train.train(cfg, "medi", train_index, Path(cfg.data.output) / "tiles.npy")
     write_json(Path(cfg.model.output).parent / "train.json",
                {"mechanism": args.mechanism, "seed": args.seed, "overrides": MECHANISMS[args.mechanism],
                 "steps": result.steps, "final_loss": result.final_loss, "seconds": time.perf_counter() - t0,
                 "images_per_second": result.images_per_second})
     print(f"trained {args.mechanism} seed {args.seed}: loss {result.final_loss:.4f} in {time.perf_counter() - t0:.0f}s")
+
+
+@contextlib.contextmanager
+def true_stain_maps(root: str):
+    """While open, a stain pathway fitted in training takes the world's true stains (both intensities transferred;
+    the reference: the estimated pooled vectors, intensities 1, the median white) instead of its estimates."""
+    from medi.stain import StainPathway, fit
+    from stain_oracle import true_stains
+
+    estimate = StainPathway.fit
+
+    def oracle(self, tiles, train_index, sites, seed):
+        reference, _ = fit(tiles, train_index, [str(s) for s in sites], seed)
+        reference = dataclasses.replace(reference, intensity=np.ones(2))
+        true = true_stains(root, [str(s) for s in sites])
+        self.set(reference, {i: true[str(s)] for i, s in enumerate(sites, 1)}, transferred=(True, True))
+        self.estimates = {"reference": reference.to_json(), **{s: st.to_json() for s, st in true.items()}}
+
+    StainPathway.fit = oracle
+    try:
+        yield
+    finally:
+        StainPathway.fit = estimate
 
 
 def real_features(base: config.Config):

@@ -11,9 +11,17 @@ with the hematoxylin and eosin intensities transferred, none, or hematoxylin onl
 relative white, hematoxylin); and re-stained with the world's true stains (ground_truth.json: vectors, both
 intensities, illumination), which separates what the estimates miss from what a colour map cannot carry (blur,
 noise, JPEG). 7 tiles per pair, drawn with numpy seed [pair]; AMD EPYC figures in docs/conditioning.md.
+
+    python bench/stain_oracle.py --model models/medi   # a trained stain-pathway model's own tiles instead
+
+With --model the tiles are the model's (the unseen-pairs evaluation's grid, `fid.unseen_per_pair` per pair, the
+sample stage's sampler): as sampled (the model's estimated maps), and mapped back to the reference stain with those
+maps, then re-stained with the world's true white, true intensities, true vectors, or all three. Seen pairs are
+scored as well: the generator's own fidelity to a site it was trained on.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -29,7 +37,19 @@ PER_PAIR = 7
 INTENSITIES = {"H and E": (True, True), "none": (False, False), "H": (True, False)}
 
 
+def true_stains(root: str | Path, sites) -> dict[str, stain.Stain]:
+    """The synthetic world's true stain of each site (ground_truth.json) in the pathway's form: the H, E and residual
+    vectors, both intensities (relative to 1: a reference's are 1) and the illumination as the white level."""
+    truth = json.loads((Path(root) / "ground_truth.json").read_text())["sites"]
+    return {s: stain.Stain(stain.basis(np.array(truth[s]["od_matrix"])),
+                           np.array([truth[s]["stain"]["h_intensity"], truth[s]["stain"]["e_intensity"]]),
+                           np.array(truth[s]["stain"]["illumination"])) for s in sites}
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a trained stain-pathway model's folder: score its tiles instead of real ones")
+    args = ap.parse_args()
     cfg = config.load("params.yaml")
     train_index = artifacts.train_frame(cfg).sort_values("idx").reset_index(drop=True)
     tiles = artifacts.load_tiles(cfg.data.output)
@@ -41,8 +61,25 @@ def main() -> None:
         cfg, extractor.cached_features(fit_set[0], cfg.fid.cache, verbose=False).float().numpy(), fit_set[1])
     truth = GroundTruth.load(cfg.data.root)
     pairs = unseen.pair_grid(train_index, sorted(train_index["class"].astype(str).unique()))
-    owner = pairs[pairs["seen"]].set_index("class")["tss"].to_dict()
     sites = sorted(train_index["tss"].astype(str).unique())
+    true = true_stains(cfg.data.root, sites)
+
+    def score(label: str, images: np.ndarray, seen: bool = False) -> None:
+        features = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
+        pipeline, _ = unseen.score(pairs, images, features, classifiers, truth)
+        valid, _ = unseen.score(pairs, images, features, deconfounded)
+        extra = f" {valid['seen_site_accuracy']:.3f} | {valid['seen_class_accuracy']:.3f} |" if seen else ""
+        print(f"| {label} | {pipeline['unseen_stain_rank']:.3f} | {pipeline['unseen_site_accuracy']:.3f} | "
+              f"{pipeline['unseen_class_accuracy']:.3f} | {valid['unseen_site_accuracy']:.3f} | "
+              f"{valid['unseen_class_accuracy']:.3f} |" + extra, flush=True)
+
+    header = "| tiles (unseen pairs) | stain rank | site acc. | class acc. | site acc., deconf. | class acc., deconf. |"
+    if args.model:
+        print(header + " seen: site acc., deconf. | seen: class acc., deconf. |\n|---|---|---|---|---|---|---|---|")
+        model_tiles(cfg, Path(args.model), pairs, true, score)
+        return
+    print(header + "\n|---|---|---|---|---|---|")
+    owner = pairs[pairs["seen"]].set_index("class")["tss"].to_dict()
     index = {s: i for i, s in enumerate(sites, 1)}
     source = []                       # each pair's real tiles: PER_PAIR of its class at the class's own site
     for i, c in enumerate(pairs["class"]):
@@ -56,29 +93,10 @@ def main() -> None:
     variants = [(f"re-stained, white {w}, intensity {i}", stains, transfer, reference)
                 for w, stains in (("absolute", absolute), ("fixed", fixed), ("relative", relative))
                 for i, transfer in INTENSITIES.items()]
-    truth_file = json.loads((Path(cfg.data.root) / "ground_truth.json").read_text())["sites"]
-    true = {s: stain.Stain(stain.basis(np.array(truth_file[s]["od_matrix"])),
-                           np.array([truth_file[s]["stain"]["h_intensity"], truth_file[s]["stain"]["e_intensity"]]),
-                           np.array(truth_file[s]["stain"]["illumination"])) for s in sites}
-    # the pathway's estimates with one swapped for the world's truth (true intensities are relative to 1, so the
-    # reference's are 1 there), then all of them
-    unit = dataclasses.replace(reference, intensity=np.ones(2))
-    variants += [("the pathway's, with the true white", {s: dataclasses.replace(relative[s], white=true[s].white)
-                                                         for s in sites}, stain.TRANSFERRED, reference),
-                 ("the pathway's, with the true H and E intensities",
-                  {s: dataclasses.replace(relative[s], intensity=true[s].intensity) for s in sites}, (True, True), unit),
-                 ("re-stained with the world's true stains (vectors, both intensities, white)", true, (True, True), unit)]
+    variants += swapped(reference, relative, true)[:2] + [
+        ("re-stained with the world's true stains (vectors, both intensities, white)", true, (True, True),
+         dataclasses.replace(reference, intensity=np.ones(2)))]
 
-    def score(label: str, images: np.ndarray) -> None:
-        features = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
-        pipeline, _ = unseen.score(pairs, images, features, classifiers, truth)
-        valid, _ = unseen.score(pairs, images, features, deconfounded)
-        print(f"| {label} | {pipeline['unseen_stain_rank']:.3f} | {pipeline['unseen_site_accuracy']:.3f} | "
-              f"{pipeline['unseen_class_accuracy']:.3f} | {valid['unseen_site_accuracy']:.3f} | "
-              f"{valid['unseen_class_accuracy']:.3f} |", flush=True)
-
-    print("| tiles (unseen pairs) | stain rank | site acc. | class acc. | site acc., deconf. | class acc., deconf. |")
-    print("|---|---|---|---|---|---|")
     score("real, their own site's stain", np.stack([np.asarray(tiles[s]) for s in source]))
     for label, stains, transfer, ref in variants:
         path = stain.StainPathway(len(sites))
@@ -86,9 +104,55 @@ def main() -> None:
         out = []
         for (c, s), rows in zip(zip(pairs["class"], pairs["tss"]), source):
             x = torch.from_numpy(np.asarray(tiles[rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
-            x = path.restain(path.canonical(x, torch.full((len(x),), index[owner[c]])), torch.full((len(x),), index[s]))
-            out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+            out.append(to_uint8(path.restain(path.canonical(x, torch.full((len(x),), index[owner[c]])),
+                                             torch.full((len(x),), index[s]))))
         score(label, np.stack(out))
+
+
+def swapped(reference: stain.Stain, estimated: dict, true: dict) -> list[tuple]:
+    """(label, stains, transferred intensities, reference) with one of the pathway's estimates swapped for the world's
+    truth (true intensities are relative to 1, so the reference's are 1 there), then all of them."""
+    unit = dataclasses.replace(reference, intensity=np.ones(2))
+    return [("the pathway's, with the true white",
+             {s: dataclasses.replace(e, white=true[s].white) for s, e in estimated.items()}, stain.TRANSFERRED, reference),
+            ("the pathway's, with the true H and E intensities",
+             {s: dataclasses.replace(e, intensity=true[s].intensity) for s, e in estimated.items()}, (True, True), unit),
+            ("the pathway's, with the true H and E vectors",
+             {s: dataclasses.replace(e, vectors=true[s].vectors) for s, e in estimated.items()}, stain.TRANSFERRED,
+             reference),
+            ("the world's true stains (vectors, both intensities, white)",
+             {s: true[s] for s in estimated}, (True, True), unit)]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def model_tiles(cfg: config.Config, folder: Path, pairs, true: dict, score) -> None:
+    """Score a stain-pathway model's tiles of the pair grid as sampled, then mapped back to the reference stain with
+    the model's own maps and re-stained with one estimate (or all) swapped for the world's truth."""
+    from medi.sampling import load_model
+
+    model = load_model(folder)
+    if model.stain is None:
+        raise SystemExit(f"{folder}: not a stain-pathway model (model.site_pathway embedding)")
+    estimates = json.loads((folder / "stain.json").read_text())
+    reference = stain.Stain.from_json(estimates.pop("reference"))
+    estimated = {s: stain.Stain.from_json(e) for s, e in estimates.items()}
+    first = pairs["class"].iloc[0]
+    index = {s: int(model.vocab.encode([first], {"tss": [s]})["tss"][0]) for s in estimated}
+    images = unseen.sample_pairs(cfg, model, pairs)
+    score("ground truth (the world's own tiles of the pairs)", unseen.ground_truth_tiles(cfg, pairs, images.shape[1]),
+          seen=True)
+    score("the model's tiles, as sampled (its estimated maps)", images, seen=True)
+    canonical = [model.stain.canonical(torch.from_numpy(im).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                                       torch.full((len(im),), index[s])) for im, s in zip(images, pairs["tss"])]
+    for label, stains, transfer, ref in swapped(reference, estimated, true):
+        path = stain.StainPathway(len(model.stain.white) - 1)
+        path.set(ref, {index[s]: st for s, st in stains.items()}, transferred=transfer)
+        score("the model's tiles, " + label.removeprefix("the pathway's, ").replace("the world's", "re-stained with the world's"),
+              np.stack([to_uint8(path.restain(x, torch.full((len(x),), index[s]))) for x, s in zip(canonical, pairs["tss"])]),
+              seen=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ and intensity cancel, exact round trips, transfer to another site's stain, and a
 stain only."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -143,6 +145,12 @@ def test_the_model_of_a_stain_pathway_changes_only_the_stain_with_the_site(world
     back = MediDiffusion.load(tmp_path)
     assert back.arch.site_pathway == pathway and (tmp_path / "stain.json").exists()
     assert torch.equal(back.stain.forward_map, model.stain.forward_map)
+    written = json.loads((tmp_path / "stain.json").read_text())      # the estimates beside the weights rebuild the maps
+    rebuilt = stain.StainPathway(len(sites))
+    rebuilt.set(stain.Stain.from_json(written["reference"]),
+                {i: stain.Stain.from_json(written[str(s)]) for i, s in enumerate(vocab.categorical["tss"], 1)})
+    assert torch.allclose(rebuilt.forward_map, model.stain.forward_map, atol=1e-4)
+    assert torch.allclose(rebuilt.white, model.stain.white, atol=1e-3)
     cls = MediDiffusion(architecture("tiny-cpu", 16, d_e=16, site_pathway=pathway),
                         Vocabulary.from_frame(index, "class", [], []))
     assert cls.stain is None

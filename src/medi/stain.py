@@ -60,6 +60,11 @@ class Stain:
         return {"vectors": self.vectors.round(6).tolist(), "intensity": self.intensity.round(6).tolist(),
                 "white": self.white.round(4).tolist()}
 
+    @classmethod
+    def from_json(cls, values: Mapping) -> "Stain":
+        """Back from `to_json` (a model folder's stain.json holds one per site and the reference)."""
+        return cls(*(np.asarray(values[k], float) for k in ("vectors", "intensity", "white")))
+
 
 def basis(he: np.ndarray) -> np.ndarray:
     """H, E and their unit cross product (the residual direction), rows."""
