@@ -32,6 +32,7 @@ import torch
 from medi import artifacts, config, stain, unseen
 from medi.fidelity import Extractor, condition_classifiers
 from medi.groundtruth import GroundTruth
+from medi.sampling import load_model, to_uint8
 
 PER_PAIR = 7
 INTENSITIES = {"H and E": (True, True), "none": (False, False), "H": (True, False)}
@@ -124,15 +125,9 @@ def swapped(reference: stain.Stain, estimated: dict, true: dict) -> list[tuple]:
              {s: true[s] for s in estimated}, (True, True), unit)]
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def model_tiles(cfg: config.Config, folder: Path, pairs, true: dict, score) -> None:
     """Score a stain-pathway model's tiles of the pair grid as sampled, then mapped back to the reference stain with
     the model's own maps and re-stained with one estimate (or all) swapped for the world's truth."""
-    from medi.sampling import load_model
-
     model = load_model(folder)
     if model.stain is None:
         raise SystemExit(f"{folder}: not a stain-pathway model (model.site_pathway embedding)")
