@@ -42,6 +42,7 @@ MECHANISMS: dict[str, dict] = {
     "stain": {"model.site_pathway": "stain"},                     # the site as its estimated stain only (medi.stain)
     "stain_both": {"model.site_pathway": "both"},                 # the stain, and the site's embedding as well
     "stain_true": {"model.site_pathway": "stain"},                # ORACLE below: the stain with the world's true maps
+    "stain_long": {"model.site_pathway": "stain", "train.max_steps": 1950},   # the default trained 3x longer
 }
 # Oracles (synthetic world only; not options of the product): `stain_true` trains and samples the stain pathway with
 # maps from the world's true stains (bench/stain_oracle.py `true_stains`: vectors, both intensities, white) in place
