@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -333,7 +334,7 @@ def main() -> None:
     d = sub.add_parser("fid")
     d.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), help="these mechanisms alone")
     d.add_argument("--guidance", type=float, help="joint guidance scale (default: params sample.guidance)")
-    d.add_argument("--colour", choices=["conditional", "guided"], default="conditional",
+    d.add_argument("--colour", choices=typing.get_args(config.GuidanceColour), default="conditional",
                    help="with --guidance: sample.guidance_colour")
     f = sub.add_parser("figure")
     f.add_argument("--out", default="docs/figures/conditioning_tradeoff.png")

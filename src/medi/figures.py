@@ -112,7 +112,7 @@ COLOURS = {"cls": "tab:red", "medi": "tab:blue"}
 
 def guidance_text(sampling: dict) -> str:
     """A sample set's guidance as captions show it (`sampling`: a fid metrics file's record)."""
-    colour = {"conditional": ", colour kept", "guided": ", usual"}.get(sampling.get("guidance_colour", ""), "")
+    colour = ", colour kept" if sampling.get("guidance_colour") == "conditional" else ""   # named only when guided
     metadata = sampling.get("metadata_guidance")
     apart = metadata is not None and metadata != sampling["guidance"]
     return f"guidance {sampling['guidance']}" + (f" / metadata {metadata}" if apart else "") + colour
