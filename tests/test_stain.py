@@ -1,6 +1,6 @@
 """The stain pathway (medi.stain): the stains it estimates from rendered tiles, the class that the relative white
-and intensity cancel, exact round trips, transfer to another site's stain, and a model whose site changes a tile's
-stain only."""
+and intensity cancel, exact round trips, transfer to another site's stain, a model whose site changes a tile's
+stain only, and the colour calibration of each class's H and E."""
 from __future__ import annotations
 
 import json
@@ -106,14 +106,11 @@ def test_a_site_without_training_tiles_or_without_stained_pixels_is_a_clear_erro
         stain.estimate(blank, "B1")
 
 
-@pytest.mark.parametrize("pathway", ["stain", "both"])
-def test_the_model_of_a_stain_pathway_changes_only_the_stain_with_the_site(world, tmp_path, pathway):
-    """With `stain` the UNet never sees the site: one seed and class sampled at two sites gives the same tile under
-    the reference stain (restained back, to uint8 rounding). With `both` the site's embedding reaches the UNet too.
-    The maps travel with the weights; CLS (no site) gets no pathway."""
+def stain_model(world, pathway: str):
+    """A tiny-cpu model of the world's classes and sites with the stain pathway fitted and UNet weights that make
+    tiles not grey, and the noise params to sample it with."""
     from medi.config import ModelConfig
     from medi.model import MediDiffusion, Vocabulary, architecture
-    from medi.sampling import Sampler, generate
 
     tiles, index, _, sites = world
     vocab = Vocabulary.from_frame(index, "class", ["tss"], [])
@@ -127,6 +124,20 @@ def test_the_model_of_a_stain_pathway_changes_only_the_stain_with_the_site(world
                         class_dropout=0.1, attribute_dropout=0.1, nested_dropout=False, conditioning="additive",
                         metadata_route="embedding", site_pathway=pathway, prediction_type="v_prediction",
                         beta_schedule="linear", rescale_zero_snr=True, timesteps=1000, output="")
+    return model, noise
+
+
+@pytest.mark.parametrize("pathway", ["stain", "both"])
+def test_the_model_of_a_stain_pathway_changes_only_the_stain_with_the_site(world, tmp_path, pathway):
+    """With `stain` the UNet never sees the site: one seed and class sampled at two sites gives the same tile under
+    the reference stain (restained back, to uint8 rounding). With `both` the site's embedding reaches the UNet too.
+    The maps travel with the weights; CLS (no site) gets no pathway."""
+    from medi.model import MediDiffusion, Vocabulary, architecture
+    from medi.sampling import Sampler, generate
+
+    tiles, index, _, sites = world
+    model, noise = stain_model(world, pathway)
+    vocab = model.vocab
     a, b = "KIRC-0", "LUSC-3"
     cond = vocab.encode(["KIRC", "KIRC"], {"tss": [a, b]})
     sampler = Sampler(kind="ddim", steps=3, guidance=1.0, metadata_guidance=None, precision="fp32")
@@ -154,3 +165,76 @@ def test_the_model_of_a_stain_pathway_changes_only_the_stain_with_the_site(world
     cls = MediDiffusion(architecture("tiny-cpu", 16, d_e=16, site_pathway=pathway),
                         Vocabulary.from_frame(index, "class", [], []))
     assert cls.stain is None
+
+
+def test_interp_is_numpys_row_by_row():
+    rng = np.random.default_rng(0)
+    xp = np.sort(np.round(rng.normal(size=(3, 11)), 1), axis=1)            # rounded: ties, as quantiles have
+    fp = np.sort(rng.normal(size=(3, 11)), axis=1)
+    v = rng.normal(scale=2, size=(3, 50))                                   # some beyond either end
+    got = stain._interp(torch.from_numpy(v), torch.from_numpy(xp), torch.from_numpy(fp)).numpy()
+    want = np.stack([np.interp(v[i], xp[i], fp[i]) for i in range(3)])
+    ties = np.isin(v, xp)                                                   # numpy picks one side of a tie
+    assert np.allclose(got[~ties], want[~ties], atol=1e-12)
+
+
+def test_the_colour_calibration_maps_a_drifted_class_back_to_its_training_tiles(world):
+    """A class's tiles whose hematoxylin came out 20 % weak and eosin 20 % strong (a short-trained generator's
+    drift, docs/conditioning.md) are mapped to the class's training tiles' H and E quantiles under the reference
+    stain; the residual is untouched, a class without training tiles is left alone."""
+    tiles, index, _, sites = world
+    path = stain.StainPathway(len(sites), classes=3)
+    path.fit(tiles, index, sites, seed=0)
+    path.fit_calibration(tiles, index, sites, [*CLASSES, "UCS"], seed=0)    # UCS: no training tiles here
+    assert path.targeted.tolist() == [False, True, True, False]
+    for k, c in enumerate(CLASSES, 1):
+        pick = (index["class"] == c).to_numpy()
+        x = path.canonical(to_unit(tiles[pick]), torch.tensor([1 + sites.index(s) for s in index["tss"][pick]]))
+        conc = path.concentrations(x)
+        assert torch.allclose(path.from_concentrations(conc), x, atol=0.01)
+        drifted = path.from_concentrations(conc * torch.tensor([0.8, 1.2, 1.0])[None, :, None, None])
+        classes = torch.full((len(x),), k)
+        source = path.class_quantiles(drifted, classes)
+        fixed = path.calibrate(drifted, classes, source)
+        middle = slice(5, -5)                                                # the 5th to 95th percentiles
+        assert (source[k] - path.target[k])[:, middle].abs().max() > 0.03
+        assert (path.class_quantiles(fixed, classes)[k] - path.target[k])[:, middle].abs().max() < 0.01
+        assert torch.allclose(path.concentrations(fixed)[:, 2], path.concentrations(drifted)[:, 2], atol=0.02)
+        assert torch.equal(path.calibrate(drifted, torch.full((len(x),), 3), source), drifted)
+
+
+def test_a_calibrated_model_samples_the_same_bits_twice_and_loads_from_before_the_calibration(world, tmp_path):
+    """`sample.colour_calibration` > 0: the model's own tiles per class are drawn once per sampler (kept on the
+    pathway) and every tile is calibrated; the same seeds give the same bits; the training tiles' targets travel
+    with the weights; a model saved before the calibration existed loads uncalibrated and samples as before."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from medi.model import MediDiffusion
+    from medi.sampling import Sampler, generate
+
+    tiles, index, _, sites = world
+    model, noise = stain_model(world, "stain")
+    model.stain.fit_calibration(tiles, index, sites, list(model.vocab.classes), seed=0)
+    cond = model.vocab.encode(["KIRC", "LUSC"], {"tss": ["LUSC-1", "KIRC-2"]})
+    plain = Sampler(kind="ddim", steps=3, precision="fp32")
+    calibrated = replace(plain, calibration=4)
+    assert calibrated.settings() == {**plain.settings(), "colour_calibration": 4}
+    assert Sampler.from_settings(calibrated.settings()) == calibrated
+    assert Sampler.from_settings(calibrated.columns()).calibration == 4                 # a manifest row
+    assert Sampler.from_settings({**plain.columns(), "colour_calibration": float("nan")}).calibration == 0   # empty
+    first = generate(model, calibrated, noise, cond, [3, 4])
+    assert len(model.stain.sources) == 1
+    assert np.array_equal(generate(model, calibrated, noise, cond, [3, 4]), first)
+    before = generate(model, plain, noise, cond, [3, 4])
+    assert np.abs(first.astype(int) - before).mean() > 0.5
+
+    model.save(tmp_path)
+    assert torch.equal(MediDiffusion.load(tmp_path).stain.target, model.stain.target)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k.rsplit(".", 1)[1] not in ("basis", "target", "targeted")},
+              str(tmp_path / "model.safetensors"))
+    old = MediDiffusion.load(tmp_path).eval()
+    assert not old.stain.targeted.any()
+    assert np.array_equal(generate(old, calibrated, noise, cond, [3, 4]), before)

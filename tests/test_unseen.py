@@ -91,7 +91,8 @@ def test_evaluate_samples_each_pair_with_shared_seeds_and_a_class_only_model_onc
         assert images.shape == (k * k, 2, cfg.data.resolution, cfg.data.resolution, 3)
         assert headline["pairs_per_kind"] == {"seen": k, "unseen": k * k - k}
         assert headline["sampling"] == {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps,
-                                        "guidance": 2.0, "metadata_guidance": 3.0, "guidance_colour": "conditional"}
+                                        "guidance": 2.0, "metadata_guidance": 3.0, "guidance_colour": "conditional",
+                                        "colour_calibration": cfg.sample.colour_calibration}
         for kind, sel in (("seen", cells["seen"]), ("unseen", ~cells["seen"])):
             for f in unseen.FIGURES:
                 assert headline[f"{kind}_{f}"] == cells.loc[sel, f].mean()

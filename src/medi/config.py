@@ -179,6 +179,8 @@ class SampleConfig:
     metadata_guidance: float | None  # the metadata's own scale (compositional guidance; None = guidance: joint)
     guidance_colour: GuidanceColour  # conditional: guidance pushes structure, the mean colour stays the conditional's
                                      # prediction's | guided: the usual guidance (colour pushed too)
+    colour_calibration: int      # stain pathway: the model's own tiles per class its H and E concentrations are
+                                 # calibrated on, to the class's training tiles (medi.stain; 0 = off)
     strategy: Literal["match", "uniform", "grid", "explicit"]
     count: int                   # match / uniform: images in all (0 = as many as training tiles, the paper's FID setting)
     per_pair: int                # grid / explicit: images per (class, site) pair
@@ -568,7 +570,8 @@ def _check_sampling_and_fid(cfg: Config, where: str) -> None:
     """sample, fid."""
     smp = cfg.sample
     _at_least(where, 1, {f"sample.{k}": getattr(smp, k) for k in ("steps", "per_pair", "batch_size")})
-    _at_least(where, 0, {"sample.count": smp.count, "sample.processes": smp.processes})
+    _at_least(where, 0, {"sample.count": smp.count, "sample.processes": smp.processes,
+                         "sample.colour_calibration": smp.colour_calibration})
     if smp.guidance < 1.0:
         raise MediError(f"{where}: 'sample.guidance' must be >= 1 (1 = no classifier-free guidance), got {smp.guidance}")
     for key, value in (("sample.metadata_guidance", smp.metadata_guidance),

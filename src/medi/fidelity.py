@@ -353,10 +353,13 @@ def stain_vs_truth(cfg: Config, manifest: pd.DataFrame, gen: np.ndarray, train_i
 class MatchScore:
     """FID and KID of `count` images of a model, generated with the sample settings (match strategy, fixed seeds),
     against all real training tiles: a score of a model in seconds, for the training curve and a sweep trial.
-    The real features are computed (or read from `fid.cache`) once, at the first call."""
+    The real features are computed (or read from `fid.cache`) once, at the first call. `calibrated` False: without
+    the sampler's colour calibration (`sample.colour_calibration`; the training curve: it would cost more than the
+    curve's own images at each point)."""
 
-    def __init__(self, cfg: Config, train_index: pd.DataFrame, tiles: np.ndarray, count: int):
+    def __init__(self, cfg: Config, train_index: pd.DataFrame, tiles: np.ndarray, count: int, calibrated: bool = True):
         self.cfg, self.train_index, self.tiles = cfg, train_index, tiles
+        self.sampler = Sampler.of(cfg.sample) if calibrated else replace(Sampler.of(cfg.sample), calibration=0)
         self.rows = plan(replace(cfg.sample, strategy="match", count=count), train_index,
                          sorted(train_index["class"].astype(str).unique()))
         self.extractor: Extractor | None = None
@@ -368,16 +371,17 @@ class MatchScore:
             self.extractor = Extractor.from_config(cfg.fid.encoder)
             self.real = self.extractor.cached_features(self.tiles[np.sort(self.train_index["idx"].to_numpy())],
                                                        cfg.fid.cache, verbose=False)
-        images = generate(model, Sampler.of(cfg.sample), cfg.model, conditions_of(self.rows, model),
+        images = generate(model, self.sampler, cfg.model, conditions_of(self.rows, model),
                           self.rows["seed"].tolist(), batch_size=cfg.sample.batch_size)
         gen = self.extractor.features(images, verbose=False)
         return {"fid": frechet(self.real, gen), "kid": kid(self.real, gen, cfg.fid)}
 
 
 def curve_hook(cfg: Config, name: str, train_index: pd.DataFrame, tiles: np.ndarray):
-    """The training FID curve (train.eval_every): a `MatchScore` of `fid.curve_count` images with the EMA weights,
-    with what the curve has cost so far."""
-    score, spent = MatchScore(cfg, train_index, tiles, cfg.fid.curve_count), [0.0]
+    """The training FID curve (train.eval_every): a `MatchScore` of `fid.curve_count` images with the EMA weights
+    (the sample settings without the colour calibration: the curve follows the network), with what the curve has
+    cost so far."""
+    score, spent = MatchScore(cfg, train_index, tiles, cfg.fid.curve_count, calibrated=False), [0.0]
 
     def hook(step: int, model) -> dict[str, float]:
         t0 = time.perf_counter()

@@ -281,7 +281,7 @@ class MediDiffusion(nn.Module):
             self.unet.conv_norm_out.register_forward_hook(
                 lambda _m, _i, out: self.modulation(out, self._route["z_meta"], self._route["t_emb"]))
         # the stain pathway: only for a model conditioned on the site (CLS stays the paper's CLS)
-        self.stain = (StainPathway(len(vocab.categorical[SITE])) if arch.site_pathway != "embedding"
+        self.stain = (StainPathway(len(vocab.categorical[SITE]), len(vocab.classes)) if arch.site_pathway != "embedding"
                       and SITE in vocab.categorical else None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -314,7 +314,12 @@ class MediDiffusion(nn.Module):
                 raise MediError(f"{folder}: missing {name}; train the model first (medi train)")
         config = json.loads((folder / "config.json").read_text())
         model = cls(Architecture(**config["architecture"]), Vocabulary.from_json(json.loads((folder / "vocab.json").read_text())))
-        model.load_state_dict(load_file(str(folder / "model.safetensors"), device=map_location))
+        state = load_file(str(folder / "model.safetensors"), device=map_location)
+        own = model.state_dict()
+        for key in own.keys() - state.keys():      # saved before the stain pathway's colour calibration existed:
+            if key.startswith("stain.") and key.rsplit(".", 1)[1] in ("basis", "target", "targeted"):
+                state[key] = own[key]              # left uncalibrated
+        model.load_state_dict(state)
         return model
 
 

@@ -75,11 +75,14 @@ class Sampler:
     precision: str = "fp32"                     # fp32 | bf16 | fp16 | auto (resolved before sampling)
     colour: str = "guided"                      # conditional | guided (guidance_conditions); guided: sets made before
                                                 # the setting existed
+    calibration: int = 0                        # stain pathway: the generator's own tiles per class its colour
+                                                # calibration is fitted on (`calibration_source`; 0 = none)
 
     @classmethod
     def of(cls, s: SampleConfig) -> "Sampler":
         """The sampler of params `sample` (the sample stage, FID curve, unseen pairs, pools, registry)."""
-        return cls(s.scheduler, s.steps, s.guidance, s.metadata_guidance, s.precision, s.guidance_colour)
+        return cls(s.scheduler, s.steps, s.guidance, s.metadata_guidance, s.precision, s.guidance_colour,
+                   s.colour_calibration)
 
     @classmethod
     def for_grids(cls, t: TrainConfig, precision: str) -> "Sampler":
@@ -95,8 +98,10 @@ class Sampler:
         mg = None if mg is None or mg != mg else float(mg)       # (NaN: a manifest cell left empty)
         colour = settings.get("guidance_colour")
         colour = "guided" if colour is None or colour != colour else str(colour)
+        calibration = settings.get("colour_calibration")
+        calibration = 0 if calibration is None or calibration != calibration else int(calibration)
         return cls(str(settings["scheduler"]), int(settings["steps"]), float(settings["guidance"]), mg,
-                   str(settings["precision"]), colour)
+                   str(settings["precision"]), colour, calibration)
 
     @property
     def metadata_scale(self) -> float:
@@ -118,6 +123,8 @@ class Sampler:
             out["metadata_guidance"] = self.metadata_guidance
         if self.colour != "guided" and self.guided:
             out["guidance_colour"] = self.colour
+        if self.calibration:
+            out["colour_calibration"] = self.calibration
         return out
 
     @property
@@ -130,12 +137,13 @@ class Sampler:
         guidance_colour: "guided" where no guidance is applied, whatever the setting)."""
         return {"scheduler": self.kind, "steps": self.steps, "guidance": self.guidance,
                 "metadata_guidance": self.metadata_scale, "precision": self.precision,
-                "guidance_colour": self.colour if self.guided else "guided"}
+                "guidance_colour": self.colour if self.guided else "guided", "colour_calibration": self.calibration}
 
     def describe(self) -> str:
         colour = f" (colour {self.colour})" if self.guided else ""
+        calibrated = f", colour calibrated on {self.calibration} tiles per class" if self.calibration else ""
         return (f"{self.kind} {self.steps} steps, guidance {self.guidance} / metadata {self.metadata_scale}{colour}, "
-                f"{self.precision}")
+                f"{self.precision}{calibrated}")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -217,31 +225,69 @@ def generate(model: MediDiffusion, sampler: Sampler, noise: ModelConfig, cond: M
     `guidance_conditions`). Returns uint8 (N, H, W, 3).
     """
     device = next(model.parameters()).device
-    size = model.arch.sample_size
     if sampler.precision == AUTO:
         sampler = sampler.at(sampling_precision(model, sampler, cond, min(batch_size, len(seeds))).precision)
-    scheduler = sampler.scheduler(noise)
+    calibrated = model.stain is not None and sampler.calibration > 0 and bool(model.stain.targeted.any())
+    source = calibration_source(model, sampler, noise, batch_size) if calibrated else None
     out = []
     for lo in range(0, len(seeds), batch_size):
         chunk = list(seeds[lo:lo + batch_size])
         c = {k: v[lo:lo + len(chunk)].to(device) for k, v in cond.items()}
-        site = c.get(SITE)
-        x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in chunk]).to(device)
-        x = x * scheduler.init_noise_sigma
-        variants, combine = guidance_conditions(c, sampler.guidance, sampler.metadata_guidance, sampler.colour)
-        k = len(variants)
-        c = {key: torch.cat([v[key] for v in variants]) for key in c}
-        scheduler.set_timesteps(sampler.steps)
-        for t in scheduler.timesteps:
-            inp = scheduler.scale_model_input(torch.cat([x] * k) if k > 1 else x, t)
-            with autocast_for(device, sampler.precision):
-                pred = model(inp, t.to(device).expand(inp.shape[0]), c).float()
-            pred = combine(pred.chunk(k))
-            x = scheduler.step(pred, t, x).prev_sample
+        x = denoise(model, sampler, noise, c, chunk)
+        if source is not None:              # each class's H and E as its training tiles' (medi.stain)
+            x = model.stain.calibrate(x, c["class"], source)
         if model.stain is not None:         # the stain pathway: from the reference stain to each tile's site's
-            x = model.stain.restain(x, site)
+            x = model.stain.restain(x, c.get(SITE))
         out.append(to_uint8(x))
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def denoise(model: MediDiffusion, sampler: Sampler, noise: ModelConfig, c: Mapping[str, torch.Tensor],
+            seeds: Sequence[int]) -> torch.Tensor:
+    """One batch of `generate` (conditions `c` on the model's device, precision resolved), [-1, 1] (B, 3, H, W),
+    under the reference stain where the model has the stain pathway."""
+    device, size = next(model.parameters()).device, model.arch.sample_size
+    scheduler = sampler.scheduler(noise)
+    x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+    x = x * scheduler.init_noise_sigma
+    variants, combine = guidance_conditions(c, sampler.guidance, sampler.metadata_guidance, sampler.colour)
+    k = len(variants)
+    c = {key: torch.cat([v[key] for v in variants]) for key in c}
+    scheduler.set_timesteps(sampler.steps)
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x] * k) if k > 1 else x, t)
+        with autocast_for(device, sampler.precision):
+            pred = model(inp, t.to(device).expand(inp.shape[0]), c).float()
+        pred = combine(pred.chunk(k))
+        x = scheduler.step(pred, t, x).prev_sample
+    return x
+
+
+CALIBRATION_SEED = 900_000_000      # the calibration tiles' seeds: CALIBRATION_SEED + 0, 1, ... (apart from plans')
+
+
+@torch.no_grad()
+def calibration_source(model: MediDiffusion, sampler: Sampler, noise: ModelConfig, batch_size: int) -> torch.Tensor:
+    """The quantiles of the H and E concentrations of the model's own tiles of each class (`StainPathway.
+    class_quantiles`), `sampler.calibration` per class drawn with this sampler (precision resolved) and the class
+    alone (the metadata at its null token), seeds CALIBRATION_SEED + i; computed once per sampler and weights (kept
+    on the model's stain pathway while its parameters are not written to)."""
+    key = (tuple(sorted(sampler.settings().items())), tuple(p._version for p in model.parameters()))
+    cache = model.stain.sources
+    if key not in cache:
+        cache.clear()
+        classes = [c for k, c in enumerate(model.vocab.classes, 1) if bool(model.stain.targeted[k])]
+        names = [c for c in classes for _ in range(sampler.calibration)]
+        cond = model.vocab.encode(names)
+        seeds = [CALIBRATION_SEED + i for i in range(len(names))]
+        device, t0 = next(model.parameters()).device, time.perf_counter()
+        tiles = [denoise(model, sampler, noise, {k: v[lo:lo + batch_size].to(device) for k, v in cond.items()},
+                         seeds[lo:lo + batch_size]) for lo in range(0, len(seeds), batch_size)]
+        cache[key] = model.stain.class_quantiles(torch.cat(tiles), cond["class"])
+        log.info("colour calibration: %d of the model's own tiles per class (%s), %s, %.1f s", sampler.calibration,
+                 ", ".join(classes), sampler.describe(), time.perf_counter() - t0)
+    return cache[key]
 
 
 def grid_layout(vocab, train_index) -> tuple[list[str], list[str | None]]:
@@ -393,9 +439,10 @@ def regenerate(manifest: pd.DataFrame, model: MediDiffusion, noise: ModelConfig)
     for _, g in manifest.groupby("batch", sort=True):
         # rows made before a setting existed (a whole set, or the older rows of a grown pool): joint, usual guidance
         g = g.assign(metadata_guidance=g.get("metadata_guidance", g["guidance"]).fillna(g["guidance"]),
-                     guidance_colour=g.get("guidance_colour", pd.Series("guided", index=g.index)).fillna("guided"))
+                     guidance_colour=g.get("guidance_colour", pd.Series("guided", index=g.index)).fillna("guided"),
+                     colour_calibration=g.get("colour_calibration", pd.Series(0, index=g.index)).fillna(0).astype(int))
         settings = g[["scheduler", "steps", "guidance", "metadata_guidance", "precision",
-                      "guidance_colour"]].drop_duplicates()
+                      "guidance_colour", "colour_calibration"]].drop_duplicates()
         if len(settings) != 1:
             raise MediError(f"manifest batch {g['batch'].iloc[0]} mixes sampler settings: {settings.to_dict('records')}")
         attrs = [a for a in str(g["conditioned_on"].iloc[0]).split(",") if a and a != "class"]

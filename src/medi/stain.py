@@ -28,6 +28,15 @@ The eosin intensity is not transferred: its percentile is the class's cytoplasm 
 re-stained real tiles scored 0.67 class accuracy instead of 0.75, docs/conditioning.md). Blur, noise and
 JPEG are not in it; with `both` the UNet still gets the site's embedding as well, which may carry them (and the
 class with them).
+
+The colour calibration (params `sample.colour_calibration`; docs/conditioning.md). A short-trained generator's
+tiles drift off their class's stain balance (on the default world: 9 % less hematoxylin, 6 % more eosin than the
+world's own tiles of the same pairs), which costs fidelity and reads as another site. The pathway keeps, per class,
+the quantiles of the H and E concentrations of the class's training tiles under the reference stain
+(`fit_calibration`, in training, after `fit`); sampling draws a few of the generator's own tiles per class with the
+same sampler (`medi.sampling.calibration_source`) and maps every generated tile's H and E, quantile by quantile, from
+the generator's distribution to the training tiles' (`calibrate`) before re-staining it. A monotone map of each
+stain's amount per pixel: it changes how dark nuclei and cytoplasm are, never where they are.
 """
 from __future__ import annotations
 
@@ -47,6 +56,9 @@ WHITE_PERCENTILE = 99.5       # I0: this percentile of a site's pixels, per chan
 INTENSITY_PERCENTILE = 99.0   # a stain's intensity: this percentile of its concentration (Macenko)
 TILES_PER_SITE = 64           # tiles a site's estimate is made from (all of them when fewer)
 TRANSFERRED = (True, False)   # the stain intensities a map carries: hematoxylin yes, eosin no (module docstring)
+QUANTILES = 101               # the colour calibration's quantiles of each class's H and E concentrations (0..100 %)
+CALIBRATION_TILES = 512       # training tiles of a class its target quantiles are taken from (all of them when fewer)
+QUANTILE_INPUT = 2 ** 24      # pixels per class and stain torch.quantile takes at most
 
 
 @dataclass(frozen=True)
@@ -138,12 +150,19 @@ class StainPathway(nn.Module):
     """Per-site stain maps as buffers indexed like the vocabulary's `tss` table (0, the null token: the reference,
     unchanged). Saved and loaded with the model's weights."""
 
-    def __init__(self, sites: int):
+    def __init__(self, sites: int, classes: int = 0):
         super().__init__()
         self.register_buffer("forward_map", torch.eye(3).repeat(sites + 1, 1, 1))   # reference -> site
         self.register_buffer("inverse_map", torch.eye(3).repeat(sites + 1, 1, 1))   # site -> reference
         self.register_buffer("white", torch.full((sites + 1, 3), 255.0))             # row 0: the reference's
+        # the colour calibration (`fit_calibration`, `calibrate`): the reference's H, E, residual OD vectors (rows),
+        # and per class (vocabulary index; 0, the null class, never calibrated) the quantiles of the H and E
+        # concentrations of its training tiles under the reference stain
+        self.register_buffer("basis", torch.eye(3))
+        self.register_buffer("target", torch.zeros(classes + 1, 2, QUANTILES))
+        self.register_buffer("targeted", torch.zeros(classes + 1, dtype=torch.bool))
         self.estimates: dict = {}       # what `fit` estimated, for the model folder's stain.json
+        self.sources: dict = {}         # the calibration's generator quantiles (medi.sampling.calibration_source)
 
     def fit(self, tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed: int) -> None:
         """Estimate the stains of `sites` (the vocabulary's, in its order) from their training tiles (the module's
@@ -156,6 +175,7 @@ class StainPathway(nn.Module):
         """Fill the maps: `stains` by vocabulary index (1..sites)."""
         with torch.no_grad():
             self.white[0] = torch.as_tensor(reference.white, dtype=torch.float32)
+            self.basis.copy_(torch.as_tensor(reference.vectors, dtype=torch.float32))
             for i, st in stains.items():
                 m = site_map(reference, st, transferred)
                 self.forward_map[i] = torch.as_tensor(m, dtype=torch.float32)
@@ -181,3 +201,71 @@ class StainPathway(nn.Module):
     def restain(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         """Generated tiles (reference stain) under the stains of sites `site` (index 0: left as they are)."""
         return self._map(x, site, to_site=True)
+
+    # ---------------------------------------------------------------- colour calibration (params sample.colour_calibration)
+
+    def concentrations(self, x: torch.Tensor) -> torch.Tensor:
+        """Tiles under the reference stain, x in [-1, 1] (B, 3, H, W) -> their H, E and residual concentrations
+        (B, 3, H, W) in the reference's basis."""
+        od = -torch.log10(((x.float() + 1) * 127.5).clamp(min=1.0) / self.white[0][:, None, None])
+        return torch.einsum("bchw,cd->bdhw", od, torch.linalg.inv(self.basis))
+
+    def from_concentrations(self, c: torch.Tensor) -> torch.Tensor:
+        """The inverse of `concentrations`: tiles in [-1, 1] under the reference stain."""
+        od = torch.einsum("bchw,cd->bdhw", c, self.basis)
+        return (self.white[0][:, None, None] * torch.pow(10.0, -od) / 127.5 - 1).clamp(-1, 1)
+
+    def class_quantiles(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(len(target), 2, QUANTILES): the quantiles of the H and E concentrations of the tiles `x` (reference
+        stain) of each class index in `classes` (zeros for a class without tiles)."""
+        c = self.concentrations(x)[:, :2]
+        q = torch.linspace(0, 1, QUANTILES, device=c.device)
+        out = torch.zeros_like(self.target)
+        for k in classes.unique().tolist():
+            mine = c[classes.to(c.device) == k].transpose(0, 1).reshape(2, -1)
+            mine = mine[:, ::-(-mine.shape[1] // QUANTILE_INPUT)]     # torch.quantile's input limit: every n-th pixel
+            out[k] = torch.quantile(mine, q, dim=1).T
+        return out
+
+    @torch.no_grad()
+    def fit_calibration(self, tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str],
+                        classes: Sequence[str], seed: int) -> None:
+        """The calibration's targets, after `fit` (or `set`): up to CALIBRATION_TILES training tiles of each class
+        (a seeded draw; rows of `train_index` with `idx` into the packed `tiles`), mapped to the reference stain
+        with their sites' maps; `sites` and `classes` in the vocabulary's order."""
+        rng = np.random.default_rng([seed, 1])
+        site_index = {str(s): i for i, s in enumerate(sites, 1)}
+        for k, name in enumerate(classes, 1):
+            rows = train_index[train_index["class"].astype(str) == str(name)]
+            if rows.empty:
+                continue
+            rows = rows.iloc[rng.choice(len(rows), min(len(rows), CALIBRATION_TILES), replace=False)].sort_values("idx")
+            x = torch.from_numpy(np.asarray(tiles[rows["idx"].to_numpy()])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            site = torch.tensor([site_index[str(s)] for s in rows["tss"]])
+            canonical = torch.cat([self.canonical(x[i:i + 256], site[i:i + 256]) for i in range(0, len(x), 256)])
+            self.target[k] = self.class_quantiles(canonical, torch.full((len(x),), k))[k]
+            self.targeted[k] = True
+
+    def calibrate(self, x: torch.Tensor, classes: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Generated tiles x (reference stain) of class indices `classes`, with each class's H and E concentrations
+        mapped quantile by quantile from `source` (`class_quantiles` of the generator's own tiles of that class) to
+        the class's training tiles' (`target`). Tiles of a class without a target are returned unchanged."""
+        keep = ~self.targeted[classes.to(self.targeted.device)]
+        if bool(keep.all()):
+            return x
+        c = self.concentrations(x)
+        src, dst = source[classes], self.target[classes]                   # (B, 2, Q)
+        mapped = [_interp(c[:, k].flatten(1), src[:, k], dst[:, k]).view_as(c[:, k]) for k in range(2)]
+        out = self.from_concentrations(torch.stack([*mapped, c[:, 2]], dim=1))
+        return torch.where(keep.to(x.device)[:, None, None, None], x.float(), out)
+
+
+def _interp(v: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Row-wise piecewise-linear interpolation, as numpy.interp: v (B, N) through the points (xp, fp) (B, Q), xp
+    non-decreasing; values outside [xp[0], xp[-1]] take the end values."""
+    i = torch.searchsorted(xp.contiguous(), v.contiguous(), right=True).clamp(1, xp.shape[1] - 1)
+    x0, x1 = xp.gather(1, i - 1), xp.gather(1, i)
+    y0, y1 = fp.gather(1, i - 1), fp.gather(1, i)
+    w = torch.where(x1 > x0, (v - x0) / (x1 - x0).clamp(min=1e-12), torch.zeros_like(v))
+    out = y0 + w.clamp(0, 1) * (y1 - y0)
+    return torch.where(v <= xp[:, :1], fp[:, :1], torch.where(v >= xp[:, -1:], fp[:, -1:], out))

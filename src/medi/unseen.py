@@ -4,7 +4,7 @@ Every class is sampled at the largest training site of every class (the grid of 
 sites): the diagonal pairs were seen in training, every other pair never was. Each pair gets
 `fid.unseen_per_pair` images (the same seeds across a row's sites, so only the site changes), sampled with the
 sampling stage's settings (`sample.scheduler`, `steps`, `guidance`, `metadata_guidance`, `guidance_colour`,
-`precision`). Three figures, each on seen and on unseen pairs:
+`colour_calibration`, `precision`). Three figures, each on seen and on unseen pairs:
 
 - site accuracy: how often a classifier of the site, fitted on real training tiles (`fidelity.condition_classifiers`),
   names the conditioned site (chance = 1 / training sites);
@@ -225,7 +225,8 @@ def evaluate(cfg: Config, name: str, extractor=None, train_index: pd.DataFrame |
                  "site_accuracy_real_cv": classifiers["tss"][1], "class_accuracy_real_cv": classifiers["class"][1],
                  "sampling": {"scheduler": cfg.sample.scheduler, "steps": cfg.sample.steps,
                               "guidance": cfg.sample.guidance, "metadata_guidance": cfg.sample.metadata_guidance,
-                              "guidance_colour": cfg.sample.guidance_colour},
+                              "guidance_colour": cfg.sample.guidance_colour,
+                              "colour_calibration": cfg.sample.colour_calibration},
                  "sample_seconds": sample_seconds, "seconds": time.perf_counter() - t0}
     log.info("unseen pairs of %s: %s", name, {k: round(v, 3) for k, v in figures_of(headline).items()})
     return headline, detail, images
