@@ -222,7 +222,7 @@ def test_sample_fid_and_report_stages_write_the_contract(tiny_world):
         assert on_disk["sampling"] == {
             "strategy": s.strategy, "conditioned_on": "class,tss" if name == "medi" else "class", "scheduler": s.scheduler,
             "steps": s.steps, "guidance": s.guidance, "metadata_guidance": s.guidance, "precision": s.precision,
-            "guidance_colour": s.guidance_colour}
+            "guidance_colour": s.guidance_colour, "colour_calibration": s.colour_calibration}
         # the metrics file: the contract's headline figures only (mean per class, per site, stain check, n per group,
         # settings: the detail)
         headline = json.loads(Path(cfg.fid.metrics.format(model=name)).read_text())
