@@ -346,11 +346,13 @@ def test_training_logs_an_fid_curve(tiny_world):
     history = client.get_metric_history(run.info.run_id, "fid")
     assert [m.step for m in history] == [3, 6]
     # the last point by hand: the saved model (the EMA weights of step 6) samples the curve's plan, against all
-    # real training tiles
+    # real training tiles, with the sample settings but without the colour calibration (the curve follows the network)
     model = MediDiffusion.load(result.model_dir)
+    assert model.stain.targeted[1:].all() and cfg.sample.colour_calibration > 0    # trained with the targets
     rows = sampling.plan(dataclasses.replace(cfg.sample, strategy="match", count=cfg.fid.curve_count), idx,
                        sorted(idx["class"].unique()))
-    images = sampling.generate(model, sampling.Sampler.of(cfg.sample), cfg.model, sampling.conditions_of(rows, model),
+    curve_sampler = dataclasses.replace(sampling.Sampler.of(cfg.sample), calibration=0)
+    images = sampling.generate(model, curve_sampler, cfg.model, sampling.conditions_of(rows, model),
                                rows["seed"].tolist(), batch_size=cfg.sample.batch_size)
     extractor = fidelity.Extractor.from_config(cfg.fid.encoder)
     real = extractor.features(real_tiles(cfg)[np.sort(idx["idx"].to_numpy())], verbose=False)
