@@ -188,11 +188,8 @@ class StainPathway(nn.Module):
         src, dst = (self.white[0].expand(len(site), 3), self.white[site]) if to_site else \
                    (self.white[site], self.white[0].expand(len(site), 3))
         maps = (self.forward_map if to_site else self.inverse_map)[site]
-        intensity = ((x.float() + 1) * 127.5).clamp(min=1.0)
-        od = -torch.log10(intensity / src[:, :, None, None])
-        od = torch.einsum("bchw,bcd->bdhw", od, maps)
-        out = dst[:, :, None, None] * torch.pow(10.0, -od)
-        return (out / 127.5 - 1).clamp(-1, 1)
+        od = torch.einsum("bchw,bcd->bdhw", _optical_density(x, src[:, :, None, None]), maps)
+        return _from_optical_density(od, dst[:, :, None, None])
 
     def canonical(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         """Training tiles of sites `site` (vocabulary indices) under the reference stain."""
@@ -207,13 +204,12 @@ class StainPathway(nn.Module):
     def concentrations(self, x: torch.Tensor) -> torch.Tensor:
         """Tiles under the reference stain, x in [-1, 1] (B, 3, H, W) -> their H, E and residual concentrations
         (B, 3, H, W) in the reference's basis."""
-        od = -torch.log10(((x.float() + 1) * 127.5).clamp(min=1.0) / self.white[0][:, None, None])
+        od = _optical_density(x, self.white[0][:, None, None])
         return torch.einsum("bchw,cd->bdhw", od, torch.linalg.inv(self.basis))
 
     def from_concentrations(self, c: torch.Tensor) -> torch.Tensor:
         """The inverse of `concentrations`: tiles in [-1, 1] under the reference stain."""
-        od = torch.einsum("bchw,cd->bdhw", c, self.basis)
-        return (self.white[0][:, None, None] * torch.pow(10.0, -od) / 127.5 - 1).clamp(-1, 1)
+        return _from_optical_density(torch.einsum("bchw,cd->bdhw", c, self.basis), self.white[0][:, None, None])
 
     def class_quantiles(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """(len(target), 2, QUANTILES): the quantiles of the H and E concentrations of the tiles `x` (reference
@@ -258,6 +254,17 @@ class StainPathway(nn.Module):
         mapped = [_interp(c[:, k].flatten(1), src[:, k], dst[:, k]).view_as(c[:, k]) for k in range(2)]
         out = self.from_concentrations(torch.stack([*mapped, c[:, 2]], dim=1))
         return torch.where(keep.to(x.device)[:, None, None, None], x.float(), out)
+
+
+def _optical_density(x: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    """Tiles in [-1, 1] (B, 3, H, W) -> Beer-Lambert optical densities against the white level `white` (0..255,
+    broadcast over the tiles), intensities clipped at 1."""
+    return -torch.log10(((x.float() + 1) * 127.5).clamp(min=1.0) / white)
+
+
+def _from_optical_density(od: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_optical_density`: tiles in [-1, 1], clamped."""
+    return (white * torch.pow(10.0, -od) / 127.5 - 1).clamp(-1, 1)
 
 
 def _interp(v: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
