@@ -65,6 +65,26 @@ def test_white_and_intensity_are_relative_to_the_class_so_the_same_stain_fits_al
     assert rel_h < 0.7 * raw_h, (raw_h, rel_h)
 
 
+def test_vectors_are_estimated_against_the_class_relative_white_whose_level_is_the_brightest_class(world):
+    """Against its own raw white (too dark: LUSC has no background) a LUSC site's H and E vectors tilt; estimated
+    against the class-relative white they come out as close to the true stain as the KIRC site's of the same stain,
+    and KIRC, whose background shows the illumination, keeps its own white level and its vectors."""
+    tiles, index, stains, sites = world
+    _, fitted = stain.fit(tiles, index, sites)
+    raw = {s: stain.estimate(tiles[index["tss"] == s]) for s in sites}
+
+    def error(est, cls):
+        return np.mean([stain_angle(est[f"{cls}-{k}"].vectors[:2], histology.stain_od_matrix(stains[k]))
+                        for k in range(SITES)])
+
+    assert error(fitted, "LUSC") < 0.7 * error(raw, "LUSC"), (error(raw, "LUSC"), error(fitted, "LUSC"))
+    assert error(fitted, "LUSC") < 2 * error(raw, "KIRC")
+    assert error(fitted, "KIRC") <= error(raw, "KIRC") + 0.5, (error(raw, "KIRC"), error(fitted, "KIRC"))
+    kirc_white = np.array([raw[f"KIRC-{k}"].white for k in range(SITES)])
+    assert np.allclose(np.median([fitted[f"KIRC-{k}"].white for k in range(SITES)], axis=0),
+                       np.median(kirc_white, axis=0))
+
+
 def test_canonical_and_restain_are_inverse_and_the_null_site_is_left_alone(world):
     tiles, index, _, sites = world
     path = stain.StainPathway(len(sites))
