@@ -8,6 +8,7 @@ with it (`--per-class` tiles per class). Then the calibrated minus the plain fig
 (each pair's difference averaged over the models, 95 % bootstrap over the pairs, 2,000 resamples, numpy seed 0).
 
     python bench/colour_calibration.py models/medi:0 artifacts/ablation/stain-seed1/models/medi:1
+    python bench/colour_calibration.py --calibrated-only A:0 B:1 --against OLD0.json OLD1.json   # other models (code)
 
 (FOLDER:SEED, the seed the model was trained with; run in a pipeline folder after `make repro`.) Results go to
 artifacts/colour_calibration/<n>.json, and a markdown table to stdout.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,10 @@ def main() -> None:
     ap.add_argument("models", nargs="+", help="FOLDER:SEED of each stain-pathway model")
     ap.add_argument("--per-class", type=int, default=32, help="the calibration's own tiles per class")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--calibrated-only", action="store_true", help="sample with the calibration only (no plain run)")
+    ap.add_argument("--against", nargs="+", metavar="JSON",
+                    help="earlier results of this bench (other models: e.g. made by other code): print this run's "
+                         "calibrated figures minus theirs, paired over the unseen pairs")
     args = ap.parse_args()
     base = config.load(args.params)
     train_index = artifacts.train_frame(base).sort_values("idx").reset_index(drop=True)
@@ -45,7 +49,7 @@ def main() -> None:
     extractor = Extractor.from_config(base.fid.encoder)
     real = extractor.cached_features(tiles[train_index["idx"].to_numpy()], base.fid.cache, verbose=False)
     classifiers = condition_classifiers(real.float().numpy(), train_index, base.fid.seed, cache=base.fid.cache)
-    rows_of, results = {}, []
+    results = []
     for spec in args.models:
         folder, seed = spec.rsplit(":", 1)
         model = load_model(folder)
@@ -54,7 +58,7 @@ def main() -> None:
         if not model.stain.targeted.any():          # made before the calibration: its targets, as training fits them
             model.stain.fit_calibration(tiles, train_index, model.vocab.categorical[SITE], model.vocab.classes, int(seed))
         result = {"model": folder, "seed": int(seed)}
-        for n in (0, args.per_class):
+        for n in (args.per_class,) if args.calibrated_only else (0, args.per_class):
             cfg = config.override(base, {"sample.colour_calibration": n})
             headline, cells, _ = unseen.evaluate(cfg, "medi", extractor=extractor, train_index=train_index,
                                                  classifiers=classifiers, model=model)
@@ -74,24 +78,35 @@ def main() -> None:
                    {**result, "per_class": args.per_class})
         results.append(result)
     n = args.per_class
-    print(f"\n| figure | without | calibrated ({n} per class) | calibrated minus without, paired over the unseen "
-          f"pairs |\n|---|---|---|---|")
-    diffs = []
-    for r in results:
-        a, b = (pd.DataFrame(r[k]["cells"]).query("not seen").set_index(["class", "tss"]) for k in (n, 0))
-        diffs.append(a.drop(columns="seen") - b.drop(columns="seen"))
-    mean = sum(diffs) / len(diffs)
+    if not args.calibrated_only:
+        print(paired(results, n, results, 0, f"calibrated ({n} per class)", "without"))
+    if args.against:
+        earlier = [json.loads(Path(f).read_text()) for f in args.against]
+        print(paired(results, n, earlier, str(n), "these models", "the earlier ones (--against)"))
+
+
+def paired(a: list[dict], a_key, b: list[dict], b_key, a_label: str, b_label: str) -> str:
+    """Markdown: each figure's mean ± spread over the models of `a` (their results under `a_key`) and of `b`, and
+    a minus b on the unseen pairs, each pair averaged over each side's models, 95 % bootstrap over the pairs (2,000
+    resamples, numpy seed 0)."""
+    def cells(results, key):
+        return sum(pd.DataFrame(r[key]["cells"]).query("not seen").set_index(["class", "tss"]).drop(columns="seen")
+                   for r in results) / len(results)
+
+    mean = cells(a, a_key) - cells(b, b_key)
     draws = np.random.default_rng(0).integers(0, len(mean), (2000, len(mean)))
+    lines = [f"\n| figure | {b_label} | {a_label} | {a_label} minus {b_label}, paired over the unseen pairs |",
+             "|---|---|---|---|"]
     for f in [*FIGURES, "fid", "fid_mean_class"]:
-        plain, cal = (np.array([r[k][f] for r in results]) for k in (0, n))
+        this, that = (np.array([r[k][f] for r in rs]) for rs, k in ((a, a_key), (b, b_key)))
         cell = f.removeprefix("unseen_").replace("deconf_unseen_", "deconf_")
         interval = ""
         if f.startswith(("unseen_", "deconf_unseen_")) and cell in mean and mean[cell].notna().all():
             d = mean[cell].to_numpy(float)
             lo, hi = np.percentile(d[draws].mean(axis=1), [2.5, 97.5])
             interval = f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        print(f"| {f} | {plain.mean():.4f} ± {plain.std():.4f} | {cal.mean():.4f} ± {cal.std():.4f} | {interval} |")
-
+        lines.append(f"| {f} | {that.mean():.4f} ± {that.std():.4f} | {this.mean():.4f} ± {this.std():.4f} | {interval} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
