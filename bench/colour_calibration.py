@@ -108,5 +108,6 @@ def paired(a: list[dict], a_key, b: list[dict], b_key, a_label: str, b_label: st
         lines.append(f"| {f} | {that.mean():.4f} ± {that.std():.4f} | {this.mean():.4f} ± {this.std():.4f} | {interval} |")
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     main()

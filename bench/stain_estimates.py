@@ -54,18 +54,25 @@ def main() -> None:
     spread = np.mean([stain_angle(a, b) for i, a in enumerate(true_vectors) for b in true_vectors[i + 1:]])
     print(f"| H and E vectors | mean angle {angle(vectors):.2f} degrees (H {angle(vectors, slice(0, 1)):.2f}, E "
           f"{angle(vectors, slice(1, 2)):.2f}; two sites' true stains: {spread:.2f} apart on average) |")
-    for label, mine, theirs in (
-            ("H intensity (log)", [np.log(est[s].intensity[0]) for s in sites], [np.log(truth[s]["stain"]["h_intensity"]) for s in sites]),
-            ("E intensity (log, not transferred)", [np.log(est[s].intensity[1]) for s in sites], [np.log(truth[s]["stain"]["e_intensity"]) for s in sites]),
-            ("white (mean of the channels)", [est[s].white.mean() for s in sites], [np.mean(truth[s]["stain"]["illumination"]) for s in sites])):
+    true = {s: truth[s]["stain"] for s in sites}
+    rows = [("H intensity (log)", [np.log(est[s].intensity[0]) for s in sites],
+             [np.log(true[s]["h_intensity"]) for s in sites]),
+            ("E intensity (log, not transferred)", [np.log(est[s].intensity[1]) for s in sites],
+             [np.log(true[s]["e_intensity"]) for s in sites]),
+            ("white (mean of the channels)", [est[s].white.mean() for s in sites],
+             [np.mean(true[s]["illumination"]) for s in sites])]
+    for label, mine, theirs in rows:
         x, y = np.asarray(mine), np.asarray(theirs)
-        print(f"| {label} | correlation {np.corrcoef(x, y)[0, 1]:.3f}, within classes {np.corrcoef(within(x), within(y))[0, 1]:.3f} |")
+        print(f"| {label} | correlation {np.corrcoef(x, y)[0, 1]:.3f}, "
+              f"within classes {np.corrcoef(within(x), within(y))[0, 1]:.3f} |")
     error = vectors - true_vectors
     class_error = np.stack([error[cls == c].mean(0) for c in cls])
     centred = np.stack([vectors[cls == c].mean(0) for c in cls]) - vectors.mean(0)
-    print(f"| vectors: error norm per site | {np.linalg.norm(error.reshape(len(sites), -1), axis=1).mean():.3f}, its "
-          f"class's mean error removed {np.linalg.norm((error - class_error).reshape(len(sites), -1), axis=1).mean():.3f} "
-          f"(the true stains' spread: {np.linalg.norm((true_vectors - true_vectors.mean(0)).reshape(len(sites), -1), axis=1).mean():.3f}) |")
+    def norm(v: np.ndarray) -> float:
+        return float(np.linalg.norm(v.reshape(len(sites), -1), axis=1).mean())
+
+    print(f"| vectors: error norm per site | {norm(error):.3f}, its class's mean error removed "
+          f"{norm(error - class_error):.3f} (the true stains' spread: {norm(true_vectors - true_vectors.mean(0)):.3f}) |")
     print(f"| vectors: mean angle, its class's mean error removed (an oracle) | {angle(unit(vectors - class_error)):.2f} |")
     print(f"| vectors: mean angle, centred on their class's mean estimate | {angle(unit(vectors - centred)):.2f} |")
     print(f"\nreference: white {np.round(reference.white, 1).tolist()}, intensity {np.round(reference.intensity, 3).tolist()}")
