@@ -68,14 +68,18 @@ def main() -> None:
     error = vectors - true_vectors
     class_error = np.stack([error[cls == c].mean(0) for c in cls])
     centred = np.stack([vectors[cls == c].mean(0) for c in cls]) - vectors.mean(0)
+
     def norm(v: np.ndarray) -> float:
         return float(np.linalg.norm(v.reshape(len(sites), -1), axis=1).mean())
 
+    true_spread = norm(true_vectors - true_vectors.mean(0))
     print(f"| vectors: error norm per site | {norm(error):.3f}, its class's mean error removed "
-          f"{norm(error - class_error):.3f} (the true stains' spread: {norm(true_vectors - true_vectors.mean(0)):.3f}) |")
-    print(f"| vectors: mean angle, its class's mean error removed (an oracle) | {angle(unit(vectors - class_error)):.2f} |")
+          f"{norm(error - class_error):.3f} (the true stains' spread: {true_spread:.3f}) |")
+    print(f"| vectors: mean angle, its class's mean error removed (an oracle) | "
+          f"{angle(unit(vectors - class_error)):.2f} |")
     print(f"| vectors: mean angle, centred on their class's mean estimate | {angle(unit(vectors - centred)):.2f} |")
-    print(f"\nreference: white {np.round(reference.white, 1).tolist()}, intensity {np.round(reference.intensity, 3).tolist()}")
+    print(f"\nreference: white {np.round(reference.white, 1).tolist()}, "
+          f"intensity {np.round(reference.intensity, 3).tolist()}")
 
 
 if __name__ == "__main__":

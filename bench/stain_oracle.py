@@ -88,8 +88,8 @@ def main() -> None:
         source.append(np.sort(np.random.default_rng([i]).choice(rows, PER_PAIR, replace=False)))
 
     reference, relative = stain.fit(tiles, train_index, sites, seed=0)
-    absolute = {s: dataclasses.replace(relative[s], white=stain.estimate(np.asarray(tiles[train_index["idx"][
-        train_index["tss"].astype(str) == s].to_numpy()[:stain.TILES_PER_SITE]])).white) for s in sites}
+    absolute = {s: dataclasses.replace(relative[s], white=stain.raw_white(np.asarray(tiles[train_index["idx"][
+        train_index["tss"].astype(str) == s].to_numpy()[:stain.TILES_PER_SITE]]))) for s in sites}
     fixed = {s: dataclasses.replace(relative[s], white=reference.white) for s in sites}
     variants = [(f"re-stained, white {w}, intensity {i}", stains, transfer, reference)
                 for w, stains in (("absolute", absolute), ("fixed", fixed), ("relative", relative))

@@ -121,13 +121,13 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
     level cancels; a class with one site keeps the common level. The intensities' level is the median over all
     sites; the white's is the brightest class's (the highest of the classes' median whites): a percentile of
     transmitted light reads no brighter than the illumination on tissue without background and about at it on
-    tissue with some, so the other classes' are biased low. In two
-    passes: the white levels first, then each site's H and E vectors and intensities estimated against its white
-    (estimated against its own raw percentile, tissue without background reads as a darker white, which tilts the
-    vectors: on the default world their mean error to the true stains falls from 6.4 to 5.2 degrees,
-    docs/conditioning.md). The reference: the H and E vectors of every site's tiles pooled (each site equally)
-    against the brightest class's white, the median intensities and the median of the sites' raw whites (a white
-    below the sites' keeps the canonical tiles' brightest pixels off the clip at 255, so the maps stay invertible)."""
+    tissue with some, so the other classes' are biased low. In two passes: the white levels first, then each site's
+    H and E vectors and intensities estimated against its white (against its own raw percentile, tissue without
+    background reads as a darker white, which tilts the vectors: on the default world their mean error to the true
+    stains falls from 6.4 to 5.2 degrees, docs/conditioning.md). The reference: the H and E vectors of every site's
+    tiles pooled (each site equally) against the brightest class's white, the median intensities and the median of
+    the sites' raw whites (a white below the sites' keeps the canonical tiles' brightest pixels off the clip at 255,
+    so the maps stay invertible)."""
     rng = np.random.default_rng(seed)
     frame = train_index.assign(tss=train_index["tss"].astype(str), **{"class": train_index["class"].astype(str)})
     by_site = frame.groupby("tss")["idx"]
