@@ -3,35 +3,47 @@ and intensity cancel, exact round trips, transfer to another site's stain, a mod
 stain only, and the colour calibration of each class's H and E."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-from medi import histology, stain, synthetic
+from medi import data, histology, stain, synthetic
 from medi.groundtruth import stain_angle
 
 SITES = 4
 CLASSES = ("KIRC", "LUSC")     # clear cells with bright background / solid sheets without any
 
 
-@pytest.fixture(scope="module")
-def world():
+def render_world(through_pipeline: bool = False):
     """12 rendered 32 px tiles per (class, site): the same 4 true stains sent once by each class, so every stain
-    has a KIRC site and a LUSC site (sites named CLASS-k)."""
+    has a KIRC site and a LUSC site (sites named CLASS-k). `through_pipeline`: rendered at 64 px, saved as JPEG at
+    the site's quality and decoded to 32 px as `prepare` packs tiles (Lanczos), which lifts the brightest pixels."""
     stains = [histology.sample_site_stain(np.random.default_rng(i)) for i in range(SITES)]
     tiles, rows = [], []
     for ci, c in enumerate(CLASSES):
         for k, st in enumerate(stains):
             for j in range(12):
                 rng = np.random.default_rng([ci, k, j])
-                tiles.append(histology.render_tile(synthetic.class_morphology(c), histology.jitter_stain(st, rng, 0.1),
-                                                   rng, size=32))
+                tile = histology.render_tile(synthetic.class_morphology(c), histology.jitter_stain(st, rng, 0.1),
+                                             rng, size=64 if through_pipeline else 32)
+                if through_pipeline:
+                    jpeg = io.BytesIO()
+                    Image.fromarray(tile).save(jpeg, format="JPEG", quality=st.jpeg_quality)
+                    tile = data.decode_tile(jpeg, 32)
+                tiles.append(tile)
                 rows.append({"idx": len(rows), "class": c, "tss": f"{c}-{k}"})
     index = pd.DataFrame(rows)
     return np.stack(tiles), index, stains, sorted(index["tss"].unique())
+
+
+@pytest.fixture(scope="module")
+def world():
+    return render_world()
 
 
 def to_unit(tiles: np.ndarray) -> torch.Tensor:
@@ -85,6 +97,33 @@ def test_vectors_are_estimated_against_the_class_relative_white_whose_level_is_t
                        np.median(kirc_white, axis=0))
 
 
+def test_a_white_level_fitted_to_the_stained_pixels_comes_down_where_jpeg_and_resizing_lift_the_brightest():
+    """Through JPEG and the Lanczos resize the background's brightest pixels overshoot the illumination (blue clips
+    at 255), so the brightest class's white is too bright. Moved along the stain plane's normal to where each site's
+    stained pixels lie on a plane through the origin (`fitted_white_level`, fit's level="fitted"), the level comes
+    down towards the true illumination and the H and E vectors estimated against it come closer to the true stains."""
+    tiles, index, stains, sites = render_world(through_pipeline=True)
+    picked = [tiles[(index["tss"] == s).to_numpy()] for s in sites]
+    classes = np.array([s.split("-")[0] for s in sites])
+    raw = np.array([stain.raw_white(p) for p in picked])
+    relative = stain._relative_to_class(raw, classes)
+    start = np.max([np.median(raw[classes == c], axis=0) for c in CLASSES], axis=0)
+    level = stain.fitted_white_level(picked, relative, start)
+    truth = np.median([st.illumination for st in stains], axis=0)
+    assert abs(level[2] - truth[2]) < 0.5 * abs(start[2] - truth[2]), (start, level, truth)
+
+    def angle(common):
+        whites = np.minimum(relative * common, 255.0)
+        return np.mean([stain_angle(stain.estimate(p, s, w).vectors[:2], histology.stain_od_matrix(stains[int(s[-1])]))
+                        for p, s, w in zip(picked, sites, whites)])
+
+    assert angle(level) < angle(start) - 0.5, (angle(start), angle(level))
+    (_, brightest), (_, fitted) = stain.fit(tiles, index, sites), stain.fit(tiles, index, sites, level="fitted")
+    k = sites.index("KIRC-0")
+    assert np.allclose(brightest["KIRC-0"].white, np.minimum(relative[k] * start, 255.0))
+    assert np.allclose(fitted["KIRC-0"].white, np.minimum(relative[k] * level, 255.0))
+
+
 def test_canonical_and_restain_are_inverse_and_the_null_site_is_left_alone(world):
     tiles, index, _, sites = world
     path = stain.StainPathway(len(sites))
@@ -121,6 +160,8 @@ def test_a_site_without_training_tiles_or_without_stained_pixels_is_a_clear_erro
     tiles, index, _, sites = world
     with pytest.raises(MediError, match="site XX of the model's vocabulary has no training tiles"):
         stain.fit(tiles, index, [*sites, "XX"])
+    with pytest.raises(MediError, match="unknown white level 'darkest'; known: brightest, fitted"):
+        stain.fit(tiles, index, sites, level="darkest")
     blank = np.full((2, 32, 32, 3), 250, np.uint8)
     with pytest.raises(MediError, match="cannot estimate the stain of site B1 from its 2 training tile"):
         stain.estimate(blank, "B1")

@@ -434,7 +434,11 @@ def optical_density(rgb: np.ndarray, illumination) -> np.ndarray:
     return -np.log10(np.clip(np.asarray(rgb, np.float64).reshape(-1, 3), 1, None) / np.asarray(illumination, np.float64))
 
 
-def estimate_stain_vectors(rgb: np.ndarray, illumination=None, beta: float = 0.15, alpha: float = 2.0) -> np.ndarray:
+BACKGROUND_OD = 0.15   # a pixel whose OD norm is below this is background (Macenko's beta)
+
+
+def estimate_stain_vectors(rgb: np.ndarray, illumination=None, beta: float = BACKGROUND_OD, alpha: float = 2.0
+                           ) -> np.ndarray:
     """Macenko estimate of the unit H and E OD vectors (2x3, rows H, E) of a tile (H,W,3) or batch (N,H,W,3).
 
     Pixels with OD norm < beta (background) are dropped; the OD plane is the top two eigenvectors of the

@@ -48,6 +48,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy import optimize
 from torch import nn
 
 from medi import histology
@@ -61,6 +62,7 @@ TRANSFERRED = (True, False)   # the stain intensities a map carries: hematoxylin
 QUANTILES = 101               # the colour calibration's quantiles of each class's H and E concentrations (0..100 %)
 CALIBRATION_TILES = 512       # training tiles of a class its target quantiles are taken from (all of them when fewer)
 QUANTILE_INPUT = 2 ** 24      # pixels per class and stain torch.quantile takes at most
+LEVEL_PIXELS = 16384          # pixels of each site `fitted_white_level` fits the common level on (every n-th, at least)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def raw_white(tiles: np.ndarray) -> np.ndarray:
     return np.maximum(np.percentile(pixels, WHITE_PERCENTILE, axis=0).astype(np.float64), 1.0)
 
 
-def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed: int = 0
+def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed: int = 0, level: str = "brightest"
         ) -> tuple[Stain, dict[str, Stain]]:
     """(reference, {site: stain}) from up to TILES_PER_SITE training tiles of each site in `sites` (a seeded draw,
     rows of `train_index` with `idx` into the packed `tiles`).
@@ -127,7 +129,8 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
     stains falls from 6.4 to 5.2 degrees, docs/conditioning.md). The reference: the H and E vectors of every site's
     tiles pooled (each site equally) against the brightest class's white, the median intensities and the median of
     the sites' raw whites (a white below the sites' keeps the canonical tiles' brightest pixels off the clip at 255,
-    so the maps stay invertible)."""
+    so the maps stay invertible). `level="fitted"`: the white's common level moved from the brightest class's to
+    where the stained pixels put it (`fitted_white_level`; measured, not adopted: docs/conditioning.md)."""
     rng = np.random.default_rng(seed)
     frame = train_index.assign(tss=train_index["tss"].astype(str), **{"class": train_index["class"].astype(str)})
     by_site = frame.groupby("tss")["idx"]
@@ -142,16 +145,47 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
     classes = owner.loc[list(sites)].to_numpy()
     white = np.array([raw_white(picked[s]) for s in sites])
     white_ref = np.median(white, axis=0)
-    level = np.max([np.median(white[classes == c], axis=0) for c in np.unique(classes)], axis=0)
-    white = np.minimum(_relative_to_class(white, classes) * level, 255.0)
+    relative = _relative_to_class(white, classes)
+    common = np.max([np.median(white[classes == c], axis=0) for c in np.unique(classes)], axis=0)
+    if level == "fitted":
+        common = fitted_white_level([picked[s] for s in sites], relative, common)
+    elif level != "brightest":
+        raise MediError(f"stain.fit: unknown white level '{level}'; known: brightest, fitted")
+    white = np.minimum(relative * common, 255.0)
     raw = {s: estimate(picked[s], s, white[i]) for i, s in enumerate(sites)}
     intensity = np.array([raw[s].intensity for s in sites])
     intensity_ref = np.median(intensity, axis=0)
     intensity = _relative_to_class(intensity, classes) * intensity_ref
     stains = {s: Stain(raw[s].vectors, intensity[i], white[i]) for i, s in enumerate(sites)}
     n = min(len(v) for v in picked.values())
-    pooled = estimate(np.concatenate([v[:n] for v in picked.values()]), "(all sites pooled)", level)
+    pooled = estimate(np.concatenate([v[:n] for v in picked.values()]), "(all sites pooled)", common)
     return Stain(pooled.vectors, intensity_ref, white_ref), stains
+
+
+def fitted_white_level(tiles: Sequence[np.ndarray], relative: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The white level common to all sites (I0 per channel; site i's white is relative[i] times it), fitted where
+    the tissue says it is: by Beer-Lambert a stained pixel's OD lies on its site's H-E plane through the origin, and
+    against a wrong white every OD is shifted by one constant vector, which lifts the pixels off that plane. The
+    level is moved from `start` along the normal of the plane of all sites' stained pixels pooled (start * 10^(t n))
+    to the t where each site's pixels lie flattest about a plane through the origin (the mean over the sites of the
+    smallest eigenvalue of their OD second moment per pixel), t within +-0.1 OD. Only that one direction: a shift
+    within the plane keeps the points on a plane (and a brighter white always spreads them further from the origin,
+    so fitting all three channels this way runs off to ever brighter whites). Why not the brightest pixels: JPEG and
+    the Lanczos resize of `prepare` ring the background's edges up to the clip at 255 (docs/conditioning.md)."""
+    pixels = [np.asarray(t, np.float64).reshape(-1, 3) for t in tiles]
+    pixels = [p[:: max(1, len(p) // LEVEL_PIXELS)] for p in pixels]
+    whites = np.asarray(relative, np.float64) * np.asarray(start, np.float64)
+    stained = [histology.optical_density(p, w) for p, w in zip(pixels, whites)]
+    stained = [od[np.linalg.norm(od, axis=1) > histology.BACKGROUND_OD] for od in stained]
+    pooled = sum(od.T @ od / max(len(od), 1) for od in stained)
+    normal = np.linalg.eigh(pooled)[1][:, 0]
+
+    def off_plane(t: float) -> float:
+        return float(np.mean([np.linalg.eigvalsh((od + t * normal).T @ (od + t * normal))[0] / max(len(od), 1)
+                              for od in stained]))
+
+    t = optimize.minimize_scalar(off_plane, bounds=(-0.1, 0.1), method="bounded", options={"xatol": 1e-4}).x
+    return np.round(np.asarray(start, np.float64) * 10.0 ** (t * normal), 1)
 
 
 def _relative_to_class(values: np.ndarray, classes: np.ndarray) -> np.ndarray:
