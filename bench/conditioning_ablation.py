@@ -3,6 +3,7 @@ the unseen-pairs evaluation (`medi.unseen`). Run in a pipeline folder after `dvc
 
     python bench/conditioning_ablation.py train additive 0          # one training (default budget, params.yaml)
     python bench/conditioning_ablation.py train stain_true 0        # an oracle: the stain pathway with the world's true stains
+    python bench/conditioning_ablation.py train stain_fitted_level 0   # the stain pathway, white level fitted (not adopted)
     python bench/conditioning_ablation.py evaluate                   # every trained model x every guidance
     python bench/conditioning_ablation.py evaluate --only stain --joint   # those models, joint guidance settings only
     python bench/conditioning_ablation.py table                      # mean and spread over the seeds (markdown)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -46,6 +48,7 @@ MECHANISMS: dict[str, dict] = {
     "stain_true": {"model.site_pathway": "stain"},                # ORACLE below: the stain with the world's true maps
     "stain_long": {"model.site_pathway": "stain", "train.max_steps": 1950},   # the default trained 3x longer
     "stain_true_long": {"model.site_pathway": "stain", "train.max_steps": 1950},   # ORACLE, trained 3x longer
+    "stain_fitted_level": {"model.site_pathway": "stain"},        # ESTIMATOR below: the white level fitted
 }
 # Oracles (synthetic world only; not options of the product): `stain_true` trains and samples the stain pathway with
 # maps from the world's true stains (bench/stain_oracle.py `true_stains`: vectors, both intensities, white) in place
@@ -53,6 +56,10 @@ MECHANISMS: dict[str, dict] = {
 # estimates would give this generator; `stain_true_long` the same at three times the budget (what the stain estimates
 # cost once the generator is more faithful).
 ORACLES = {"stain_true", "stain_true_long"}
+# Estimators measured and not adopted (medi.stain.fit's options that no param reaches): `stain_fitted_level` fits the
+# pathway with the white's common level fitted to the stained pixels (`level="fitted"`) instead of the brightest
+# class's (docs/conditioning.md).
+ESTIMATORS = {"stain_fitted_level": {"level": "fitted"}}
 # (class guidance, metadata guidance, colour): plain, joint 2 (the two settings before compositional guidance), the
 # site alone pushed, both apart (all with the usual guidance, "guided"), and joint 2 keeping the conditional
 # prediction's mean colour (sample.guidance_colour: conditional, the default since it was measured here).
@@ -76,13 +83,22 @@ def cmd_train(args) -> None:
     cfg = model_cfg(args.params, args.mechanism, args.seed)
     train_index = pd.read_parquet(Path(cfg.split.output) / "train.parquet")
     t0 = time.perf_counter()
-    with true_stain_maps(cfg.data.root) if args.mechanism in ORACLES else contextlib.nullcontext():
+    with patched(args.mechanism, cfg.data.root):
         result = train.train(cfg, "medi", train_index, Path(cfg.data.output) / "tiles.npy")
     write_json(Path(cfg.model.output).parent / "train.json",
                {"mechanism": args.mechanism, "seed": args.seed, "overrides": MECHANISMS[args.mechanism],
                 "steps": result.steps, "final_loss": result.final_loss, "seconds": time.perf_counter() - t0,
                 "images_per_second": result.images_per_second})
     print(f"trained {args.mechanism} seed {args.seed}: loss {result.final_loss:.4f} in {time.perf_counter() - t0:.0f}s")
+
+
+def patched(mechanism: str, root: str):
+    """The context a mechanism trains in: an oracle's true stain maps, an estimator's options, or nothing."""
+    if mechanism in ORACLES:
+        return true_stain_maps(root)
+    if mechanism in ESTIMATORS:
+        return stain_estimator(**ESTIMATORS[mechanism])
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -106,6 +122,19 @@ def true_stain_maps(root: str):
         yield
     finally:
         StainPathway.fit = estimate
+
+
+@contextlib.contextmanager
+def stain_estimator(**options):
+    """While open, a stain pathway fitted in training estimates its stains with medi.stain.fit's `options`."""
+    from medi import stain
+
+    estimate = stain.fit
+    stain.fit = functools.partial(estimate, **options)
+    try:
+        yield
+    finally:
+        stain.fit = estimate
 
 
 def real_features(base: config.Config):

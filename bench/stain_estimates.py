@@ -2,6 +2,7 @@
 stains (ground_truth.json), and how much of the vectors' error is their class's.
 
     python bench/stain_estimates.py              # in a pipeline folder after `dvc repro split` (synthetic world)
+    python bench/stain_estimates.py --level fitted   # the white's common level fitted to the stained pixels
 
 Per training site: the mean angle between its estimated and true H and E vectors; the estimated hematoxylin and eosin
 intensities and white level against the true ones (log intensities, mean white over the channels), as correlations
@@ -28,11 +29,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seed", type=int, default=0, help="the draw of each site's tiles (training uses train.seed)")
+    ap.add_argument("--level", choices=["brightest", "fitted"], default="brightest",
+                    help="the white's common level (medi.stain.fit): the brightest class's (the pathway's) or fitted "
+                         "to the stained pixels (measured, not adopted)")
     args = ap.parse_args()
     cfg = config.load(args.params)
     train_index = artifacts.train_frame(cfg).sort_values("idx").reset_index(drop=True)
     sites = sorted(train_index["tss"].astype(str).unique())
-    reference, est = stain.fit(artifacts.load_tiles(cfg.data.output), train_index, sites, seed=args.seed)
+    reference, est = stain.fit(artifacts.load_tiles(cfg.data.output), train_index, sites, seed=args.seed,
+                               level=args.level)
     path = Path(cfg.data.root) / "ground_truth.json"
     if not path.exists():
         raise SystemExit(f"{path}: no ground truth (real data); this bench needs the synthetic world")
