@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seed", type=int, default=0, help="the draw of each site's tiles (training uses train.seed)")
-    ap.add_argument("--level", choices=["brightest", "fitted"], default="brightest",
+    ap.add_argument("--level", choices=stain.WHITE_LEVELS, default="brightest",
                     help="the white's common level (medi.stain.fit): the brightest class's (the pathway's) or fitted "
                          "to the stained pixels (measured, not adopted)")
     args = ap.parse_args()

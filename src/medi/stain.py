@@ -55,6 +55,7 @@ from medi import histology
 from medi.errors import MediError
 
 PATHWAYS = ("embedding", "stain", "both")
+WHITE_LEVELS = ("brightest", "fitted")   # `fit`'s common white level: the brightest class's (the default) or fitted
 WHITE_PERCENTILE = 99.5       # I0: this percentile of a site's pixels, per channel
 INTENSITY_PERCENTILE = 99.0   # a stain's intensity: this percentile of its concentration (Macenko)
 TILES_PER_SITE = 64           # tiles a site's estimate is made from (all of them when fewer)
@@ -147,10 +148,10 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
     white_ref = np.median(white, axis=0)
     relative = _relative_to_class(white, classes)
     common = np.max([np.median(white[classes == c], axis=0) for c in np.unique(classes)], axis=0)
+    if level not in WHITE_LEVELS:
+        raise MediError(f"stain.fit: unknown white level '{level}'; known: {', '.join(WHITE_LEVELS)}")
     if level == "fitted":
         common = fitted_white_level([picked[s] for s in sites], relative, common)
-    elif level != "brightest":
-        raise MediError(f"stain.fit: unknown white level '{level}'; known: brightest, fitted")
     white = np.minimum(relative * common, 255.0)
     raw = {s: estimate(picked[s], s, white[i]) for i, s in enumerate(sites)}
     intensity = np.array([raw[s].intensity for s in sites])
@@ -177,12 +178,16 @@ def fitted_white_level(tiles: Sequence[np.ndarray], relative: np.ndarray, start:
     whites = np.asarray(relative, np.float64) * np.asarray(start, np.float64)
     stained = [histology.optical_density(p, w) for p, w in zip(pixels, whites)]
     stained = [od[np.linalg.norm(od, axis=1) > histology.BACKGROUND_OD] for od in stained]
-    pooled = sum(od.T @ od / max(len(od), 1) for od in stained)
-    normal = np.linalg.eigh(pooled)[1][:, 0]
+    # per site, the OD second moment and mean per pixel: shifted by t n, the second moment is
+    # second + t (mean n' + n mean') + t^2 n n', so the search never touches the pixels again
+    second = np.stack([od.T @ od / max(len(od), 1) for od in stained])
+    mean = np.stack([od.sum(axis=0) / max(len(od), 1) for od in stained])
+    normal = np.linalg.eigh(second.sum(axis=0))[1][:, 0]
+    cross = mean[:, :, None] * normal[None, None, :]
 
     def off_plane(t: float) -> float:
-        return float(np.mean([np.linalg.eigvalsh((od + t * normal).T @ (od + t * normal))[0] / max(len(od), 1)
-                              for od in stained]))
+        shifted = second + t * (cross + cross.transpose(0, 2, 1)) + t * t * np.outer(normal, normal)
+        return float(np.linalg.eigvalsh(shifted)[:, 0].mean())
 
     t = optimize.minimize_scalar(off_plane, bounds=(-0.1, 0.1), method="bounded", options={"xatol": 1e-4}).x
     return np.round(np.asarray(start, np.float64) * 10.0 ** (t * normal), 1)
