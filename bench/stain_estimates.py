@@ -10,7 +10,9 @@ over all sites and within classes (each value minus its class's mean: the pathwa
 relative to the class). Then the vectors' error split into its class's mean (an estimator cannot see it: each site
 sent one class, so a class's tissue and its sites' average stain are one thing in its tiles) and the rest, with what
 subtracting each class's mean estimate (centring, which an estimator can do) gives. Only H's intensity is transferred
-by the maps (medi.stain.TRANSFERRED); E's is shown for completeness.
+by the maps (medi.stain.TRANSFERRED); E's is shown for completeness. Last, each class's mean vectors and mean log H
+intensity, as deviations from the mean over all sites, against the truth's: how much of what a class's sites share the
+estimates read (the class's tissue shows only together with it; bench/stain_oracle.py measures what it is worth).
 """
 from __future__ import annotations
 
@@ -83,6 +85,17 @@ def main() -> None:
     print(f"| vectors: mean angle, its class's mean error removed (an oracle) | "
           f"{angle(unit(vectors - class_error)):.2f} |")
     print(f"| vectors: mean angle, centred on their class's mean estimate | {angle(unit(vectors - centred)):.2f} |")
+    classes = sorted(set(cls))
+
+    def class_means(v: np.ndarray) -> np.ndarray:
+        # each class's mean, as its deviation from the mean over all sites, flattened
+        return np.stack([v[cls == c].mean(0) - v.mean(0) for c in classes]).reshape(len(classes), -1)
+
+    for label, mine, theirs in (("vectors", vectors, true_vectors), ("H intensity (log)", *map(np.asarray, rows[0][1:]))):
+        e, t = class_means(mine), class_means(theirs)
+        print(f"| {label}: each class's mean (from the mean over all sites) against the truth's | correlation "
+              f"{np.corrcoef(e.ravel(), t.ravel())[0, 1]:.2f}, the truth's norm {np.linalg.norm(t, axis=1).mean():.3f}, "
+              f"the estimate's error {np.linalg.norm(e - t, axis=1).mean():.3f} ({len(classes)} classes) |")
     print(f"\nreference: white {np.round(reference.white, 1).tolist()}, "
           f"intensity {np.round(reference.intensity, 3).tolist()}")
 

@@ -12,6 +12,12 @@ relative white, hematoxylin); and re-stained with the world's true stains (groun
 intensities, illumination), which separates what the estimates miss from what a colour map cannot carry (blur,
 noise, JPEG). 7 tiles per pair, drawn with numpy seed [pair]; AMD EPYC figures in docs/conditioning.md.
 
+Then how much of that rests on knowing each class's mean stain, which the data confound with the class's tissue (each
+site sent one class): the world's true maps (reference -> site, in OD) and whites with each class's mean replaced by the
+mean over all sites (both, the maps only, the white only). That is the best an estimator can do that reads the
+differences between a class's sites perfectly and assumes the classes' sites share one stain on average.
+
+    python bench/stain_oracle.py --figure docs/figures/stain_oracle.png   # and the deconfounded figures as bars
     python bench/stain_oracle.py --model models/medi   # a trained stain-pathway model's own tiles instead
 
 With --model the tiles are the model's (the unseen-pairs evaluation's grid, `fid.unseen_per_pair` per pair, the
@@ -35,6 +41,7 @@ from medi.groundtruth import GroundTruth
 from medi.sampling import load_model, to_uint8
 
 PER_PAIR = 7
+PATHWAY_ROW = "re-stained, white relative, intensity H"      # the pathway's estimates, as medi.stain uses them
 INTENSITIES = {"H and E": (True, True), "none": (False, False), "H": (True, False)}
 
 
@@ -50,6 +57,7 @@ def true_stains(root: str | Path, sites) -> dict[str, stain.Stain]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a trained stain-pathway model's folder: score its tiles instead of real ones")
+    ap.add_argument("--figure", help="real tiles: also draw every row's deconfounded site and class accuracy here")
     args = ap.parse_args()
     cfg = config.load("params.yaml")
     train_index = artifacts.train_frame(cfg).sort_values("idx").reset_index(drop=True)
@@ -65,10 +73,13 @@ def main() -> None:
     sites = sorted(train_index["tss"].astype(str).unique())
     true = true_stains(cfg.data.root, sites)
 
+    results = []                      # (label, deconfounded site and class accuracy on the unseen pairs)
+
     def score(label: str, images: np.ndarray, seen: bool = False) -> None:
         features = extractor.features(images.reshape(-1, *images.shape[2:]), verbose=False).float().numpy()
         pipeline, _ = unseen.score(pairs, images, features, classifiers, truth)
         valid, _ = unseen.score(pairs, images, features, deconfounded)
+        results.append((label, valid["unseen_site_accuracy"], valid["unseen_class_accuracy"]))
         extra = f" {valid['seen_site_accuracy']:.3f} | {valid['seen_class_accuracy']:.3f} |" if seen else ""
         print(f"| {label} | {pipeline['unseen_stain_rank']:.3f} | {pipeline['unseen_site_accuracy']:.3f} | "
               f"{pipeline['unseen_class_accuracy']:.3f} | {valid['unseen_site_accuracy']:.3f} | "
@@ -98,16 +109,52 @@ def main() -> None:
         ("re-stained with the world's true stains (vectors, both intensities, white)", true, (True, True),
          dataclasses.replace(reference, intensity=np.ones(2)))]
 
-    score("real, their own site's stain", np.stack([np.asarray(tiles[s]) for s in source]))
+    paths = []
     for label, stains, transfer, ref in variants:
         path = stain.StainPathway(len(sites))
         path.set(ref, {i: stains[s] for s, i in index.items()}, transferred=transfer)
+        paths.append((label, path))
+    classes = train_index.assign(tss=train_index["tss"].astype(str)).groupby("tss")["class"].agg(
+        lambda c: c.astype(str).value_counts().index[0]).loc[sites].to_numpy()     # each site's class (it sent one)
+    paths += class_means(variants[-1][3], true, sites, classes, index)
+
+    score("ground truth (the world's own tiles of the pairs)", unseen.ground_truth_tiles(cfg, pairs, PER_PAIR))
+    score("real, their own site's stain", np.stack([np.asarray(tiles[s]) for s in source]))
+    for label, path in paths:
         out = []
         for (c, s), rows in zip(zip(pairs["class"], pairs["tss"]), source):
             x = torch.from_numpy(np.asarray(tiles[rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
             out.append(to_uint8(path.restain(path.canonical(x, torch.full((len(x),), index[owner[c]])),
                                              torch.full((len(x),), index[s]))))
         score(label, np.stack(out))
+    if args.figure:
+        print(figure(results, args.figure))
+
+
+def figure(results: list[tuple], out: str) -> str:
+    """Horizontal bars: each row's deconfounded site and class accuracy on the unseen pairs, with the issue's site
+    target (0.25) and the ground truth's site accuracy as lines."""
+    import matplotlib.pyplot as plt
+
+    from medi import figures
+
+    labels, site, cls = zip(*results[::-1])
+    fig, ax = plt.subplots(figsize=(11, 0.34 * len(results) + 1.4))
+    y = np.arange(len(results))
+    ax.barh(y + 0.2, site, 0.4, color="tab:blue", label="site accuracy (chance 0.023)")
+    ax.barh(y - 0.2, cls, 0.4, color="tab:orange", alpha=0.6, label="class accuracy (chance 0.143)")
+    ax.axvline(0.25, color="k", ls="--", lw=0.8, label="the issue's site target (0.25)")
+    ax.axvline(results[0][1], color="tab:blue", ls=":", lw=0.8, label="ground truth's site accuracy")
+    ax.set_yticks(y, labels, fontsize=7)
+    for tick in ax.get_yticklabels():
+        tick.set_fontweight("bold" if tick.get_text() == PATHWAY_ROW else "normal")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"deconfounded classifiers, the 42 unseen pairs ({PER_PAIR} real tiles per pair re-stained)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Real tissue behind the stain pathway (bold: its estimates): what the estimates give, and what each "
+                 "class's mean stain is worth", fontsize=9)
+    return figures.save(fig, out)
 
 
 def swapped(reference: stain.Stain, estimated: dict, true: dict) -> list[tuple]:
@@ -123,6 +170,33 @@ def swapped(reference: stain.Stain, estimated: dict, true: dict) -> list[tuple]:
              reference),
             ("the world's true stains (vectors, both intensities, white)",
              {s: true[s] for s in estimated}, (True, True), unit)]
+
+
+def class_means(unit: stain.Stain, true: dict, sites: list, classes: np.ndarray, index: dict) -> list[tuple]:
+    """(label, pathway): the world's true stains with each class's mean map (reference -> site, OD) and mean log white
+    replaced by those over all sites; with both intensities transferred (as the true stains' row), then hematoxylin
+    only (the pathway's choice). Averaging the maps is the same in any reference's frame."""
+    def centred(v: np.ndarray) -> np.ndarray:
+        return v - np.stack([v[classes == c].mean(0) for c in classes]) + v.mean(0)
+
+    white = np.log(np.array([true[s].white for s in sites]))
+    out = []
+    for transfer, what in (((True, True), "both"), ((True, True), "maps"), ((True, True), "white"),
+                           ((True, False), "both")):
+        maps = np.array([stain.site_map(unit, true[s], transfer) for s in sites])
+        maps = centred(maps) if what != "white" else maps
+        whites = np.clip(np.exp(centred(white) if what != "maps" else white), 1.0, 255.0)
+        path = stain.StainPathway(len(sites))
+        with torch.no_grad():
+            path.white[0] = torch.as_tensor(unit.white, dtype=torch.float32)
+            for k, s in enumerate(sites):
+                path.forward_map[index[s]] = torch.as_tensor(maps[k], dtype=torch.float32)
+                path.inverse_map[index[s]] = torch.as_tensor(np.linalg.inv(maps[k]), dtype=torch.float32)
+                path.white[index[s]] = torch.as_tensor(whites[k], dtype=torch.float32)
+        label = {"both": "maps and white", "maps": "maps", "white": "white"}[what]
+        out.append((f"true stains, each class's mean {label} set to all sites' (intensities "
+                    f"{'H and E' if transfer[1] else 'H'})", path))
+    return out
 
 
 def model_tiles(cfg: config.Config, folder: Path, pairs, true: dict, score) -> None:
