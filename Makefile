@@ -105,12 +105,18 @@ MLFLOW_PORT ?= 5000
 MLFLOW_ARTIFACTS ?= mlartifacts
 # the server's worker processes (MLflow's default; each one imports the server app at start)
 MLFLOW_WORKERS ?= 4
+# PostgreSQL stops however the server ends (the EXIT trap). A signal is trapped, never left fatal to the recipe's
+# shell: killed by its default action (make forwards SIGTERM while a group-wide one is in flight) the shell could die
+# before its EXIT trap had started the stop. The trap passes the signal on to the server, waits for it, and exits.
 mlflow-server: setup  ## MLflow tracking server on http://127.0.0.1:5000, PostgreSQL backend (.postgres/), artifacts in mlartifacts/ (docs/scaling.md)
 	python -m medi.postgres start --data $(PG_DATA) --port $(PG_PORT) --database mlflow
 	trap 'python -m medi.postgres stop --data $(PG_DATA)' EXIT; \
+	trap 'if [ -n "$${server:-}" ]; then kill -TERM $$server 2>/dev/null || true; wait $$server || true; fi; exit 143' \
+	  TERM INT HUP; \
 	mlflow server --backend-store-uri postgresql://postgres@127.0.0.1:$(PG_PORT)/mlflow \
 	  --artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)) --host 127.0.0.1 --port $(MLFLOW_PORT) \
-	  --workers $(MLFLOW_WORKERS)
+	  --workers $(MLFLOW_WORKERS) & server=$$!; \
+	wait $$server
 
 tcga-ut: setup  ## download TCGA-UT classes from Zenodo into data/ and version them with DVC
 	medi fetch-tcga-ut --classes $(CLASSES)
