@@ -187,12 +187,7 @@ def class_means(unit: stain.Stain, true: dict, sites: list, classes: np.ndarray,
         maps = centred(maps) if what != "white" else maps
         whites = np.clip(np.exp(centred(white) if what != "maps" else white), 1.0, 255.0)
         path = stain.StainPathway(len(sites))
-        with torch.no_grad():
-            path.white[0] = torch.as_tensor(unit.white, dtype=torch.float32)
-            for k, s in enumerate(sites):
-                path.forward_map[index[s]] = torch.as_tensor(maps[k], dtype=torch.float32)
-                path.inverse_map[index[s]] = torch.as_tensor(np.linalg.inv(maps[k]), dtype=torch.float32)
-                path.white[index[s]] = torch.as_tensor(whites[k], dtype=torch.float32)
+        path.set_maps(unit, {index[s]: (maps[k], whites[k]) for k, s in enumerate(sites)})
         label = {"both": "maps and white", "maps": "maps", "white": "white"}[what]
         out.append((f"true stains, each class's mean {label} set to all sites' (intensities "
                     f"{'H and E' if transfer[1] else 'H'})", path))

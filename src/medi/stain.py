@@ -236,14 +236,18 @@ class StainPathway(nn.Module):
 
     def set(self, reference: Stain, stains: Mapping[int, Stain], transferred: tuple[bool, bool] = TRANSFERRED) -> None:
         """Fill the maps: `stains` by vocabulary index (1..sites)."""
+        self.set_maps(reference, {i: (site_map(reference, st, transferred), st.white) for i, st in stains.items()})
+
+    def set_maps(self, reference: Stain, maps: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Fill the maps from given ones: `maps` by vocabulary index, (the 3x3 OD map reference -> site, the site's
+        white); `set` passes the estimated stains' (bench/stain_oracle.py, others)."""
         with torch.no_grad():
             self.white[0] = torch.as_tensor(reference.white, dtype=torch.float32)
             self.basis.copy_(torch.as_tensor(reference.vectors, dtype=torch.float32))
-            for i, st in stains.items():
-                m = site_map(reference, st, transferred)
+            for i, (m, white) in maps.items():
                 self.forward_map[i] = torch.as_tensor(m, dtype=torch.float32)
                 self.inverse_map[i] = torch.as_tensor(np.linalg.inv(m), dtype=torch.float32)
-                self.white[i] = torch.as_tensor(st.white, dtype=torch.float32)
+                self.white[i] = torch.as_tensor(white, dtype=torch.float32)
 
     def _map(self, x: torch.Tensor, site: torch.Tensor, to_site: bool) -> torch.Tensor:
         """x in [-1, 1] (B, 3, H, W) under one stain -> under the other, float32, clamped to [-1, 1]."""
