@@ -91,7 +91,8 @@ def main() -> None:
         # each class's mean, as its deviation from the mean over all sites, flattened
         return np.stack([v[cls == c].mean(0) - v.mean(0) for c in classes]).reshape(len(classes), -1)
 
-    for label, mine, theirs in (("vectors", vectors, true_vectors), ("H intensity (log)", *map(np.asarray, rows[0][1:]))):
+    h_label, h_mine, h_theirs = rows[0]
+    for label, mine, theirs in (("vectors", vectors, true_vectors), (h_label, np.asarray(h_mine), np.asarray(h_theirs))):
         e, t = class_means(mine), class_means(theirs)
         print(f"| {label}: each class's mean (from the mean over all sites) against the truth's | correlation "
               f"{np.corrcoef(e.ravel(), t.ravel())[0, 1]:.2f}, the truth's norm {np.linalg.norm(t, axis=1).mean():.3f}, "

@@ -114,9 +114,7 @@ def main() -> None:
         path = stain.StainPathway(len(sites))
         path.set(ref, {i: stains[s] for s, i in index.items()}, transferred=transfer)
         paths.append((label, path))
-    classes = train_index.assign(tss=train_index["tss"].astype(str)).groupby("tss")["class"].agg(
-        lambda c: c.astype(str).value_counts().index[0]).loc[sites].to_numpy()     # each site's class (it sent one)
-    paths += class_means(variants[-1][3], true, sites, classes, index)
+    paths += class_means(variants[-1][3], true, sites, stain.site_classes(train_index, sites), index)
 
     score("ground truth (the world's own tiles of the pairs)", unseen.ground_truth_tiles(cfg, pairs, PER_PAIR))
     score("real, their own site's stain", np.stack([np.asarray(tiles[s]) for s in source]))

@@ -133,8 +133,7 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
     so the maps stay invertible). `level="fitted"`: the white's common level moved from the brightest class's to
     where the stained pixels put it (`fitted_white_level`; measured, not adopted: docs/conditioning.md)."""
     rng = np.random.default_rng(seed)
-    frame = train_index.assign(tss=train_index["tss"].astype(str), **{"class": train_index["class"].astype(str)})
-    by_site = frame.groupby("tss")["idx"]
+    by_site = train_index.assign(tss=train_index["tss"].astype(str)).groupby("tss")["idx"]
     picked = {}
     for site in sites:
         if site not in by_site.groups:
@@ -142,8 +141,7 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
         idx = np.sort(by_site.get_group(site).to_numpy())
         idx = np.sort(rng.choice(idx, TILES_PER_SITE, replace=False)) if len(idx) > TILES_PER_SITE else idx
         picked[site] = np.asarray(tiles[idx])
-    owner = frame[frame["tss"].isin(list(sites))].groupby("tss")["class"].agg(lambda c: c.value_counts().index[0])
-    classes = owner.loc[list(sites)].to_numpy()
+    classes = site_classes(train_index, sites)
     white = np.array([raw_white(picked[s]) for s in sites])
     white_ref = np.median(white, axis=0)
     relative = _relative_to_class(white, classes)
@@ -161,6 +159,13 @@ def fit(tiles: np.ndarray, train_index: pd.DataFrame, sites: Sequence[str], seed
     n = min(len(v) for v in picked.values())
     pooled = estimate(np.concatenate([v[:n] for v in picked.values()]), "(all sites pooled)", common)
     return Stain(pooled.vectors, intensity_ref, white_ref), stains
+
+
+def site_classes(train_index: pd.DataFrame, sites: Sequence[str]) -> np.ndarray:
+    """The class each of `sites` sent (its most frequent one: each TCGA site sent one), in the order of `sites`."""
+    frame = train_index.assign(tss=train_index["tss"].astype(str), **{"class": train_index["class"].astype(str)})
+    owner = frame[frame["tss"].isin(list(sites))].groupby("tss")["class"].agg(lambda c: c.value_counts().index[0])
+    return owner.loc[list(sites)].to_numpy()
 
 
 def fitted_white_level(tiles: Sequence[np.ndarray], relative: np.ndarray, start: np.ndarray) -> np.ndarray:
