@@ -214,6 +214,7 @@ BAD_PARAMS = [
     (["train.ema_decay=0"], "train.ema_decay", r"'train.ema_decay' must lie in \(0, 1\] and 'train.ema_inv_gamma', "
      r"'train.ema_power' be > 0; got 0.0, "),
     (["train.ema_power=0"], "train.ema_power", r"be > 0; got .*, 0.0$"),
+    (["train.snr_gamma=-1"], "train.snr_gamma", r"'train.snr_gamma' must be >= 0 \(0 = the plain loss\), got -1.0"),
     (["probe.max_iter=0"], "probe.max_iter", r"'probe.max_iter' must be >= 1, got 0"),
     (["probe.bootstrap=-1"], "probe.bootstrap", r"'probe.bootstrap' must be >= 0, got -1"),
     (["probe.bootstrap=50"], "probe.bootstrap", r"'probe.bootstrap' must be 0 \(no intervals\) or >= 100 worlds .*got 50"),

@@ -288,3 +288,34 @@ def test_balanced_batches_are_a_pure_function_of_the_step(tiny_world):
     counts = pd.Series(index["class"].to_numpy()[np.concatenate([b["pos"].numpy() for b in full])]).value_counts()
     assert counts.max() / counts.min() < 1.6         # balanced across classes despite their skew
     assert index["class"].value_counts().max() / index["class"].value_counts().min() > 2
+
+
+def test_min_snr_weights_follow_the_formula_per_prediction_type_and_reach_the_loss():
+    """train.snr_gamma: each tile's weight is min(SNR, gamma) / (SNR + 1) under v-prediction, / SNR under epsilon
+    (1 at zero SNR), min(SNR, gamma) for x0; the loss `learn` steps on is the weighted mean of the tiles' MSEs."""
+    from diffusers import DDPMScheduler
+    from accelerate import Accelerator
+    noise = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True)
+    steps = torch.tensor([0, 40, 200, 600, 999])
+    a = noise.alphas_cumprod[steps].double()
+    snr = a / (1 - a)
+    assert train.snr_weights(noise, steps, "v_prediction", 0.0) is None
+    v = train.snr_weights(noise, steps, "v_prediction", 5.0).double()
+    assert torch.allclose(v, torch.minimum(snr, torch.tensor(5.0, dtype=torch.double)) / (snr + 1), rtol=1e-4)
+    assert v[-1] == 0 and v.max() <= 5 / 6 + 1e-6                 # zero terminal SNR: the pure-noise step drops out
+    eps = train.snr_weights(noise, steps, "epsilon", 5.0).double()
+    assert eps[-1] == 1 and torch.allclose(eps[:-1], torch.minimum(snr[:-1], torch.tensor(5.0).double()) / snr[:-1],
+                                           rtol=1e-4)
+    assert torch.allclose(train.snr_weights(noise, steps, "sample", 5.0).double(), snr.clamp(max=5.0), rtol=1e-4)
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1)
+    wrapped = lambda x, t, cond: model(x)                          # noqa: E731 (the model's call signature)
+    x, target, w = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.tensor([0.0, 1.0, 0.5, 2.0])
+    expected = (((model(x) - target) ** 2).mean(dim=(1, 2, 3)) * w).mean()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss = train.learn(Accelerator(cpu=True), wrapped, opt, sched, (x, steps[:4], {}, target), 0.0,
+                       lambda bad: AssertionError(bad), w)
+    assert torch.allclose(loss, expected)
+

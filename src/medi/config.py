@@ -146,6 +146,7 @@ class TrainConfig:
     warmup_fraction: float       # warm-up as a fraction of max_steps (the authors': 0.01); only one of the two is > 0
     weight_decay: float
     max_grad_norm: float
+    snr_gamma: float             # min-SNR-gamma loss weighting (medi.train.snr_weights); 0 = the plain loss
     ema_decay: float             # EMA decay (the maximum decay when ema_warmup is on)
     ema_warmup: bool             # diffusers EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, capped
     ema_inv_gamma: float         # (used when ema_warmup is on)
@@ -555,6 +556,8 @@ def _check_model_and_training(cfg: Config, where: str) -> None:
     if not 0.0 <= t.warmup_fraction < 1.0 or t.warmup_steps < 0 or (t.warmup_fraction > 0 and t.warmup_steps > 0):
         raise MediError(f"{where}: 'train.warmup_fraction' must lie in [0, 1) and 'train.warmup_steps' be >= 0, "
                         f"with at most one of them > 0; got {t.warmup_fraction} and {t.warmup_steps}")
+    if t.snr_gamma < 0:
+        raise MediError(f"{where}: 'train.snr_gamma' must be >= 0 (0 = the plain loss), got {t.snr_gamma}")
     if not 0.0 < t.ema_decay <= 1.0 or t.ema_inv_gamma <= 0 or t.ema_power <= 0:
         raise MediError(f"{where}: 'train.ema_decay' must lie in (0, 1] and 'train.ema_inv_gamma', 'train.ema_power' "
                         f"be > 0; got {t.ema_decay}, {t.ema_inv_gamma}, {t.ema_power}")

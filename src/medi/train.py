@@ -40,7 +40,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -293,15 +293,36 @@ def noised_batch(batch: Mapping, conditions: Mapping[str, torch.Tensor], noise, 
     return x_t, timesteps, cond, target
 
 
+def snr_weights(noise, timesteps: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor | None:
+    """Min-SNR-gamma loss weights per tile (Hang et al. 2023, as diffusers' training examples apply them): each
+    timestep's loss counts as its x0 error weighted by min(SNR, gamma), so the nearly clean steps, whose SNR is
+    large, stop dominating. None when gamma is 0 (the plain loss). A zero-SNR step (zero terminal SNR) under
+    epsilon prediction keeps weight 1, as in diffusers."""
+    if gamma <= 0:
+        return None
+    snr = compute_snr(noise, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    if prediction_type == "epsilon":
+        return torch.where(snr > 0, weights / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    return weights                                               # sample (x0) prediction
+
+
 def learn(accelerator: Accelerator, model, optimizer, lr_scheduler, inputs: tuple, max_grad_norm: float,
-          diverged: Callable[[float], Exception]) -> torch.Tensor:
-    """One micro-batch forward and backward, and the optimizer step once the accumulation is complete; the loss.
-    A loss that is not finite (summed over the processes, so all stop together) stops the run before any update."""
+          diverged: Callable[[float], Exception], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One micro-batch forward and backward, and the optimizer step once the accumulation is complete; the loss
+    (the mean squared error, each tile's weighted by `weights` when given: `snr_weights`). A loss that is not
+    finite (summed over the processes, so all stop together) stops the run before any update."""
     x_t, timesteps, cond, target = inputs
     with accelerator.accumulate(model):
         with accelerator.autocast():
             pred = model(x_t, timesteps, cond)
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        if weights is None:
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+        else:
+            per_tile = torch.nn.functional.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_tile * weights).mean()
         checked = accelerator.reduce(loss.detach(), "sum") if accelerator.num_processes > 1 else loss
         if not torch.isfinite(checked):
             raise diverged(checked.item())
@@ -411,7 +432,8 @@ def train(cfg: Config, name: str, train_index: pd.DataFrame, tiles_file: str | P
         x_t, timesteps, cond, target = noised_batch(batch, conditions, noise, m, t.seed, accelerator.device, core.stain)
         loss = learn(accelerator, model, optimizer, lr_scheduler, (x_t, timesteps, cond, target), t.max_grad_norm,
                      lambda bad: TrainingDiverged(f"training {name}: loss is {bad} at step {step}; the last good "
-                                                  f"checkpoint is kept in {root} (try a lower train.lr or precision: fp32)"))
+                                                  f"checkpoint is kept in {root} (try a lower train.lr or precision: fp32)"),
+                     snr_weights(noise, timesteps, m.prediction_type, t.snr_gamma))
         window.add(loss.item(), len(x_t) * processes)
         if int(batch["micro"]) < t.grad_accumulation - 1:
             continue
