@@ -9,6 +9,7 @@ with it (`--per-class` tiles per class). Then the calibrated minus the plain fig
 
     python bench/colour_calibration.py models/medi:0 artifacts/ablation/stain-seed1/models/medi:1
     python bench/colour_calibration.py --calibrated-only A:0 B:1 --against OLD0.json OLD1.json   # other models (code)
+    python bench/colour_calibration.py --calibrated-only --unseen-only A:0        # the unseen pairs alone (no FID)
 
 (FOLDER:SEED, the seed the model was trained with; run in a pipeline folder after `make repro`.) Results go to
 artifacts/colour_calibration/<n>.json, and a markdown table to stdout.
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=32, help="the calibration's own tiles per class")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--calibrated-only", action="store_true", help="sample with the calibration only (no plain run)")
+    ap.add_argument("--unseen-only", action="store_true",
+                    help="the unseen-pairs evaluation only, no FID (its figures are left out of the table)")
     ap.add_argument("--against", nargs="+", metavar="JSON",
                     help="earlier results of this bench (other models: e.g. made by other code): print this run's "
                          "calibrated figures minus theirs, paired over the unseen pairs")
@@ -62,18 +65,13 @@ def main() -> None:
             cfg = config.override(base, {"sample.colour_calibration": n})
             headline, cells, _ = unseen.evaluate(cfg, "medi", extractor=extractor, train_index=train_index,
                                                  classifiers=classifiers, model=model)
-            rows = plan(cfg.sample, train_index, model.vocab.classes)
-            images = generate(model, Sampler.of(cfg.sample), cfg.model, conditions_of(rows, model),
-                              rows["seed"].tolist(), batch_size=cfg.sample.batch_size)
-            gen = extractor.features(images, verbose=False)
-            per_class = group_scores(real, train_index["class"].to_numpy(str), gen, rows["class"].to_numpy(str),
-                                     cfg.fid)["fid"]
-            result[n] = {**{f: float(headline[f]) for f in FIGURES}, "fid": float(frechet(real, gen)),
-                         "fid_mean_class": float(np.mean(list(per_class.values()))),
-                         "fid_per_class": {c: float(v) for c, v in per_class.items()},
-                         "cells": cells.to_dict("records"), "sampling": Sampler.of(cfg.sample).settings()}
+            result[n] = {**{f: float(headline[f]) for f in FIGURES}, "cells": cells.to_dict("records"),
+                         "sampling": Sampler.of(cfg.sample).settings()}
+            if not args.unseen_only:
+                result[n] |= fidelity(cfg, model, train_index, extractor, real)
             print(f"{folder} calibration {n}: " + ", ".join(f"{k} {result[n][k]:.4f}" for k in
-                                                             [*FIGURES, "fid", "fid_mean_class"]), flush=True)
+                                                             [*FIGURES, "fid", "fid_mean_class"] if k in result[n]),
+                  flush=True)
         write_json(OUT / f"{Path(folder).parent.parent.name or 'pipeline'}-{Path(folder).name}-seed{seed}.json",
                    {**result, "per_class": args.per_class})
         results.append(result)
@@ -83,6 +81,17 @@ def main() -> None:
     if args.against:
         earlier = [json.loads(Path(f).read_text()) for f in args.against]
         print(paired(results, n, earlier, str(n), "these models", "the earlier ones (--against)"))
+
+
+def fidelity(cfg: config.Config, model, train_index: pd.DataFrame, extractor: Extractor, real) -> dict:
+    """FID of the sample stage's plan (overall, mean and each per class) in the fid stage's features."""
+    rows = plan(cfg.sample, train_index, model.vocab.classes)
+    images = generate(model, Sampler.of(cfg.sample), cfg.model, conditions_of(rows, model), rows["seed"].tolist(),
+                      batch_size=cfg.sample.batch_size)
+    gen = extractor.features(images, verbose=False)
+    per_class = group_scores(real, train_index["class"].to_numpy(str), gen, rows["class"].to_numpy(str), cfg.fid)["fid"]
+    return {"fid": float(frechet(real, gen)), "fid_mean_class": float(np.mean(list(per_class.values()))),
+            "fid_per_class": {c: float(v) for c, v in per_class.items()}}
 
 
 def paired(a: list[dict], a_key, b: list[dict], b_key, a_label: str, b_label: str) -> str:
@@ -98,6 +107,8 @@ def paired(a: list[dict], a_key, b: list[dict], b_key, a_label: str, b_label: st
     lines = [f"\n| figure | {b_label} | {a_label} | {a_label} minus {b_label}, paired over the unseen pairs |",
              "|---|---|---|---|"]
     for f in [*FIGURES, "fid", "fid_mean_class"]:
+        if not all(f in r[k] for rs, k in ((a, a_key), (b, b_key)) for r in rs):
+            continue                                    # (--unseen-only: no FID)
         this, that = (np.array([r[k][f] for r in rs]) for rs, k in ((a, a_key), (b, b_key)))
         cell = f.removeprefix("unseen_").replace("deconf_unseen_", "deconf_")
         interval = ""

@@ -49,6 +49,9 @@ MECHANISMS: dict[str, dict] = {
     "stain_long": {"model.site_pathway": "stain", "train.max_steps": 1950},   # the default trained 3x longer
     "stain_true_long": {"model.site_pathway": "stain", "train.max_steps": 1950},   # ORACLE, trained 3x longer
     "stain_fitted_level": {"model.site_pathway": "stain"},        # ESTIMATOR below: the white level fitted
+    "stain_minsnr": {"model.site_pathway": "stain", "train.snr_gamma": 5.0},   # min-SNR-5 loss weighting
+    "stain_b16": {"model.site_pathway": "stain", "train.batch_size": 16,       # half the batch, the steps that fit
+                  "train.max_steps": 1100},                                    # in the default's time (1.7x per step)
 }
 # Oracles (synthetic world only; not options of the product): `stain_true` trains and samples the stain pathway with
 # maps from the world's true stains (bench/stain_oracle.py `true_stains`: vectors, both intensities, white) in place
