@@ -51,7 +51,7 @@ MECHANISMS: dict[str, dict] = {
     "stain_fitted_level": {"model.site_pathway": "stain"},        # ESTIMATOR below: the white level fitted
     "stain_minsnr": {"model.site_pathway": "stain", "train.snr_gamma": 5.0},   # min-SNR-5 loss weighting
     "stain_b16": {"model.site_pathway": "stain", "train.batch_size": 16,       # half the batch, the steps that fit
-                  "train.max_steps": 1100},                                    # in the default's time (1.7x per step)
+                  "train.max_steps": 1100},                                    # in the default's time (1.7x the steps/s)
 }
 # Oracles (synthetic world only; not options of the product): `stain_true` trains and samples the stain pathway with
 # maps from the world's true stains (bench/stain_oracle.py `true_stains`: vectors, both intensities, white) in place

@@ -318,4 +318,3 @@ def test_min_snr_weights_follow_the_formula_per_prediction_type_and_reach_the_lo
     loss = train.learn(Accelerator(cpu=True), wrapped, opt, sched, (x, steps[:4], {}, target), 0.0,
                        lambda bad: AssertionError(bad), w)
     assert torch.allclose(loss, expected)
-
